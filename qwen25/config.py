@@ -46,6 +46,7 @@ class ModelConfig:
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int | None = None
+    layer_types: list[str] | None = None  # transformers v5 writes it; every layer is "full_attention"
     attention_dropout: float = 0.0
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
@@ -78,6 +79,11 @@ class ModelConfig:
             raise ConfigError(f"head_dim {self.head_size} must be even for rotary embeddings")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported: Qwen2.5 uses 'silu'")
+        if self.max_window_layers is None:  # transformers requires an int here
+            self.max_window_layers = self.num_hidden_layers
+        if self.use_sliding_window or any(t != "full_attention" for t in self.layer_types or []):
+            raise ConfigError("sliding-window attention is not supported: Qwen2.5 uses full attention "
+                              "in every layer (set use_sliding_window to false)")
         if self.model_type != "qwen2":
             raise ConfigError(f"model_type {self.model_type!r} is not a dense Qwen2.5 model ('qwen2')")
 
@@ -130,8 +136,9 @@ class ModelConfig:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         if out["head_dim"] is None or out["head_dim"] == self.hidden_size // self.num_attention_heads:
             out.pop("head_dim")
-        if out["dual_chunk_attention_config"] is None:
-            out.pop("dual_chunk_attention_config")
+        for optional in ("dual_chunk_attention_config", "layer_types", "rope_scaling", "pad_token_id"):
+            if out[optional] is None:
+                out.pop(optional)
         out.update(self.extra)
         return dict(sorted(out.items()))
 

@@ -1,0 +1,39 @@
+"""Shared measuring helpers for the benchmarks: timing, machine peaks, result lines."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall-clock seconds of `repeat` calls of fn()."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Measured memory read bandwidth in bytes/s (sum over a tensor much larger than the caches)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    seconds = timed(lambda: x.sum(), repeat=3)
+    return x.numel() * 4 / seconds
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """Measured matmul FLOP/s for square n x n matrices in a dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    seconds = timed(lambda: a @ b, repeat=3)
+    return 2 * n**3 / seconds
+
+
+def result_line(name: str, **fields) -> str:
+    """The JSON line every benchmark prints last."""
+    return json.dumps({"benchmark": name, **fields})

@@ -1,0 +1,102 @@
+"""Decode and prefill speed at the Qwen2.5-0.5B shape: qwen25 vs transformers, same weights, same process.
+
+    python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32]
+
+Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens.
+Prints tokens/s for both, the ratio, achieved weight-read GB/s as a share of the measured memory bandwidth,
+and a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_bandwidth, result_line  # noqa: E402
+
+from qwen25.config import ModelConfig, param_count  # noqa: E402
+from qwen25.generation import SamplingParams, stream_generate  # noqa: E402
+from qwen25.model import CausalLM  # noqa: E402
+
+
+def run_ours(model, prompt, new_tokens):
+    params = SamplingParams(max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    stream = stream_generate(model, [prompt], params)
+    next(stream)  # the first token comes right after prefill
+    first = time.perf_counter()
+    count = 1 + sum(1 for _ in stream)
+    end = time.perf_counter()
+    return first - start, (count - 1) / (end - first)
+
+
+def run_transformers(model, prompt, new_tokens):
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+        total = time.perf_counter() - start
+    assert out.shape[1] == len(prompt) + new_tokens
+    return prefill, (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.5b")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = ModelConfig.from_preset(args.preset)
+    bandwidth = read_bandwidth()
+    print(f"preset {args.preset}: {param_count(cfg) / 1e6:.0f}M parameters, {args.threads} threads, "
+          f"prompt {args.prompt}, new {args.new}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 151643, (args.prompt,)).tolist()
+    results = {}
+    for name in args.dtypes.split(","):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        hf_cfg = Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+        with torch.device("meta"):
+            ours = CausalLM(cfg)
+        ours = ours.to_empty(device="cpu").to(dtype)
+        ours.init_weights(seed=0)
+        ours.reset_rope()
+        ours.eval()
+        hf = Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+        hf.load_state_dict(ours.state_dict(), strict=False)
+        run_ours(ours, prompt[:16], 4)  # warm-up
+        run_transformers(hf, prompt[:16], 4)
+        o_prefill, o_decode = run_ours(ours, prompt, args.new)
+        h_prefill, h_decode = run_transformers(hf, prompt, args.new)
+        weight_bytes = param_count(cfg) * (2 if dtype == torch.bfloat16 else 4)
+        share = weight_bytes * o_decode / bandwidth
+        print(f"[{name}] decode  qwen25 {o_decode:7.2f} tok/s   transformers {h_decode:7.2f} tok/s   "
+              f"ratio {o_decode / h_decode:.2f}x   ({weight_bytes * o_decode / 1e9:.1f} GB/s, {share:.0%} of measured)")
+        print(f"[{name}] prefill qwen25 {args.prompt / o_prefill:7.1f} tok/s   transformers "
+              f"{args.prompt / h_prefill:7.1f} tok/s   ratio {h_prefill / o_prefill:.2f}x")
+        results[name] = dict(decode_tok_s=round(o_decode, 2), hf_decode_tok_s=round(h_decode, 2),
+                             decode_ratio=round(o_decode / h_decode, 2), prefill_tok_s=round(args.prompt / o_prefill, 1),
+                             hf_prefill_tok_s=round(args.prompt / h_prefill, 1),
+                             prefill_ratio=round(h_prefill / o_prefill, 2), bandwidth_share=round(share, 3))
+        del ours, hf
+    print(result_line("decode", preset=args.preset, threads=args.threads, prompt=args.prompt, new=args.new,
+                      results=results))
+
+
+if __name__ == "__main__":
+    main()

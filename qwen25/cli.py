@@ -1,0 +1,203 @@
+"""The `qwen25` command: one entry point with a sub-command per stage. `qwen25 SUBCOMMAND --help` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  qwen25 init --preset tiny --out runs/tiny          write a random tiny checkpoint (HF layout)
+  qwen25 info --preset 7b --context 131072           parameters, FLOPs/token, KV-cache memory
+  qwen25 generate --model runs/tiny --prompt-ids 1,2,3 --max-new-tokens 16
+"""
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .generation import QWEN_INSTRUCT_DEFAULTS
+    from .model import CausalLM, save_model
+
+    changes = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        changes[key] = _parse_value(value)
+    cfg = ModelConfig.from_preset(args.preset, **changes)
+    torch.manual_seed(args.seed)
+    model = CausalLM(cfg)
+    model.init_weights(seed=args.seed)
+    gen = dict(QWEN_INSTRUCT_DEFAULTS) if args.preset.endswith("instruct") else {}
+    if cfg.eos_token_ids:
+        gen["eos_token_id"] = cfg.eos_token_ids
+    out = save_model(model, args.out, dtype=args.dtype, generation_config=gen or None,
+                     max_shard_size=args.max_shard_size)
+    print(f"wrote a randomly initialised {args.preset} checkpoint to {out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS, ModelConfig, human_count, param_count
+
+    print(f"{'preset':<20} {'params':>8} {'hidden':>7} {'layers':>6} {'heads':>7} {'inter':>6} {'vocab':>7} tied")
+    for name in PRESETS:
+        c = ModelConfig.from_preset(name)
+        heads = f"{c.num_attention_heads}/{c.num_key_value_heads}"
+        print(f"{name:<20} {human_count(param_count(c)):>8} {c.hidden_size:>7} {c.num_hidden_layers:>6} "
+              f"{heads:>7} {c.intermediate_size:>6} {c.vocab_size:>7} {'yes' if c.tie_word_embeddings else 'no'}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .config import (ModelConfig, flops_per_token, human_bytes, human_count, kv_cache_bytes_per_token,
+                         param_count)
+
+    if bool(args.preset) == bool(args.model):
+        raise SystemExit("give exactly one of --preset NAME or --model DIR")
+    cfg = ModelConfig.from_preset(args.preset) if args.preset else ModelConfig.from_json(args.model)
+    total, body = param_count(cfg), param_count(cfg, embeddings=False)
+    kv = kv_cache_bytes_per_token(cfg, args.kv_dtype)
+    ctx = args.context or cfg.max_position_embeddings
+    lines = {
+        "model": args.preset or str(args.model),
+        "shape": (f"hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, heads {cfg.num_attention_heads} q / "
+                  f"{cfg.num_key_value_heads} kv x {cfg.head_size}, intermediate {cfg.intermediate_size}, "
+                  f"vocab {cfg.vocab_size}, tied {cfg.tie_word_embeddings}"),
+        "parameters": f"{total:,} ({human_count(total)}); without embeddings {body:,} ({human_count(body)})",
+        "weights": f"{human_bytes(total * 2)} in bf16, {human_bytes(total * 4)} in fp32",
+        "rope": f"theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling}, max positions {cfg.max_position_embeddings}",
+        "FLOPs/token": (f"forward {flops_per_token(cfg, ctx):.3e}, training {flops_per_token(cfg, ctx, True):.3e} "
+                        f"at context {ctx}"),
+        "KV cache": (f"{kv:,} bytes/token ({human_bytes(kv)}, {args.kv_dtype}); {human_bytes(kv * ctx * args.batch)} "
+                     f"for {args.batch} x {ctx} tokens"),
+    }
+    if args.json:
+        print(json.dumps({"parameters": total, "parameters_no_embeddings": body, "kv_bytes_per_token": kv,
+                          "flops_per_token_forward": flops_per_token(cfg, ctx), "context": ctx,
+                          "kv_bytes_at_context": kv * ctx * args.batch}))
+    else:
+        for key, value in lines.items():
+            print(f"{key:>12}: {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .generation import SamplingParams, stream_generate, tokenizer_vocab_size
+    from .model import load_model
+
+    if not args.prompt_ids:
+        raise SystemExit("give at least one --prompt-ids (comma-separated token ids)")
+    try:
+        prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+    except ValueError as e:
+        raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    do_sample = None if args.sample is None else args.sample
+    params = SamplingParams.from_checkpoint(
+        args.model, eos_token_ids=model.config.eos_token_ids, do_sample=do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    vocab_limit = tokenizer_vocab_size(args.model)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    start = time.perf_counter()
+    for step in stream_generate(model, prompts, params, vocab_limit):
+        for row, token in zip(outputs, step):
+            if token is not None:
+                row.append(token)
+        if args.stream and len(prompts) == 1 and step[0] is not None:
+            print(step[0], end=" ", flush=True)
+    elapsed = time.perf_counter() - start
+    if args.stream and len(prompts) == 1:
+        print()
+    else:
+        for out in outputs:
+            print(",".join(map(str, out)))
+    n = sum(map(len, outputs))
+    print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen25", description="Qwen2.5 end to end: model, data, training, post-training, evaluation, serving.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset (HF layout)",
+                       description="Create a checkpoint directory (config.json, model.safetensors, "
+                                   "generation_config.json) with random weights, initialised as transformers does.")
+    p.add_argument("--preset", required=True, help="preset name (see `qwen25 presets`), e.g. tiny, 0.5b, 7b-instruct")
+    p.add_argument("--out", required=True, type=Path, help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a config field, e.g. --set num_hidden_layers=4 (repeatable; JSON values)")
+    p.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("presets", help="list the named model presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("info", help="parameters, FLOPs per token and KV-cache memory of a preset or checkpoint",
+                       description="Sizes derived from the config: parameter count, forward/training FLOPs per "
+                                   "token, and KV-cache bytes per token with GQA (2 x layers x kv_heads x "
+                                   "head_dim x bytes) and at a given context length.")
+    p.add_argument("--preset", help="a preset name")
+    p.add_argument("--model", type=Path, help="a checkpoint directory (reads its config.json)")
+    p.add_argument("--context", type=int, help="context length for FLOPs and KV memory (default: max positions)")
+    p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache (default 1)")
+    p.add_argument("--kv-dtype", default="bfloat16", help="KV-cache dtype (bfloat16, float32, int8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue token-id prompts with a checkpoint",
+                       description="Generate from a checkpoint directory. Sampling defaults come from its "
+                                   "generation_config.json; flags override them.")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF layout)")
+    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible outputs)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .model import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"qwen25 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

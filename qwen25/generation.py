@@ -1,0 +1,204 @@
+"""Token-level generation: sampling settings, logits processing and a batched, streaming generate loop.
+
+The loop works on token ids; chat templates and tool parsing sit above it. Batched prompts are left-padded
+into one preallocated KV cache. The sampling functions are pure and shared with the serving engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .model.attention import KVCache
+from .model.transformer import CausalLM
+
+# Qwen2.5-Instruct's generation_config.json (used when a checkpoint ships none and sampling is asked for).
+QWEN_INSTRUCT_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. Greedy when do_sample is False or temperature is 0."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 128
+    eos_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if isinstance(self.eos_token_ids, int):
+            self.eos_token_ids = [self.eos_token_ids]
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, eos_token_ids: list[int] | None = None, **overrides):
+        """Defaults from a checkpoint's generation_config.json (if present), then `overrides` (None = keep)."""
+        path = Path(directory) / "generation_config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names and v is not None}
+        eos = raw.get("eos_token_id", eos_token_ids)
+        if eos is not None:
+            values["eos_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_generation_config(self) -> dict:
+        """The generation_config.json dictionary for these settings."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("eos_token_ids", "seed", "max_new_tokens")}
+        if self.eos_token_ids:
+            out["eos_token_id"] = self.eos_token_ids if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
+        return out
+
+
+# ---- logits processing (pure functions on (batch, vocab) float tensors) ---------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already present (`seen`: (batch, vocab) bool): divide positive logits
+    by the penalty, multiply negative ones."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th kept); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= 1 - p
+    remove_sorted[..., -1] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                   vocab_limit: int | None = None) -> torch.Tensor:
+    """Repetition penalty, padding-vocabulary mask, then (when sampling) temperature, top-k and top-p."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    return apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+    """Pick one token per row from (batch, vocab) logits."""
+    logits = process_logits(logits, params, seen, vocab_limit)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- the generation loop ---------------------------------------------------------------------------------
+@torch.inference_mode()
+def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+                    vocab_limit: int | None = None) -> Iterator[list[int | None]]:
+    """Yield, at every decode step, the new token of each prompt (None once that prompt has finished).
+
+    A prompt finishes after yielding one of params.eos_token_ids, or after params.max_new_tokens tokens.
+    Prompts of different lengths are left-padded; padding is masked and positions count real tokens only.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    if params.max_new_tokens == 0:
+        return
+    weight = model.model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    valid = torch.zeros(b, width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        valid[i, width - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model.config, b, width + params.max_new_tokens, dtype=dtype, device=device)
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)[:, None].expand(b, width)
+    seen[rows[valid], ids[valid]] = True  # tokens of the prompts, not their padding
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    eos = torch.tensor(params.eos_token_ids or [-1], device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    logits = model(ids, position_ids=positions, cache=cache, valid=valid, last_only=True)[:, -1]
+    next_pos = positions[:, -1:] + 1
+    for step in range(params.max_new_tokens):
+        token = next_token(logits, params, seen, generator, vocab_limit)
+        yield [None if f else t for f, t in zip(finished.tolist(), token.tolist())]
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step + 1 == params.max_new_tokens:
+            return
+        seen[torch.arange(b, device=device), token] = True
+        logits = model(token[:, None], position_ids=next_pos, cache=cache, last_only=True)[:, -1]
+        next_pos = next_pos + 1
+
+
+def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+             vocab_limit: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt (an eos token that ended a sequence is included, as in transformers)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_generate(model, prompts, params, vocab_limit):
+        for row, token in zip(out, step):
+            if token is not None:
+                row.append(token)
+    return out
+
+
+def tokenizer_vocab_size(directory: str | Path) -> int | None:
+    """Number of token ids a checkpoint's tokenizer files define (embedding rows past it are padding)."""
+    directory = Path(directory)
+    ids: list[int] = []
+    tok = directory / "tokenizer.json"
+    if tok.is_file():
+        data = json.loads(tok.read_text(encoding="utf-8"))
+        ids += list((data.get("model") or {}).get("vocab", {}).values())
+        ids += [t["id"] for t in data.get("added_tokens", [])]
+    elif (directory / "vocab.json").is_file():
+        ids += list(json.loads((directory / "vocab.json").read_text(encoding="utf-8")).values())
+        cfg = directory / "tokenizer_config.json"
+        if cfg.is_file():
+            ids += [int(i) for i in json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})]
+    return max(ids) + 1 if ids else None

@@ -1,0 +1,170 @@
+"""The Qwen2.5 decoder in plain PyTorch.
+
+Pre-norm blocks: h = x + attn(rmsnorm(x)); out = h + mlp(rmsnorm(h)); a final RMSNorm and the lm_head.
+Attention is grouped-query with biases on q/k/v, rotate-half RoPE and `F.scaled_dot_product_attention`;
+the MLP is SwiGLU. Module names equal the HF checkpoint names (`model.layers.3.self_attn.q_proj` ...),
+so a state dict is a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import KVCache, attention_mask, sdpa
+from .rope import apply_rope, rope_cos_sin, rope_parameters
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, hq, hkv = cfg.head_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layer, self.head_dim, self.n_heads, self.n_kv_heads = layer, d, hq, hkv
+        self.dropout = cfg.attention_dropout
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one
+        # new token against the cache (it sees every earlier slot).
+        causal = mask is None and t > 1
+        if causal and k.shape[2] != t:
+            mask = attention_mask(start, t, k.shape[2], device=x.device)
+        out = sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Embedding, the stack of decoder layers and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A Qwen2.5 dense language model: token ids in, next-token logits out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        inv_freq, self.attention_factor = rope_parameters(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def tie_weights(self):
+        """Share lm_head.weight with the embedding when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self):
+        """Recompute the RoPE inverse frequencies (after loading onto a device, or a config change)."""
+        inv_freq, self.attention_factor = rope_parameters(self.config)
+        self.inv_freq = inv_freq.to(self.model.embed_tokens.weight.device)
+
+    def init_weights(self, seed: int | None = None):
+        """Random initialisation as in HF: normal(0, initializer_range) matrices, zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = torch.randn(module.weight.shape, generator=gen) * std
+                module.weight.data.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.data.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.data.fill_(1.0)
+        self.tie_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for input_ids (batch, seq).
+
+        position_ids: (batch, seq); default consecutive from the cache length.
+        cache: a KVCache; the new keys/values are written at its next slots.
+        valid: (batch, seq) bool, False at padding tokens (left padding of batched prompts); padding is
+            never attended to, now or by later tokens through the cache.
+        mask: an explicit boolean attention mask (batch or 1, 1, seq, keys), True = attend; overrides the
+            causal/padding mask (e.g. document masks for packed training sequences).
+        last_only: logits of the last position only. return_hidden: final normed hidden states instead.
+        """
+        b, t = input_ids.shape
+        start = 0
+        if cache is not None:
+            start = cache.reserve(t, valid)
+            if mask is None and cache.has_padding:
+                mask = attention_mask(start, t, start + t, cache.key_valid, device=input_ids.device)
+        elif valid is not None and mask is None and not bool(valid.all()):
+            mask = attention_mask(0, t, t, valid, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.attention_factor)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return x if return_hidden else self.lm_head(x)

@@ -1,0 +1,276 @@
+"""A continuous-batching generation engine on token ids.
+
+Requests join and leave between decode steps. Every request owns one slot (row) of a preallocated KV
+cache with its own length; a decode step runs one token for every running slot at once. Prompt prefixes
+(e.g. a shared system prompt) are reused block by block from an LRU prefix cache. Chat templates, stop
+strings and HTTP sit above this, in the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import SamplingParams, next_token
+from ..model.transformer import CausalLM
+
+
+@dataclass
+class Request:
+    """One generation request. `should_stop(tokens)` lets a caller stop on text (stop strings)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    id: str = ""
+    stop_sequences: list[list[int]] = field(default_factory=list)
+    should_stop: Callable[[list[int]], bool] | None = None
+
+
+@dataclass
+class StepOutput:
+    """A token produced for a request; finish_reason is None while it runs, else stop/length/cancelled."""
+
+    request_id: str
+    token: int | None
+    finish_reason: str | None = None
+
+
+class _Running:
+    def __init__(self, request: Request, slot: int, device):
+        self.request, self.slot, self.output = request, slot, []
+        self.generator = None
+        if request.params.seed is not None and not request.params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+
+
+class SlotKVCache:
+    """Keys/values for `slots` independent sequences: (layers, slots, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg, slots: int, max_len: int, dtype, device):
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class _PrefillView:
+    """The cache protocol `CausalLM.forward` expects, writing one slot from position `start` on."""
+
+    has_padding = False
+
+    def __init__(self, cache: SlotKVCache, slot: int, start: int):
+        self.cache, self.slot, self.start = cache, slot, start
+
+    def reserve(self, n: int, valid=None) -> int:
+        return self.start
+
+    def update(self, layer: int, start: int, k, v):
+        end = start + k.shape[2]
+        self.cache.k[layer, self.slot, :, start:end] = k[0]
+        self.cache.v[layer, self.slot, :, start:end] = v[0]
+        return self.cache.k[layer, self.slot:self.slot + 1, :, :end], self.cache.v[layer, self.slot:self.slot + 1, :, :end]
+
+
+class _DecodeView:
+    """The cache protocol for one new token in each of the first `n` slots, each at its own length."""
+
+    has_padding = False
+
+    def __init__(self, cache: SlotKVCache, n: int):
+        self.cache, self.n = cache, n
+        self.rows = torch.arange(n, device=cache.k.device)
+        self.positions = cache.lengths[:n].clone()
+        self.width = int(self.positions.max()) + 1
+
+    def reserve(self, n: int, valid=None) -> int:
+        return 0  # unused: the engine passes position_ids and an explicit mask
+
+    def update(self, layer: int, start: int, k, v):
+        self.cache.k[layer, self.rows, :, self.positions] = k[:, :, 0]
+        self.cache.v[layer, self.rows, :, self.positions] = v[:, :, 0]
+        return self.cache.k[layer, :self.n, :, :self.width], self.cache.v[layer, :self.n, :, :self.width]
+
+
+class PrefixCache:
+    """LRU store of KV blocks keyed by the hash of every token up to the block's end."""
+
+    def __init__(self, block: int = 16, capacity_blocks: int = 256):
+        self.block, self.capacity = block, capacity_blocks
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def _keys(self, tokens: list[int]):
+        h = hashlib.blake2b(digest_size=16)
+        for i in range(len(tokens) // self.block):
+            h.update(torch.tensor(tokens[i * self.block:(i + 1) * self.block], dtype=torch.int64).numpy().tobytes())
+            yield h.copy().digest()
+
+    def lookup(self, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """KV blocks for the longest cached prefix of tokens (whole blocks)."""
+        found = []
+        for key in self._keys(tokens):
+            if key not in self.blocks:
+                break
+            self.blocks.move_to_end(key)
+            found.append(self.blocks[key])
+        return found
+
+    def insert(self, tokens: list[int], cache: SlotKVCache, slot: int) -> None:
+        for i, key in enumerate(self._keys(tokens)):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            span = slice(i * self.block, (i + 1) * self.block)
+            self.blocks[key] = (cache.k[:, slot, :, span].clone(), cache.v[:, slot, :, span].clone())
+            while len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+
+
+class Engine:
+    """Continuous batching over one model: submit requests, call step() until they finish."""
+
+    def __init__(self, model: CausalLM, max_batch: int = 16, max_len: int | None = None,
+                 vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256):
+        weight = model.model.embed_tokens.weight
+        self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
+        self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
+        self.cache = SlotKVCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
+        self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.prefix = PrefixCache(prefix_block, prefix_capacity_blocks) if prefix_capacity_blocks else None
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, _Running] = {}  # slot -> request state
+        self.cancelled: set[str] = set()
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        self._ids = itertools.count()
+
+    @property
+    def max_batch(self) -> int:
+        return self.cache.k.shape[1]
+
+    def submit(self, request: Request) -> str:
+        """Queue a request; returns its id. Errors for prompts that cannot fit."""
+        if not request.prompt:
+            raise ValueError("the prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token outside the model's vocabulary [0, {vocab})")
+        if request.params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if len(request.prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens does not fit the engine's "
+                             f"max_len {self.max_len}")
+        request.id = request.id or f"req-{next(self._ids)}"
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; it finishes with reason 'cancelled' at the next step."""
+        self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests into free slots (prefill), then one decode step for every running one."""
+        outputs = self._drop_cancelled()
+        logits: dict[int, torch.Tensor] = {}
+        free = [s for s in range(self.max_batch) if s not in self.running]
+        while self.waiting and free:
+            request = self.waiting.popleft()
+            if request.id in self.cancelled:
+                self.cancelled.discard(request.id)
+                outputs.append(StepOutput(request.id, None, "cancelled"))
+                continue
+            slot = free.pop(0)
+            self.running[slot] = _Running(request, slot, self.device)
+            logits[slot] = self._prefill(slot, request.prompt)
+        decode = [s for s in self.running if s not in logits]
+        if decode:
+            logits.update(self._decode(decode))
+        for slot, row_logits in logits.items():
+            outputs.append(self._sample(self.running[slot], row_logits))
+        finished = {out.request_id for out in outputs if out.finish_reason and out.token is not None}
+        for slot in [s for s, r in self.running.items() if r.request.id in finished]:
+            self._free(slot)
+        return outputs
+
+    def _free(self, slot: int) -> None:
+        del self.running[slot]
+        self.cache.lengths[slot] = 0
+
+    def _drop_cancelled(self) -> list[StepOutput]:
+        outputs = []
+        for slot, state in list(self.running.items()):
+            if state.request.id in self.cancelled:
+                self.cancelled.discard(state.request.id)
+                self._free(slot)
+                outputs.append(StepOutput(state.request.id, None, "cancelled"))
+        return outputs
+
+    def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        reused = self.prefix.lookup(prompt[:-1]) if self.prefix else []
+        start = len(reused) * (self.prefix.block if self.prefix else 0)
+        for i, (k, v) in enumerate(reused):
+            span = slice(i * self.prefix.block, (i + 1) * self.prefix.block)
+            self.cache.k[:, slot, :, span], self.cache.v[:, slot, :, span] = k, v
+        ids = torch.tensor([prompt[start:]], device=self.device)
+        positions = torch.arange(start, len(prompt), device=self.device)[None]
+        out = self.model(ids, position_ids=positions, cache=_PrefillView(self.cache, slot, start), last_only=True)
+        self.cache.lengths[slot] = len(prompt)
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        if self.prefix:
+            self.prefix.insert(prompt, self.cache, slot)
+        self.stats["prefill_tokens"] += len(prompt) - start
+        self.stats["reused_tokens"] += start
+        return out[0, -1]
+
+    def _decode(self, slots: list[int]) -> dict[int, torch.Tensor]:
+        n = max(slots) + 1  # one batch over slots [0, n); idle slots compute a throw-away row
+        tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+        for slot in slots:
+            tokens[slot, 0] = self.running[slot].output[-1]
+        view = _DecodeView(self.cache, n)
+        keys = torch.arange(view.width, device=self.device)
+        mask = (keys[None, :] <= view.positions[:, None])[:, None, None, :]
+        logits = self.model(tokens, position_ids=view.positions[:, None], cache=view, mask=mask)[:, -1]
+        for slot in slots:
+            self.cache.lengths[slot] += 1
+        self.stats["decode_steps"] += 1
+        return {slot: logits[slot] for slot in slots}
+
+    def _sample(self, state: _Running, logits: torch.Tensor) -> StepOutput:
+        params, slot = state.request.params, state.slot
+        token = int(next_token(logits[None], params, self.seen[slot:slot + 1], state.generator, self.vocab_limit))
+        state.output.append(token)
+        self.seen[slot, token] = True
+        self.stats["generated_tokens"] += 1
+        reason = None
+        out = state.output
+        if token in params.eos_token_ids or any(out[-len(s):] == s for s in state.request.stop_sequences if s):
+            reason = "stop"
+        elif state.request.should_stop is not None and state.request.should_stop(out):
+            reason = "stop"
+        elif len(out) >= params.max_new_tokens or int(self.cache.lengths[slot]) + 1 >= self.max_len:
+            reason = "length"
+        return StepOutput(state.request.id, token, reason)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (continuous batching when there are more prompts than slots)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.submit(Request(list(p), q)) for p, q in zip(prompts, params)]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for out in self.step():
+                if out.token is not None and out.request_id in results:
+                    results[out.request_id].append(out.token)
+        return [results[i] for i in ids]

@@ -1,0 +1,111 @@
+"""The continuous-batching engine: equal to one-at-a-time generation, joins/leaves, prefix reuse, cancel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen25.generation import SamplingParams, generate
+from qwen25.model import load_model
+from qwen25.serve import Engine, Request
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from conftest import random_hf_model
+
+    path = tmp_path_factory.mktemp("engine")
+    random_hf_model(seed=21, hidden_size=96, num_attention_heads=12, num_key_value_heads=2).save_pretrained(path)
+    return load_model(path, dtype="fp32")
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 320, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_batched_greedy_equals_single_requests(model):
+    prompts = _prompts(7)
+    params = [SamplingParams(max_new_tokens=int(n)) for n in (5, 17, 9, 30, 2, 12, 20)]
+    engine = Engine(model, max_batch=3, max_len=128)  # fewer slots than requests: they queue and join
+    got = engine.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, got):
+        assert out == generate(model, [prompt], p)[0]
+    assert engine.stats["decode_steps"] < sum(p.max_new_tokens for p in params)  # steps were shared
+
+
+def test_requests_join_between_steps(model):
+    prompts = _prompts(3, seed=1)
+    params = SamplingParams(max_new_tokens=10)
+    engine = Engine(model, max_batch=4, max_len=128)
+    outs = {}
+    first = engine.submit(Request(prompts[0], params))
+    for step in range(30):
+        if step == 3:
+            engine.submit(Request(prompts[1], params, id="late"))
+        if step == 6:
+            engine.submit(Request(prompts[2], params, id="later"))
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out.token)
+    for rid, prompt in zip([first, "late", "later"], prompts):
+        assert outs[rid] == generate(model, [prompt], params)[0]
+    assert not engine.has_work()
+
+
+def test_prefix_reuse_gives_same_output_with_less_prefill(model):
+    system = _prompts(1, seed=2)[0] * 3  # a shared "system prompt" of several blocks
+    a, b = system + [5, 6, 7], system + [9, 10]
+    params = SamplingParams(max_new_tokens=8)
+    engine = Engine(model, max_batch=2, max_len=256, prefix_block=8)
+    out_a = engine.generate([a], params)[0]
+    before = engine.stats["prefill_tokens"]
+    out_b = engine.generate([b], params)[0]
+    assert engine.stats["reused_tokens"] >= 8 * (len(system) // 8)
+    assert engine.stats["prefill_tokens"] - before <= len(b) - 8 * (len(system) // 8)
+    assert out_a == generate(model, [a], params)[0]
+    assert out_b == generate(model, [b], params)[0]
+
+
+def test_cancel_and_stop_sequences(model):
+    prompt = _prompts(1, seed=3)[0]
+    free = generate(model, [prompt], SamplingParams(max_new_tokens=12))[0]
+    engine = Engine(model, max_batch=2, max_len=128)
+    rid = engine.submit(Request(prompt, SamplingParams(max_new_tokens=12)))
+    keep = engine.submit(Request(prompt, SamplingParams(max_new_tokens=12), stop_sequences=[free[3:5]]))
+    outs = {rid: [], keep: []}
+    reasons = {}
+    for i in range(20):
+        if i == 2:
+            engine.cancel(rid)
+        for out in engine.step():
+            if out.token is not None:
+                outs[out.request_id].append(out.token)
+            if out.finish_reason:
+                reasons[out.request_id] = out.finish_reason
+        if not engine.has_work():
+            break
+    assert reasons == {rid: "cancelled", keep: "stop"}
+    assert outs[rid] == free[:2] and outs[keep] == free[:5]
+
+
+def test_sampling_settings_are_per_request(model):
+    prompt = _prompts(1, seed=4)[0]
+    sampled = SamplingParams(do_sample=True, temperature=1.0, top_k=20, max_new_tokens=10, seed=7)
+    greedy = SamplingParams(max_new_tokens=10)
+    engine = Engine(model, max_batch=2, max_len=128)
+    a, b = engine.generate([prompt, prompt], [sampled, greedy])
+    assert b == generate(model, [prompt], greedy)[0]
+    assert a == Engine(model, max_batch=1, max_len=128).generate([prompt], sampled)[0]  # same seed, same tokens
+
+
+def test_bad_requests(model):
+    engine = Engine(model, max_batch=1, max_len=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.submit(Request(list(range(20)), SamplingParams()))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit(Request([1, 10_000], SamplingParams()))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit(Request([1], SamplingParams(max_new_tokens=0)))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=100))[0]
+    assert len(out) == 16 - 3  # stopped by the cache length, not by max_new_tokens

@@ -1,6 +1,6 @@
 """Decode and prefill speed at the Qwen2.5-0.5B shape: qwen25 vs transformers, same weights, same process.
 
-    python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32]
+    python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32] [--no-int8]
 
 Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens.
 Prints tokens/s for both, the ratio, achieved weight-read GB/s as a share of the measured memory bandwidth,
@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure weight-only int8 (after the bf16 run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -89,6 +91,16 @@ def main():
               f"ratio {o_decode / h_decode:.2f}x   ({weight_bytes * o_decode / 1e9:.1f} GB/s, {share:.0%} of measured)")
         print(f"[{name}] prefill qwen25 {args.prompt / o_prefill:7.1f} tok/s   transformers "
               f"{args.prompt / h_prefill:7.1f} tok/s   ratio {h_prefill / o_prefill:.2f}x")
+        if dtype == torch.bfloat16 and args.int8:
+            from qwen25.serve.quant import quantize_int8
+
+            quantize_int8(ours, torch.bfloat16)
+            run_ours(ours, prompt[:16], 4)
+            q_prefill, q_decode = run_ours(ours, prompt, args.new)
+            print(f"[int8] decode  qwen25 {q_decode:7.2f} tok/s   (int8 weights, bf16 activations)   "
+                  f"ratio {q_decode / h_decode:.2f}x vs transformers bf16;  prefill {args.prompt / q_prefill:.1f} tok/s")
+            results["int8"] = dict(decode_tok_s=round(q_decode, 2), decode_ratio_vs_hf_bf16=round(q_decode / h_decode, 2),
+                                   prefill_tok_s=round(args.prompt / q_prefill, 1))
         results[name] = dict(decode_tok_s=round(o_decode, 2), hf_decode_tok_s=round(h_decode, 2),
                              decode_ratio=round(o_decode / h_decode, 2), prefill_tok_s=round(args.prompt / o_prefill, 1),
                              hf_prefill_tok_s=round(args.prompt / h_prefill, 1),

@@ -1,0 +1,1 @@
+"""Pre-training: packing masks, optimiser schedule (the training loop lands with its issue)."""

@@ -50,11 +50,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one
-        # new token against the cache (it sees every earlier slot).
-        causal = mask is None and t > 1
-        if causal and k.shape[2] != t:
-            mask = attention_mask(start, t, k.shape[2], device=x.device)
-        out = sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        # new token against the cache (it sees every earlier slot). CausalLM.forward builds the mask otherwise.
+        out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -156,6 +153,8 @@ class CausalLM(nn.Module):
             start = cache.reserve(t, valid)
             if mask is None and cache.has_padding:
                 mask = attention_mask(start, t, start + t, cache.key_valid, device=input_ids.device)
+            elif mask is None and start > 0 and t > 1:  # new tokens after cached ones: causal over slots
+                mask = attention_mask(start, t, start + t, device=input_ids.device)
         elif valid is not None and mask is None and not bool(valid.all()):
             mask = attention_mask(0, t, t, valid, device=input_ids.device)
         if position_ids is None:

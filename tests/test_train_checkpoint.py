@@ -87,5 +87,5 @@ def test_mismatched_model_is_refused(tmp_path):
     _train(model, opt, 1)
     save_training_state(tmp_path, 1, model, opt)
     other = CausalLM(ModelConfig.from_preset("tiny", num_hidden_layers=3))
-    with pytest.raises(ValueError, match="does not match the model .missing .model.layers.2"):
+    with pytest.raises(ValueError, match=r"does not match the model \(missing \['model\.layers\.2"):
         load_training_state(latest_checkpoint(tmp_path), other, torch.optim.AdamW(other.parameters()))

@@ -87,3 +87,33 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     curve = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [m["step"] for m in curve(resumed)] == list(range(1, 25))
     assert [m["loss"] for m in curve(resumed)] == [m["loss"] for m in curve(straight)]
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+    import pytest
+
+    import qwen25.train.loop as loop
+
+    real = loop.lm_loss
+    bad_steps = {3, 4}
+
+    def flaky(model, batch, eos_id):
+        loss = real(model, batch, eos_id)
+        return loss * float("nan") if flaky.step in bad_steps else loss
+
+    class Data(TokenWindows):
+        def batch(self, step):
+            flaky.step = step
+            return super().batch(step)
+
+    monkeypatch.setattr(loop, "lm_loss", flaky)
+    cfg = TrainConfig(out_dir=str(tmp_path / "a"), model="tiny", steps=8, batch_size=2, seq_len=16, dtype="fp32",
+                      save_every=100)
+    train(cfg, Data(markov_corpus(2000), 2, 16), progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 6, 7, 8]  # steps 4 and 5 (0-based 3, 4) skipped, never trained through
+    bad_steps.update(range(8))
+    cfg = TrainConfig(out_dir=str(tmp_path / "b"), model="tiny", steps=8, batch_size=2, seq_len=16, dtype="fp32",
+                      max_bad_steps=3)
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
+        train(cfg, Data(markov_corpus(2000), 2, 16), progress=False)

@@ -48,8 +48,11 @@ class ParsedOutput:
     errors: list[ToolCallError] = field(default_factory=list)
 
     def to_message(self) -> dict:
-        """An assistant message for the chat history (what render_chat takes)."""
-        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        """An assistant message for the chat history (what render_chat takes); like transformers' parser, it has
+        no "content" when that is empty and there are tool calls."""
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.content or not self.tool_calls:
+            message["content"] = self.content
         if self.tool_calls:
             message["tool_calls"] = [call.to_message_call() for call in self.tool_calls]
         return message
@@ -125,15 +128,14 @@ class ToolCallParser:
 
 
 def parse_tool_calls(text: str) -> ParsedOutput:
-    """Split a whole model output into content and tool calls. When it has blocks, content is the text
-    outside them with surrounding whitespace stripped (the newlines the format puts around blocks);
-    otherwise it is the text unchanged."""
+    """Split a whole model output into content and tool calls. Content is the text outside the blocks with
+    surrounding whitespace stripped (the newline before a block is format, not content), as transformers'
+    response parser for this format gives it."""
     parser = ToolCallParser()
     result = ParsedOutput()
     for part in (parser.feed(text), parser.finish()):
         result.content += part.content
         result.tool_calls += part.tool_calls
         result.errors += part.errors
-    if result.tool_calls or result.errors:
-        result.content = result.content.strip()
+    result.content = result.content.strip()
     return result

@@ -12,6 +12,7 @@ EPILOG = """examples:
   qwen25 init --preset tiny --out runs/tiny          write a random tiny checkpoint (HF layout)
   qwen25 info --preset 7b --context 131072           parameters, FLOPs/token, KV-cache memory
   qwen25 generate --model runs/tiny --prompt-ids 1,2,3 --max-new-tokens 16
+  qwen25 tokenize --tokenizer DIR --text "Hello, Qwen"   token ids and counts
 """
 
 
@@ -99,12 +100,19 @@ def cmd_generate(args) -> int:
     from .generation import SamplingParams, stream_generate, tokenizer_vocab_size
     from .model import load_model
 
-    if not args.prompt_ids:
-        raise SystemExit("give at least one --prompt-ids (comma-separated token ids)")
-    try:
-        prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
-    except ValueError as e:
-        raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
+    if bool(args.prompt_ids) == bool(args.prompt):
+        raise SystemExit("give --prompt TEXT (needs tokenizer files in the model directory) or --prompt-ids")
+    tokenizer = None
+    if args.prompt:
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(args.model)
+        prompts = [tokenizer.encode(p, allowed_special="none" if args.plain else "all") for p in args.prompt]
+    else:
+        try:
+            prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
+        except ValueError as e:
+            raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -113,21 +121,23 @@ def cmd_generate(args) -> int:
         args.model, eos_token_ids=model.config.eos_token_ids, do_sample=do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens, seed=args.seed)
-    vocab_limit = tokenizer_vocab_size(args.model)
+    vocab_limit = len(tokenizer) if tokenizer is not None else tokenizer_vocab_size(args.model)
     outputs: list[list[int]] = [[] for _ in prompts]
+    stream = args.stream and len(prompts) == 1
+    decoder = tokenizer.decode_stream(skip_special_tokens=True) if tokenizer is not None and stream else None
     start = time.perf_counter()
     for step in stream_generate(model, prompts, params, vocab_limit):
         for row, token in zip(outputs, step):
             if token is not None:
                 row.append(token)
-        if args.stream and len(prompts) == 1 and step[0] is not None:
-            print(step[0], end=" ", flush=True)
+        if stream and step[0] is not None:
+            print(decoder.step(step[0]) if decoder else step[0], end="" if decoder else " ", flush=True)
     elapsed = time.perf_counter() - start
-    if args.stream and len(prompts) == 1:
-        print()
+    if stream:
+        print(decoder.flush() if decoder else "")
     else:
         for out in outputs:
-            print(",".join(map(str, out)))
+            print(tokenizer.decode(out, skip_special_tokens=True) if tokenizer else ",".join(map(str, out)))
     n = sum(map(len, outputs))
     print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
@@ -170,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate from a checkpoint directory. Sampling defaults come from its "
                                    "generation_config.json; flags override them.")
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF layout)")
+    p.add_argument("--prompt", action="append", help="prompt text, encoded with the model directory's tokenizer "
+                                                       "(repeat for a batch)")
+    p.add_argument("--plain", action="store_true", help="encode control-token strings in --prompt as plain text")
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
@@ -184,17 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)
+
+    from .tokenizer.cli import add_tokenize_command
+
+    add_tokenize_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .model import CheckpointError
+    from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except (ConfigError, CheckpointError, TokenizerError, ValueError) as e:
         print(f"qwen25 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

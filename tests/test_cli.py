@@ -51,3 +51,23 @@ def test_help_explains_commands():
         assert command in out
     out = subprocess.run([sys.executable, "-m", "qwen25.cli", "info", "--help"], capture_output=True, text=True).stdout
     assert "KV-cache bytes per token" in out
+
+
+def test_generate_text_with_the_checkpoint_tokenizer(tmp_path, capsys):
+    from qwen25.tokenizer import train_tokenizer
+
+    text = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 20
+    tok = train_tokenizer(text, vocab_size=300)
+    out_dir = tmp_path / "tiny-text"
+    assert main(["init", "--preset", "tiny", "--out", str(out_dir), "--set", f"vocab_size={len(tok) + 10}"]) == 0
+    tok.save(out_dir)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "--prompt", "The sky is", "--max-new-tokens", "8",
+                 "--no-sample"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model = load_model(out_dir)
+    ids = generate(model, [tok.encode("The sky is")], SamplingParams(max_new_tokens=8), vocab_limit=len(tok))[0]
+    assert all(t < len(tok) for t in ids)  # the 10 padding rows are never produced
+    assert printed == tok.decode(ids, skip_special_tokens=True).strip()
+    assert main(["tokenize", "--tokenizer", str(out_dir), "--text", "The sky is blue", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == tok.encode("The sky is blue")

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import KVCache, attention_mask, sdpa
-from .rope import apply_rope, rope_cos_sin, rope_parameters
+from .dca import DualChunkRope, DualChunkSettings, dual_chunk_needed, dual_chunk_rope
+from .rope import apply_rope, rope_cos_sin, rope_parameters, yarn_applies, yarn_depends_on_length
 
 
 class RMSNorm(nn.Module):
@@ -41,17 +42,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+    def forward(self, x, rope, mask, cache: KVCache | None, start: int):
+        """rope: (cos, sin) tables, or DualChunkRope past the first chunk (keys at j mod c, queries rotated thrice)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dual_chunk = isinstance(rope, DualChunkRope)
+        cos, sin = rope.key if dual_chunk else rope
+        k = apply_rope(k, cos, sin)  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one
-        # new token against the cache (it sees every earlier slot). CausalLM.forward builds the mask otherwise.
-        out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
+        if dual_chunk:
+            out = rope.attend(q, k, v, mask)
+        else:
+            # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one new
+            # token against the cache (it sees every earlier slot). CausalLM.forward builds the mask otherwise.
+            q = apply_rope(q, cos, sin)
+            out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -76,8 +84,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, rope, mask, cache, start):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -102,6 +110,9 @@ class CausalLM(nn.Module):
         self.tie_weights()
         inv_freq, self.attention_factor = rope_parameters(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # The unscaled table, for short sequences when rope_scaling has apply_only_beyond_original.
+        self.register_buffer("inv_freq_unscaled", rope_parameters(cfg, scaled=False)[0], persistent=False)
+        self.dual_chunk = DualChunkSettings.from_config(cfg)
 
     def tie_weights(self):
         """Share lm_head.weight with the embedding when the config ties them."""
@@ -110,8 +121,27 @@ class CausalLM(nn.Module):
 
     def reset_rope(self):
         """Recompute the RoPE inverse frequencies (after loading onto a device, or a config change)."""
+        device = self.model.embed_tokens.weight.device
         inv_freq, self.attention_factor = rope_parameters(self.config)
-        self.inv_freq = inv_freq.to(self.model.embed_tokens.weight.device)
+        self.inv_freq = inv_freq.to(device)
+        self.inv_freq_unscaled = rope_parameters(self.config, scaled=False)[0].to(device)
+        self.dual_chunk = DualChunkSettings.from_config(self.config)
+
+    def rotary(self, position_ids: torch.Tensor, cache=None):
+        """What every layer rotates with: (cos, sin), or DualChunkRope when DCA differs from plain attention.
+
+        The RoPE table is chosen once per sequence (see rope.yarn_applies): from the length the sequence
+        may reach, the cache's capacity, or the positions given when there is no cache. A cache without
+        `max_len` (the serving engine's views) gets the config's table unconditionally.
+        """
+        inv_freq, factor = self.inv_freq, self.attention_factor
+        if yarn_depends_on_length(self.config):
+            extent = int(position_ids.max()) + 1 if cache is None else getattr(cache, "max_len", None)
+            if not yarn_applies(self.config, extent):
+                inv_freq, factor = self.inv_freq_unscaled, 1.0
+        if self.dual_chunk is not None and dual_chunk_needed(self.dual_chunk, position_ids):
+            return dual_chunk_rope(self.dual_chunk, inv_freq, factor, position_ids, cache)
+        return rope_cos_sin(inv_freq, position_ids, factor)
 
     def init_weights(self, seed: int | None = None):
         """Random initialisation as in HF: normal(0, initializer_range) matrices, zero biases, unit norms."""
@@ -159,10 +189,10 @@ class CausalLM(nn.Module):
             mask = attention_mask(0, t, t, valid, device=input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.attention_factor)
+        rope = self.rotary(position_ids, cache)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            x = layer(x, rope, mask, cache, start)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]

@@ -56,7 +56,8 @@ CONVERSATIONS = {
     "tools with system": ([{"role": "system", "content": "Use tools wisely."}, *TOOL_TURNS], [WEATHER]),
     "tool calls in flat shape": ([
         {"role": "user", "content": "x"},
-        {"role": "assistant", "content": "", "tool_calls": [{"name": "search", "arguments": {"q": "x", "n": [1, 2.5]}}]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"name": "search", "arguments": {"q": "x", "n": [1, 2.5]}}]},
         {"role": "tool", "content": "ok"},
     ], [SEARCH]),
     "control tokens in content": ([

@@ -13,6 +13,7 @@ from tokenizer_fixtures import CORPUS, require_qwen_vocab, texts
 
 from qwen25.tokenizer import QWEN_CONTROL_TOKENS, Tokenizer, TokenizerError
 from qwen25.tokenizer.bpe import check_rank_merging
+from qwen25.tokenizer.engines import fastokens_available
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -22,9 +23,20 @@ def qwen_dir():
     return require_qwen_vocab()
 
 
+ENGINES = ["tiktoken", pytest.param("fastokens", marks=pytest.mark.skipif(
+    not fastokens_available(), reason="the optional fastokens package is not installed"))]
+
+
 @pytest.fixture(scope="module")
 def ours(qwen_dir):
+    """The tokenizer as loaded by default (engine "auto")."""
     return Tokenizer.from_dir(qwen_dir)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def each_engine(qwen_dir, request):
+    """The tokenizer with each fast engine; encoding tests run for both."""
+    return Tokenizer.from_dir(qwen_dir, engine=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +57,8 @@ def assert_round_trip(ours, hf, text, ids):
         assert ours.decode(ids) == text
 
 
-def test_engine_is_tiktoken_and_sizes(ours, hf):
-    assert ours.engine == "tiktoken"
+def test_default_engine_and_sizes(ours, hf):
+    assert ours.engine == ("fastokens" if fastokens_available() else "tiktoken")
     assert ours.num_regular_tokens == 151643 == hf.get_vocab_size(with_added_tokens=False)
     # The package's files add 4 Qwen3 tokens (151665..151668) after Qwen2.5's 22: kept by default, as HF does.
     assert len(ours) == hf.get_vocab_size(with_added_tokens=True) == 151669
@@ -63,12 +75,12 @@ def test_control_tokens_have_official_ids_and_special_flags(ours, hf):
     assert (ours.eos_id, ours.pad_id) == (151645, 151643)
 
 
-def test_corpus_ids_equal_hf_and_round_trip(ours, hf):
+def test_corpus_ids_equal_hf_and_round_trip(each_engine, hf):
     for text in CORPUS:
-        ids = ours.encode(text)
+        ids = each_engine.encode(text)
         assert ids == hf_ids(hf, text), text[:60]
-        assert_round_trip(ours, hf, text, ids)
-    assert ours.encode_batch(CORPUS, num_threads=2) == [hf_ids(hf, t) for t in CORPUS]
+        assert_round_trip(each_engine, hf, text, ids)
+    assert each_engine.encode_batch(CORPUS, num_threads=2) == [hf_ids(hf, t) for t in CORPUS]
 
 
 def test_no_bos_and_empty(ours):
@@ -79,28 +91,28 @@ def test_no_bos_and_empty(ours):
 
 @FAST
 @given(text=texts)
-def test_random_text_equals_hf(ours, hf, text):
-    ids = ours.encode(text)
+def test_random_text_equals_hf(each_engine, hf, text):
+    ids = each_engine.encode(text)
     assert ids == hf_ids(hf, text)
-    assert_round_trip(ours, hf, text, ids)
+    assert_round_trip(each_engine, hf, text, ids)
 
 
 @FAST
 @given(text=st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40))
-def test_any_unicode_round_trips_and_equals_hf(ours, hf, text):
-    ids = ours.encode(text)
+def test_any_unicode_round_trips_and_equals_hf(each_engine, hf, text):
+    ids = each_engine.encode(text)
     assert ids == hf_ids(hf, text)
-    assert_round_trip(ours, hf, text, ids)
+    assert_round_trip(each_engine, hf, text, ids)
 
 
-def test_nfc_is_applied_between_control_tokens(ours, hf):
+def test_nfc_is_applied_between_control_tokens(each_engine, hf):
     # ">" + U+0338 composes to "≯" under NFC: HF cuts at the control token first, then normalises each piece.
     for text in ["<|im_end|>\u0338", "e\u0301<|im_start|>\u0301", "<\u0338|im_end|>", "A\u030a"]:
-        assert ours.encode(text) == hf_ids(hf, text)
-    assert ours.decode(ours.encode("e\u0301")) == "é"  # the normalised text comes back, as in HF
+        assert each_engine.encode(text) == hf_ids(hf, text)
+    assert each_engine.decode(each_engine.encode("e\u0301")) == "é"  # the normalised text comes back, as in HF
 
 
-def test_plain_text_modes_match_hf(ours, hf, qwen_dir):
+def test_plain_text_modes_match_hf(each_engine, hf, qwen_dir):
     from tokenizers import Tokenizer as HFTokenizer
 
     text = CORPUS[16] + CORPUS[17] + "<think>x</think>"
@@ -108,24 +120,24 @@ def test_plain_text_modes_match_hf(ours, hf, qwen_dir):
     data = json.loads((qwen_dir / "tokenizer.json").read_text(encoding="utf-8"))
     data["added_tokens"] = []
     bare = HFTokenizer.from_str(json.dumps(data))
-    assert ours.encode(text, allowed_special="none") == hf_ids(bare, text)
-    assert not set(ours.encode(text, allowed_special="none")) & set(ours.added_tokens.values())
+    assert each_engine.encode(text, allowed_special="none") == hf_ids(bare, text)
+    assert not set(each_engine.encode(text, allowed_special="none")) & set(each_engine.added_tokens.values())
     # HF's encode_special_tokens=True keeps matching the non-special added tokens (tool call, FIM, Qwen3)
-    not_special = {t for t, i in ours.added_tokens.items() if i not in ours.special_ids}
+    not_special = {t for t, i in each_engine.added_tokens.items() if i not in each_engine.special_ids}
     hf.encode_special_tokens = True
     try:
         expected = hf_ids(hf, text)
     finally:
         hf.encode_special_tokens = False
-    assert ours.encode(text, allowed_special=not_special) == expected
+    assert each_engine.encode(text, allowed_special=not_special) == expected
     with pytest.raises(TokenizerError, match="not control tokens"):
-        ours.encode("x", allowed_special={"<|nope|>"})
+        each_engine.encode("x", allowed_special={"<|nope|>"})
 
 
 def test_keep_extra_tokens_false_is_qwen25(qwen_dir, tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
 
-    qwen25 = Tokenizer.from_dir(qwen_dir, keep_extra_tokens=False)
+    qwen25 = Tokenizer.from_dir(qwen_dir, keep_extra_tokens=False, engine="tiktoken")
     assert len(qwen25) == 151665
     assert tuple(qwen25.added_tokens) == QWEN_CONTROL_TOKENS
     data = json.loads((qwen_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -195,8 +207,8 @@ def test_missing_files_error_lists_what_it_looked_for(tmp_path):
 def test_vocab_and_merges_files_give_the_same_ids(qwen_dir, ours, tmp_path):
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(qwen_dir / name, tmp_path / name)
-    slow_layout = Tokenizer.from_dir(tmp_path)
-    assert len(slow_layout) == len(ours) and slow_layout.engine == "tiktoken"
+    slow_layout = Tokenizer.from_dir(tmp_path, engine="tiktoken")
+    assert len(slow_layout) == len(ours)
     for text in CORPUS:
         assert slow_layout.encode(text) == ours.encode(text)
 
@@ -220,4 +232,4 @@ def test_saved_files_load_in_hf_and_give_the_same_ids(ours, hf, tmp_path):
     reloaded = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for text in CORPUS[::3]:
         assert hf_ids(reloaded, text) == hf_ids(hf, text)
-    assert len(Tokenizer.from_dir(tmp_path)) == len(ours)
+    assert len(Tokenizer.from_dir(tmp_path, engine="tiktoken")) == len(ours)

@@ -11,6 +11,8 @@ from tokenizer_fixtures import CORPUS, texts
 
 from qwen25.tokenizer import QWEN_CONTROL_TOKENS, AddedToken, Tokenizer, TokenizerError, Vocabulary, train_tokenizer
 from qwen25.tokenizer.bpe import check_rank_merging, derive_merges, merge_by_rank
+from qwen25.tokenizer import engines
+from qwen25.tokenizer.engines import fastokens_available
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = sorted(STDLIB.glob("[a-f]*.py"))[:25]
@@ -39,7 +41,7 @@ def hf_trained(trained):
 
 def test_layout_of_a_trained_vocabulary(trained):
     tokenizer, out = trained
-    assert tokenizer.engine == "tiktoken"
+    assert check_rank_merging(tokenizer.vocab.ranks, tokenizer.vocab.merges) == []
     n = tokenizer.num_regular_tokens
     assert 4000 <= n <= 4096  # a few learnt tokens may be dropped as unreachable
     assert all(bytes([b]) in tokenizer.vocab.ranks for b in range(256))
@@ -49,8 +51,10 @@ def test_layout_of_a_trained_vocabulary(trained):
     assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
 
-def test_trained_ids_equal_hf_on_varied_text(trained, hf_trained):
-    tokenizer, _ = trained
+@pytest.mark.parametrize("engine", ["tiktoken", pytest.param("fastokens", marks=pytest.mark.skipif(
+    not fastokens_available(), reason="the optional fastokens package is not installed"))])
+def test_trained_ids_equal_hf_on_varied_text(trained, hf_trained, engine):
+    tokenizer = Tokenizer.from_dir(trained[1], engine=engine)
     samples = CORPUS + [path.read_text(encoding="utf-8") for path in HELD_OUT]
     for text in samples:
         ids = tokenizer.encode(text)
@@ -92,23 +96,27 @@ def _byte_vocab(extra: list[bytes], merges: list[tuple[bytes, bytes]]) -> Vocabu
     return Vocabulary(ranks=ranks, merges=merges, added=added, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def test_a_merge_list_tiktoken_would_get_wrong_falls_back_to_exact_python(tmp_path):
+def test_a_merge_list_tiktoken_would_get_wrong_falls_back_to_exact_python(tmp_path, monkeypatch):
     from tokenizers import Tokenizer as HFTokenizer
 
     # "bc" is merged before "ab", yet "abc" is listed as ab + c: HF leaves "abc" as [a, bc] (no (a, bc) merge),
     # while rank merging would join a + bc into "abc". The check catches it and the Python engine is used.
     vocab = _byte_vocab([b"bc", b"ab", b"abc"], [(b"b", b"c"), (b"a", b"b"), (b"ab", b"c")])
     assert check_rank_merging(vocab.ranks, vocab.merges)
-    with pytest.warns(UserWarning, match="slow Python BPE"):
-        tokenizer = Tokenizer(vocab)
-    assert tokenizer.engine == "python"
     with pytest.raises(TokenizerError, match="may differ"):
         Tokenizer(vocab, engine="tiktoken")
-    tokenizer.save(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(engines, "fastokens_available", lambda: False)
+        with pytest.warns(UserWarning, match="slow Python BPE"):
+            fallback = Tokenizer(vocab)
+    assert fallback.engine == "python"
+    fallback.save(tmp_path)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    others = [Tokenizer(vocab, engine="fastokens")] if fastokens_available() else []
     for text in ["abc", "xabcabd abc", "ab bc abcabc", "<|im_end|>abc"]:
-        assert tokenizer.encode(text) == hf_ids(hf, text)
-    assert tokenizer.encode("abc") == [ord("a"), 256]
+        for tokenizer in [fallback, *others]:
+            assert tokenizer.encode(text) == hf_ids(hf, text)
+    assert fallback.encode("abc") == [ord("a"), 256]
 
 
 def test_derive_merges_drops_what_rank_merging_cannot_make():

@@ -4,8 +4,8 @@ Encoding, as HF `tokenizers` does it for Qwen's tokenizer.json: (1) cut the text
 tokens, matched leftmost-longest on the raw text), (2) NFC-normalise each piece between them, (3) split it with
 the pre-tokenizer regex, (4) run BPE on the UTF-8 bytes of every pre-token. No BOS is ever added.
 
-Steps 3-4 run in `tiktoken` (Rust, rank merging) when the vocabulary passes `bpe.check_rank_merging`, which
-guarantees the ids of HF's merge-list BPE; otherwise in a plain-Python merge-list BPE (slow, exact).
+Steps 2-4 run in an engine (engines.py): fastokens when installed, else tiktoken where it is proven to give
+HF's ids, else plain Python. Control tokens are cut out here, in Python, for every engine.
 """
 
 from __future__ import annotations
@@ -13,29 +13,23 @@ from __future__ import annotations
 import codecs
 import os
 import re
-import unicodedata
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .bpe import bytes_to_token, check_rank_merging, merge_by_list, token_to_bytes
-from .files import QWEN_CONTROL_TOKENS, AddedToken, TokenizerError, Vocabulary, read_vocabulary, write_vocabulary
-
-_CHECK_VERSION = "1"  # bump when check_rank_merging changes, so cached verdicts are not reused
+from .bpe import bytes_to_token, token_to_bytes
+from .engines import make_engine
+from .files import QWEN_CONTROL_TOKENS, TokenizerError, Vocabulary, read_vocabulary, write_vocabulary
 
 
 class Tokenizer:
     """A byte-level BPE tokenizer with added (control) tokens, e.g. Qwen2.5's 151,643 regular + 22 control tokens.
 
-    `engine` is "auto" (tiktoken when provably identical to merge-list BPE, else Python), "tiktoken" (raise if
-    not provably identical) or "python".
+    `engine`: "auto" (fastokens if installed, else tiktoken where proven exact, else python), or one of
+    "fastokens", "tiktoken" (raises where not proven exact), "python".
     """
 
     def __init__(self, vocab: Vocabulary, engine: str = "auto"):
-        if engine not in ("auto", "tiktoken", "python"):
-            raise TokenizerError(f"engine must be 'auto', 'tiktoken' or 'python', got {engine!r}")
         self.vocab = vocab
         self._added = {t.content: t.id for t in vocab.added}
         self._added_by_id = {t.id: t.content for t in vocab.added}
@@ -47,19 +41,8 @@ class Tokenizer:
         for t in vocab.added:
             self._id_bytes[t.id] = t.content.encode("utf-8")
         self._all_added = _special_regex(tuple(self._added))
-        if engine != "python":
-            problems = _rank_merging_problems(vocab)
-            if problems and engine == "tiktoken":
-                raise TokenizerError(f"{vocab.source}: tiktoken's rank merging may differ from the merge list: "
-                                     + "; ".join(problems))
-            if problems:
-                warnings.warn(f"{vocab.source}: using the slow Python BPE, because tiktoken's rank merging may "
-                              f"differ from the merge list: {problems[0]}", stacklevel=2)
-                engine = "python"
-            else:
-                engine = "tiktoken"
-        self.engine = engine
-        self._bpe = _TiktokenBPE(vocab) if engine == "tiktoken" else _PythonBPE(vocab)
+        self._engine = make_engine(vocab, engine)
+        self.engine: str = self._engine.name
 
     @classmethod
     def from_dir(cls, path: str | Path, keep_extra_tokens: bool = True, engine: str = "auto") -> "Tokenizer":
@@ -173,19 +156,18 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids of text with no control tokens recognised (NFC, pre-tokenizer, BPE)."""
-        if self.vocab.nfc:
-            text = unicodedata.normalize("NFC", text)
-        return self._bpe.encode(text)
+        return self._engine.encode(text) if text else []
 
     def encode_batch(self, texts: Sequence[str], allowed_special: str | Iterable[str] = "all",
                      num_threads: int | None = None) -> list[list[int]]:
-        """encode() of each text, on `num_threads` threads (default: CPU count) with the tiktoken engine."""
+        """encode() of each text; the plain pieces of all texts go to the engine as one multi-threaded batch
+        (num_threads, default the CPU count, for tiktoken; fastokens sizes its own pool)."""
         allowed = allowed_special if isinstance(allowed_special, str) else frozenset(allowed_special)
-        threads = num_threads or os.cpu_count() or 1
-        if self.engine != "tiktoken" or threads == 1 or len(texts) < 2:
-            return [self.encode(t, allowed) for t in texts]
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda t: self.encode(t, allowed), texts))
+        split = [list(self.split_control(t, allowed)) for t in texts]
+        plain = [item for items in split for item in items if isinstance(item, str)]
+        encoded = iter(self._engine.encode_many(plain, num_threads or os.cpu_count() or 1))
+        return [[i for item in items for i in (next(encoded) if isinstance(item, str) else [item])]
+                for items in split]
 
     def _allowed_regex(self, allowed_special) -> re.Pattern | None:
         if isinstance(allowed_special, str):
@@ -254,78 +236,3 @@ def _special_regex(tokens: tuple[str, ...]) -> re.Pattern | None:
     if not tokens:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("QWEN25_CACHE_DIR") or Path.home() / ".cache" / "qwen25")
-
-
-def _rank_merging_problems(vocab: Vocabulary) -> list[str]:
-    """check_rank_merging, remembering passes on disk by file hash (the check takes ~2 s for Qwen's vocab)."""
-    marker = _cache_dir() / "bbpe-checked" / f"{vocab.fingerprint}-v{_CHECK_VERSION}"
-    if vocab.fingerprint and marker.is_file():
-        return []
-    # (ignore_merges, HF's whole-word lookup, is what tiktoken does too: it only matters for tokens that merges
-    # cannot make, and a vocabulary that passes has none.)
-    problems = check_rank_merging(vocab.ranks, vocab.merges)
-    if not problems and vocab.fingerprint:
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        except OSError:
-            pass
-    return problems
-
-
-class _TiktokenBPE:
-    """Pre-tokenizer regex + rank merging in tiktoken (ranks = ids)."""
-
-    def __init__(self, vocab: Vocabulary):
-        import tiktoken
-
-        self._encoding = tiktoken.Encoding(name=f"bbpe-{vocab.fingerprint[:12] or 'memory'}",
-                                           pat_str=vocab.pattern, mergeable_ranks=vocab.ranks, special_tokens={})
-
-    def encode(self, text: str) -> list[int]:
-        return self._encoding.encode_ordinary(text)
-
-
-class _PythonBPE:
-    """Pre-tokenizer regex + merge-list BPE in Python, exactly HF's rules; caches each distinct pre-token."""
-
-    def __init__(self, vocab: Vocabulary):
-        import regex
-
-        self._regex = regex.compile(vocab.pattern)
-        self._ranks = vocab.ranks
-        self._byte_ids = [vocab.ranks[bytes([b])] for b in range(256)]
-        self._merges = {}
-        for index, (left, right) in enumerate(vocab.merges):
-            pair = (vocab.ranks[left], vocab.ranks[right])
-            self._merges[pair] = (index, vocab.ranks[left + right])  # a repeated pair: the last wins, as in HF
-        self._ignore_merges = vocab.ignore_merges
-        self._cache: dict[str, list[int]] = {}
-
-    def _piece(self, piece: str) -> list[int]:
-        data = piece.encode("utf-8")
-        if self._ignore_merges and data in self._ranks:
-            return [self._ranks[data]]
-        return merge_by_list([self._byte_ids[b] for b in data], self._merges)
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        cache = self._cache
-        if len(cache) > 100_000:
-            cache.clear()
-        # HF's "Isolated" split also keeps text the regex does not match, as pieces of its own.
-        start = 0
-        for match in self._regex.finditer(text):
-            pieces = [text[start:match.start()], match.group()] if match.start() > start else [match.group()]
-            for piece in pieces:
-                if piece not in cache:
-                    cache[piece] = self._piece(piece)
-                ids += cache[piece]
-            start = match.end()
-        if start < len(text):
-            ids += self._piece(text[start:])
-        return ids

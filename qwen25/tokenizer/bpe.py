@@ -47,19 +47,37 @@ def unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
 
 
+@lru_cache(maxsize=1)
+def _translations() -> tuple[dict[int, int], dict[int, int]]:
+    """str.translate tables: byte-level character <-> the Latin-1 character of its byte (fast conversions)."""
+    to_latin1 = {ord(c): b for b, c in byte_to_unicode().items()}
+    return to_latin1, {b: ord(c) for b, c in byte_to_unicode().items()}
+
+
 def token_to_bytes(token: str) -> bytes | None:
     """The bytes a byte-level vocabulary string stands for, or None if it has a character outside the alphabet."""
-    table = unicode_to_byte()
-    try:
-        return bytes(table[c] for c in token)
-    except KeyError:
+    if not all(c in unicode_to_byte() for c in token):
         return None
+    return token.translate(_translations()[0]).encode("latin-1")
+
+
+def tokens_to_bytes(tokens: list[str]) -> list[bytes] | None:
+    """token_to_bytes of many tokens at C speed; None if any has a character outside the alphabet."""
+    if not set("".join(tokens)) <= unicode_to_byte().keys():
+        return None
+    table = _translations()[0]
+    return [t.translate(table).encode("latin-1") for t in tokens]
 
 
 def bytes_to_token(data: bytes) -> str:
     """The byte-level vocabulary string of some bytes."""
-    table = byte_to_unicode()
-    return "".join(table[b] for b in data)
+    return data.decode("latin-1").translate(_translations()[1])
+
+
+def bytes_to_tokens(items: list[bytes]) -> list[str]:
+    """bytes_to_token of many byte strings."""
+    table = _translations()[1]
+    return [b.decode("latin-1").translate(table) for b in items]
 
 
 def merge_by_rank(piece: bytes, ranks: dict[bytes, int], below: int | None = None) -> list[bytes]:

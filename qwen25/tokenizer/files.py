@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bpe import bytes_to_token, token_to_bytes
+from .bpe import bytes_to_tokens, token_to_bytes, tokens_to_bytes
 
 # Qwen's pre-tokenizer: contractions, letter runs with one optional leading non-letter, single digits,
 # punctuation runs (with a leading space and trailing newlines), newline runs, and other whitespace.
@@ -79,28 +79,40 @@ def read_vocabulary(path: str | Path) -> Vocabulary:
     return vocab
 
 
-def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int = 32768) -> list[Path]:
-    """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json in the layout of Qwen2.5's files
-    (loadable by `tokenizers.Tokenizer.from_file` and transformers' AutoTokenizer). Returns the paths."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    token_vocab = {bytes_to_token(b): i for b, i in sorted(vocab.ranks.items(), key=lambda item: item[1])}
-    merges = [[bytes_to_token(a), bytes_to_token(b)] for a, b in vocab.merges]
-    added = [{"id": t.id, "content": t.content, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": t.special} for t in vocab.added]
+def tokenizer_json(vocab: Vocabulary, added: bool = True) -> dict:
+    """The tokenizer.json content of a vocabulary, in the layout of Qwen2.5's (without added tokens if asked)."""
+    ordered = sorted(vocab.ranks.items(), key=lambda item: item[1])
+    token_vocab = dict(zip(bytes_to_tokens([b for b, _ in ordered]), (i for _, i in ordered)))
+    merges = [list(pair) for pair in zip(bytes_to_tokens([a for a, _ in vocab.merges]),
+                                         bytes_to_tokens([b for _, b in vocab.merges]))]
+    added_tokens = [_added_entry(t) | {"id": t.id} for t in vocab.added] if added else []
     split = {"type": "Split", "pattern": {"Regex": vocab.pattern}, "behavior": "Isolated", "invert": False}
-    tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens,
         "normalizer": {"type": "NFC"} if vocab.nfc else None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, _BYTE_LEVEL]},
         "post_processor": _BYTE_LEVEL, "decoder": _BYTE_LEVEL,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": vocab.ignore_merges, "vocab": token_vocab, "merges": merges},
+                  "ignore_merges": vocab.ignore_merges, "vocab": token_vocab,
+                  "merges": merges},
     }
-    added_decoder = {str(t.id): {k: v for k, v in a.items() if k != "id"} for t, a in zip(vocab.added, added)}
+
+
+def _added_entry(token: AddedToken) -> dict:
+    return {"content": token.content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+            "special": token.special}
+
+
+def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int = 32768) -> list[Path]:
+    """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json in the layout of Qwen2.5's files
+    (loadable by `tokenizers.Tokenizer.from_file` and transformers' AutoTokenizer). Returns the paths."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data = tokenizer_json(vocab)
     config = {
-        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added_decoder,
+        "add_bos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": {str(t.id): _added_entry(t) for t in vocab.added},
         "additional_special_tokens": [t.content for t in vocab.added if t.special and t.content != vocab.eos_token
                                       and t.content != vocab.pad_token],
         "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": vocab.eos_token,
@@ -108,9 +120,9 @@ def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int 
         "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
     }
     files = {
-        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=2),
-        "vocab.json": json.dumps(token_vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "tokenizer.json": json.dumps(data, ensure_ascii=False, indent=2),
+        "vocab.json": json.dumps(data["model"]["vocab"], ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in data["model"]["merges"]),
         "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
     }
     written = []
@@ -138,13 +150,16 @@ def _default_token(vocab: Vocabulary) -> str | None:
     return "<|endoftext|>" if any(t.content == "<|endoftext|>" for t in vocab.added) else None
 
 
+def _to_bytes(tokens: list[str], source: str, what: str) -> list[bytes]:
+    converted = tokens_to_bytes(tokens)
+    if converted is None:
+        bad = next(t for t in tokens if token_to_bytes(t) is None)
+        raise TokenizerError(f"{source}: {what} {bad!r} has a character outside the byte-level alphabet")
+    return converted
+
+
 def _ranks_from_strings(token_ids: dict[str, int], source: str) -> dict[bytes, int]:
-    ranks = {}
-    for token, i in token_ids.items():
-        data = token_to_bytes(token)
-        if data is None:
-            raise TokenizerError(f"{source}: vocabulary entry {token!r} (id {i}) is not a byte-level token")
-        ranks[data] = i
+    ranks = dict(zip(_to_bytes(list(token_ids), source, "vocabulary entry"), token_ids.values()))
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise TokenizerError(f"{source}: the vocabulary lacks {len(missing)} of the 256 single bytes "
@@ -153,16 +168,13 @@ def _ranks_from_strings(token_ids: dict[str, int], source: str) -> dict[bytes, i
 
 
 def _merge_pairs(raw: list, source: str) -> list[tuple[bytes, bytes]]:
-    merges = []
-    for entry in raw:
-        pair = entry.split(" ") if isinstance(entry, str) else entry
+    pairs = [entry.split(" ") if isinstance(entry, str) else entry for entry in raw]
+    for entry, pair in zip(raw, pairs):
         if len(pair) != 2:
             raise TokenizerError(f"{source}: merge entry {entry!r} is not a pair of tokens")
-        left, right = token_to_bytes(pair[0]), token_to_bytes(pair[1])
-        if left is None or right is None:
-            raise TokenizerError(f"{source}: merge entry {entry!r} has a character outside the byte-level alphabet")
-        merges.append((left, right))
-    return merges
+    left = _to_bytes([p[0] for p in pairs], source, "merge token")
+    right = _to_bytes([p[1] for p in pairs], source, "merge token")
+    return list(zip(left, right))
 
 
 def _added_tokens(entries: list[dict], source: str) -> list[AddedToken]:
@@ -222,7 +234,8 @@ def _from_vocab_and_merges(path: Path, config: dict) -> Vocabulary:
     if not decoder:
         raise TokenizerError(f"{path}: without tokenizer.json the added tokens are read from "
                              "tokenizer_config.json's added_tokens_decoder, which is missing")
-    added = _added_tokens([{**entry, "id": int(i)} for i, entry in decoder.items()], str(path / "tokenizer_config.json"))
+    entries = [{**entry, "id": int(i)} for i, entry in decoder.items()]
+    added = _added_tokens(entries, str(path / "tokenizer_config.json"))
     return Vocabulary(ranks=_ranks_from_strings(json.loads(vocab_raw), str(path / "vocab.json")),
                       merges=_merge_pairs(lines, str(path / "merges.txt")), added=added,
                       fingerprint=hashlib.sha256(vocab_raw + b"\0" + merges_raw).hexdigest(), source=str(path))

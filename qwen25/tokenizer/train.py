@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .bbpe import Tokenizer
-from .bpe import derive_merges, token_to_bytes
+from .bpe import check_rank_merging, derive_merges, token_to_bytes
 from .files import QWEN_CONTROL_TOKENS, QWEN_PATTERN, QWEN_SPECIAL_COUNT, AddedToken, TokenizerError, Vocabulary
 
 
@@ -68,7 +68,10 @@ def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096, 
     added = [AddedToken(content, len(ranks) + k, k < special_count) for k, content in enumerate(control_tokens)]
     vocab = Vocabulary(ranks=ranks, merges=merges, added=added, eos_token=control_tokens[0],
                        pad_token=control_tokens[0], source="train_tokenizer")
-    tokenizer = Tokenizer(vocab, engine="tiktoken")
+    problems = check_rank_merging(ranks, merges)
+    if problems:  # derive_merges guarantees none; this would be a bug here
+        raise TokenizerError(f"trained merges fail the rank-merging check: {problems}")
+    tokenizer = Tokenizer(vocab)
     if out_dir is not None:
         tokenizer.save(out_dir)
     return tokenizer

@@ -9,10 +9,9 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import read_template, require_qwen_vocab, texts
+from tokenizer_fixtures import auto_qwen_tokenizer, qwen_tokenizer, read_template, texts
 
-from qwen25.tokenizer import (Tokenizer, TokenizerError, ToolCallParser, encode_chat, parse_tool_calls,
-                              render_chat)
+from qwen25.tokenizer import TokenizerError, ToolCallParser, encode_chat, parse_tool_calls, render_chat
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather «in a city» (天气)",
@@ -69,14 +68,12 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def hf():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(require_qwen_vocab()))
+    return auto_qwen_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def ours():
-    return Tokenizer.from_dir(require_qwen_vocab())
+    return qwen_tokenizer()
 
 
 def hf_render(hf, messages, tools, template, **kwargs):

@@ -9,7 +9,8 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import CORPUS, require_qwen_vocab, texts
+from tokenizer_fixtures import (CORPUS, auto_qwen_tokenizer, hf_qwen_tokenizer, qwen_tokenizer, require_qwen_vocab,
+                                texts)
 
 from qwen25.tokenizer import QWEN_CONTROL_TOKENS, Tokenizer, TokenizerError
 from qwen25.tokenizer.bpe import check_rank_merging
@@ -30,20 +31,18 @@ ENGINES = ["tiktoken", pytest.param("fastokens", marks=pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def ours(qwen_dir):
     """The tokenizer as loaded by default (engine "auto")."""
-    return Tokenizer.from_dir(qwen_dir)
+    return qwen_tokenizer()
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def each_engine(qwen_dir, request):
     """The tokenizer with each fast engine; encoding tests run for both."""
-    return Tokenizer.from_dir(qwen_dir, engine=request.param)
+    return qwen_tokenizer(request.param)
 
 
 @pytest.fixture(scope="module")
 def hf(qwen_dir):
-    from tokenizers import Tokenizer as HFTokenizer
-
-    return HFTokenizer.from_file(str(qwen_dir / "tokenizer.json"))
+    return hf_qwen_tokenizer()
 
 
 def hf_ids(hf, text):
@@ -149,9 +148,7 @@ def test_keep_extra_tokens_false_is_qwen25(qwen_dir, tmp_path):
 
 
 def test_skip_special_tokens_matches_tokenizers_and_transformers(ours, hf, qwen_dir):
-    from transformers import AutoTokenizer
-
-    auto = AutoTokenizer.from_pretrained(str(qwen_dir))
+    auto = auto_qwen_tokenizer()
     text = CORPUS[16] + "<think>ok</think>"
     ids = ours.encode(text)
     for skip in (False, True):

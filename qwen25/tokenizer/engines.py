@@ -1,9 +1,9 @@
 """The engines that turn plain text (no control tokens) into ids: NFC, the pre-tokenizer regex, then BPE.
 
 All three give HF `tokenizers`' ids:
-- "fastokens" (optional package, Rust): implements HF's pipeline (merge-list BPE) directly; ~100x HF here.
+- "fastokens" (optional package, Rust): implements HF's pipeline (merge-list BPE) directly; ~75x HF here.
 - "tiktoken" (Rust): rank merging, used only for vocabularies where `bpe.check_rank_merging` proves it
-  equal to merge-list BPE (Qwen's and every trained one); ~10x HF.
+  equal to merge-list BPE (Qwen's and every trained one); 7-10x HF.
 - "python": merge-list BPE in plain Python, exact and slow; the fallback and the readable reference.
 """
 

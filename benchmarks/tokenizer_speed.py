@@ -1,6 +1,6 @@
 """Tokenizer speed: qwen25's Tokenizer (fastokens and tiktoken engines) vs HF `tokenizers` on the same text.
 
-    python benchmarks/tokenize.py [--tokenizer DIR] [--mb 5] [--threads 2]
+    python benchmarks/tokenizer_speed.py [--tokenizer DIR] [--mb 5] [--threads 2]
 
 Our engines: fastokens (the default when installed) and tiktoken. The text is Python stdlib sources (code,
 comments, docstrings) plus multilingual prose (Chinese, Japanese, Korean, Russian, Arabic, Hindi, emoji), as a
@@ -17,24 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "tokenize":
-    # This file's name is the standard library's `tokenize`, which inspect, linecache and torch import. Every
-    # script in benchmarks/ has this folder first on sys.path, so they would import this file instead: when that
-    # happens, put the real module in its place (the import statement returns what sys.modules then holds).
-    import importlib.util as _util
-    import sysconfig as _sysconfig
-
-    _spec = _util.spec_from_file_location("tokenize", Path(_sysconfig.get_paths()["stdlib"]) / "tokenize.py")
-    _real = _util.module_from_spec(_spec)
-    sys.modules["tokenize"] = _real
-    _spec.loader.exec_module(_real)
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import sysconfig  # noqa: E402
-import time  # noqa: E402
+import argparse
+import importlib.util
+import os
+import random
+import sysconfig
+import time
 
 PROSE = [
     "通义千问（Qwen）是阿里云研发的大语言模型系列。Qwen2.5 在 18 万亿个词元上进行了预训练，支持 29 种以上的语言，"
@@ -103,7 +91,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for batch encoding")
     args = parser.parse_args()
 
-    # Imported here, not at the top, so that the stand-in for `tokenize` above stays free of heavy imports.
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import result_line
     from tokenizers import Tokenizer as HFTokenizer

@@ -84,10 +84,18 @@ def cmd_info(args) -> int:
         "KV cache": (f"{kv:,} bytes/token ({human_bytes(kv)}, {args.kv_dtype}); {human_bytes(kv * ctx * args.batch)} "
                      f"for {args.batch} x {ctx} tokens"),
     }
+    from .model.dca import long_context_estimate, measure_matmul_flops
+
+    est = long_context_estimate(cfg, ctx, args.flops or measure_matmul_flops())
+    rate = f"{est['flops_per_second']:.3g} FLOP/s" + ("" if args.flops else " (measured fp32 matmul)")
+    lines["prefill"] = (f"{est['prefill_flops']:.3e} FLOPs at {ctx} tokens ({est['attention_flops']:.2e} in attention, "
+                        f"the same with DCA): {est['prefill_seconds']:.3g} s at {rate}")
+    lines["attn memory"] = (f"scores of one layer: {human_bytes(est['scores_bytes_full'])} materialised (eager), "
+                            f"{human_bytes(est['scores_bytes_dca'])} per DCA tile of {est['dca_tile']}")
     if args.json:
         print(json.dumps({"parameters": total, "parameters_no_embeddings": body, "kv_bytes_per_token": kv,
                           "flops_per_token_forward": flops_per_token(cfg, ctx), "context": ctx,
-                          "kv_bytes_at_context": kv * ctx * args.batch}))
+                          "kv_bytes_at_context": kv * ctx * args.batch, "long_context": est}))
     else:
         for key, value in lines.items():
             print(f"{key:>12}: {value}")
@@ -173,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="context length for FLOPs and KV memory (default: max positions)")
     p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache (default 1)")
     p.add_argument("--kv-dtype", default="bfloat16", help="KV-cache dtype (bfloat16, float32, int8)")
+    p.add_argument("--flops", type=float, help="FLOP/s for the prefill-time estimate (default: a measured fp32 matmul)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
@@ -198,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)
 
+    from .evals.cli import add_eval_command
     from .tokenizer.cli import add_tokenize_command
 
     add_tokenize_command(sub)
+    add_eval_command(sub)
     return parser
 
 

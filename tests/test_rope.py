@@ -12,7 +12,7 @@ import torch
 from qwen25.config import ConfigError, ModelConfig
 from qwen25.model import CausalLM, KVCache, load_model
 from qwen25.model.rope import (
-    ONLY_BEYOND_ORIGINAL, default_inv_freq, rope_parameters, yarn_applies, yarn_attention_factor,
+    ONLY_BEYOND_ORIGINAL, default_inv_freq, rope_parameters, yarn_applies,
     yarn_correction_range, yarn_inv_freq,
 )
 
@@ -71,6 +71,8 @@ def test_yarn_matches_transformers_on_random_settings(seed):
         scaling["truncate"] = False
     if rng.random() < 0.2:
         scaling["attention_factor"] = rng.uniform(0.5, 2.0)
+    elif rng.random() < 0.2:  # DeepSeek-style ratio of two mscales
+        scaling["mscale"], scaling["mscale_all_dim"] = rng.choice([0.707, 1.0]), rng.choice([0.707, 1.0])
     ref_freq, ref_factor = hf_rope("yarn", head_dim, base, max_position, dict(scaling))
     got, factor = ours(head_dim, base, max_position, scaling)
     torch.testing.assert_close(got, ref_freq, atol=0, rtol=1e-6)

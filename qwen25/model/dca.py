@@ -90,15 +90,15 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     """
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv  # query head h reads kv head h // g
-    qf = q.float().reshape(b, hkv, g, t, d)
-    scores = (qf @ k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, g, T, S)
+    g = hq // hkv  # query head h reads kv head h // g: stack each group's queries as rows of one matmul
+    qf = q.float().reshape(b, hkv, g * t, d)
+    scores = (qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, t, s)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = torch.exp(scores - finite[..., None]) @ v.float()[:, :, None]
-    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+    probs = torch.exp(scores - finite[..., None]).view(b, hkv, g * t, s)
+    return (probs @ v.float()).view(b, hq, t, d), lse.view(b, hq, t)
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -227,7 +227,7 @@ def long_context_estimate(cfg: ModelConfig, length: int, flops_per_second: float
     }
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, repeat: int = 3) -> float:
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3) -> float:
     """Measured matmul FLOP/s of this machine for n x n matrices (best of `repeat`)."""
     import time
 

@@ -1,0 +1,1 @@
+"""Evaluation tasks and their harness (passkey retrieval so far)."""

@@ -1,0 +1,165 @@
+"""Token shards: the hand-over format between the data pipeline and training.
+
+A shard directory holds packed training rows, each of `seq_len + 1` tokens (a model reads `seq_len` inputs and
+predicts the next `seq_len` tokens), plus the document each token belongs to, so training can keep attention
+inside documents and restart RoPE positions per document:
+
+    DIR/index.json                  {"format": "qwen25-token-shards", "version": 1, "seq_len": 4096,
+                                     "row_len": 4097, "eos_id": ..., "pad_id": ..., "vocab_size": ...,
+                                     "num_rows": ..., "num_tokens": ..., "shards": [{"file", "num_rows",
+                                     "num_tokens", "sha256"}], "meta": {...anything the producer records}}
+    DIR/shard-00000.safetensors     "tokens"  int32 (rows, row_len)
+                                    "doc_ids" int32 (rows, row_len): 0, 1, 2... per document inside a row,
+                                              -1 for padding (never attended to, never a target)
+
+Files are written under a temporary name and renamed, and index.json is written last, so a directory with an
+index is complete; `sha256` lets a reader detect a damaged shard.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT, VERSION = "qwen25-token-shards", 1
+INDEX = "index.json"
+
+
+class ShardError(ValueError):
+    """A token-shard directory is missing, incomplete or inconsistent."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Collects rows and writes them as shards of `rows_per_shard` rows; `close()` writes index.json."""
+
+    def __init__(self, path: str | Path, seq_len: int, eos_id: int, pad_id: int, vocab_size: int,
+                 rows_per_shard: int = 4096, meta: dict | None = None):
+        if seq_len < 1 or rows_per_shard < 1:
+            raise ShardError(f"seq_len and rows_per_shard must be >= 1, got {seq_len}, {rows_per_shard}")
+        self.path, self.seq_len, self.row_len = Path(path), seq_len, seq_len + 1
+        self.eos_id, self.pad_id, self.vocab_size = eos_id, pad_id, vocab_size
+        self.rows_per_shard, self.meta = rows_per_shard, dict(meta or {})
+        self.path.mkdir(parents=True, exist_ok=True)
+        if (self.path / INDEX).exists():
+            raise ShardError(f"{self.path} already holds a complete shard set ({INDEX} exists)")
+        self._tokens: list[torch.Tensor] = []
+        self._docs: list[torch.Tensor] = []
+        self._shards: list[dict] = []
+
+    def add(self, tokens, doc_ids) -> None:
+        """Append one row: `row_len` token ids and their document ids (-1 = padding)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int32).reshape(-1)
+        doc_ids = torch.as_tensor(doc_ids, dtype=torch.int32).reshape(-1)
+        if tokens.numel() != self.row_len or doc_ids.numel() != self.row_len:
+            raise ShardError(f"a row must hold seq_len + 1 = {self.row_len} tokens and doc ids, "
+                             f"got {tokens.numel()} and {doc_ids.numel()}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ShardError(f"token ids must lie in [0, {self.vocab_size}), got {int(tokens.min())}.."
+                             f"{int(tokens.max())}")
+        self._tokens.append(tokens)
+        self._docs.append(doc_ids)
+        if len(self._tokens) == self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._tokens:
+            return
+        tokens, docs = torch.stack(self._tokens), torch.stack(self._docs)
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        tmp = self.path / (name + ".tmp")
+        save_file({"tokens": tokens.contiguous(), "doc_ids": docs.contiguous()}, str(tmp))
+        os.replace(tmp, self.path / name)
+        self._shards.append({"file": name, "num_rows": tokens.shape[0],
+                             "num_tokens": int((docs >= 0).sum()), "sha256": _sha256(self.path / name)})
+        self._tokens, self._docs = [], []
+
+    def close(self) -> Path:
+        """Write the last shard and index.json; returns the index path."""
+        self._flush()
+        index = {"format": FORMAT, "version": VERSION, "seq_len": self.seq_len, "row_len": self.row_len,
+                 "eos_id": self.eos_id, "pad_id": self.pad_id, "vocab_size": self.vocab_size,
+                 "num_rows": sum(s["num_rows"] for s in self._shards),
+                 "num_tokens": sum(s["num_tokens"] for s in self._shards),
+                 "shards": self._shards, "meta": self.meta}
+        tmp = self.path / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, self.path / INDEX)
+        return self.path / INDEX
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class TokenShards:
+    """Random access to the rows of a shard directory (memory-mapped; nothing is read until asked)."""
+
+    def __init__(self, path: str | Path, verify: bool = False):
+        self.path = Path(path)
+        index_path = self.path / INDEX
+        if not index_path.is_file():
+            raise ShardError(f"{self.path}: no {INDEX} (not a token-shard directory, or its writer did not finish)")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
+            raise ShardError(f"{index_path}: format {self.index.get('format')!r} version "
+                             f"{self.index.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+        self.seq_len, self.row_len = self.index["seq_len"], self.index["row_len"]
+        self.eos_id, self.pad_id = self.index["eos_id"], self.index["pad_id"]
+        self.vocab_size = self.index["vocab_size"]
+        self._starts, start = [], 0
+        for shard in self.index["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise ShardError(f"{self.path}: shard {shard['file']} listed in {INDEX} is missing")
+            if verify and _sha256(file) != shard["sha256"]:
+                raise ShardError(f"{file}: sha256 differs from {INDEX} (damaged or replaced)")
+            self._starts.append(start)
+            start += shard["num_rows"]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.index["num_rows"]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that belong to documents (padding excluded)."""
+        return self.index["num_tokens"]
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]["file"]), "pt")
+        return self._handles[shard]
+
+    def row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i as (tokens, doc_ids), both int64 of length row_len."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        shard = bisect.bisect_right(self._starts, i) - 1
+        local = i - self._starts[shard]
+        handle = self._handle(shard)
+        tokens = handle.get_slice("tokens")[local:local + 1]
+        docs = handle.get_slice("doc_ids")[local:local + 1]
+        return tokens[0].long(), docs[0].long()
+
+    def rows(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows as (tokens, doc_ids), each (len(indices), row_len) int64."""
+        pairs = [self.row(int(i)) for i in indices]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -30,7 +30,7 @@ import torch
 from ..config import ConfigError, ModelConfig, dtype_bytes, flops_per_token
 from .rope import apply_rope, rope_cos_sin
 
-DEFAULT_TILE = 1024  # largest query/key tile; the tile is min(chunk length, this)
+DEFAULT_TILE = 1024  # largest query/key tile (see dca_tile_size)
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,14 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return out_a * w_a + out_b * w_b, lse
 
 
+def dca_tile_size(chunk_len: int, max_tile: int = DEFAULT_TILE) -> int:
+    """The tile side: the chunk length when it fits, else its largest divisor in (max_tile / 2, max_tile] (tiles
+    then never straddle a chunk boundary, so each holds one part), else max_tile."""
+    if chunk_len <= max_tile:
+        return chunk_len
+    return next((n for n in range(max_tile, max_tile // 2, -1) if chunk_len % n == 0), max_tile)
+
+
 def dca_attention(q_intra: torch.Tensor, q_successive: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, chunk_len: int,
                   mask: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
@@ -121,7 +129,7 @@ def dca_attention(q_intra: torch.Tensor, q_successive: torch.Tensor, q_inter: to
     """
     b, hq, t, d = q_intra.shape
     s = k.shape[2]
-    tile = tile or min(chunk_len, DEFAULT_TILE)
+    tile = tile or dca_tile_size(chunk_len)
     scale = d ** -0.5
     q_chunk, k_chunk = q_positions // chunk_len, k_positions // chunk_len
     out = torch.zeros(b, hq, t, d, dtype=torch.float32, device=q_intra.device)
@@ -208,7 +216,7 @@ def long_context_estimate(cfg: ModelConfig, length: int, flops_per_second: float
 
     Attention FLOPs are the same with DCA (every key stays visible). What changes is the largest transient:
     a materialised (eager) attention matrix holds heads x length^2 fp32 scores per layer, DCA's tiles
-    heads x tile^2 (tile = min(chunk length, 1024)). Flash-style kernels (SDPA without a mask) avoid the
+    heads x tile^2 (tile <= min(chunk length, 1024)). Flash-style kernels (SDPA without a mask) avoid the
     full matrix too, but cannot extrapolate past the trained length.
     """
     total = flops_per_token(cfg, length) * length
@@ -216,7 +224,7 @@ def long_context_estimate(cfg: ModelConfig, length: int, flops_per_second: float
     attention = layers * h * 4 * d * length * length / 2  # causal: length^2 / 2 (query, key) pairs
     settings = DualChunkSettings.from_config(cfg)
     if tile is None:
-        tile = min(settings.chunk_len, DEFAULT_TILE) if settings else DEFAULT_TILE
+        tile = dca_tile_size(settings.chunk_len) if settings else DEFAULT_TILE
     kv_cache = 2 * layers * cfg.num_key_value_heads * d * dtype_bytes(dtype) * length
     return {
         "length": length, "prefill_flops": total, "attention_flops": attention,

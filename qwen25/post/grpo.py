@@ -1,0 +1,181 @@
+"""Online RL with GRPO (Shao et al. 2024), as in the report: 8 responses per query, queries with higher reward
+variance first, rewards from verifiers and/or the reward model.
+
+For a group of G responses to one query with rewards r_i:  A_i = (r_i - mean(r)) / (std(r) + eps)  (std with
+Bessel's correction, eps 1e-4, as TRL). Per token t of response i, with rho = pi / pi_old:
+
+    loss_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * k3,
+    k3      = exp(ref - logp) - (ref - logp) - 1        (the k3 estimator of KL(pi || ref))
+
+aggregated as "sequence" (mean over each response's tokens, then over responses: original GRPO, TRL's "grpo"),
+"token" (mean over all tokens of the batch: DAPO, TRL's "dapo"/"bnpo" on one device) or "dr_grpo" (sum over all
+tokens / (responses * max_completion_length): Dr. GRPO). Groups whose rewards are all equal have zero advantage
+and teach nothing: their share is logged (frac_zero_std), and `prioritise` keeps sampling the queries whose
+groups disagreed most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import SamplingParams
+from ..serve.engine import Engine
+from .logprobs import encode_prompt, model_token_logprobs, prompt_completion_batch
+from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_steps
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    """GRPO options. The report: group size 8, 2048 samples per episode; here the per-step sizes."""
+
+    lr: float = 1e-6
+    epochs: float = 1.0
+    weight_decay: float = 0.0
+    queries_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_ids: list[int] = field(default_factory=list)
+    vocab_limit: int | None = None  # sample only ids below this (a model whose embedding is padded past its vocab)
+    beta: float = 0.0  # KL weight (TRL's default 0: no reference model is kept)
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "token"  # "sequence" (GRPO), "token" (DAPO), "dr_grpo"
+    reward_eps: float = 1e-4
+    prioritise: bool = True  # queries with higher reward variance first (the report)
+    pad_id: int = 0
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                     scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, per-response group std) of rewards laid out group by group: (r - group mean) / (std + eps)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    adv = groups - mean
+    if scale:
+        adv = adv / (std + eps)
+    return adv.reshape(-1), std.expand_as(groups).reshape(-1)
+
+
+def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                    ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
+                    epsilon_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-token loss (B, T), per-token k3 KL or None): clipped ratio objective plus beta * k3."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    loss = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs the reference log-probabilities")
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        loss = loss + beta * kl
+    return loss, kl
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str = "token",
+              max_completion_length: int | None = None) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss over the completion tokens (mask 1): "sequence", "token" or "dr_grpo"."""
+    masked = token_loss * mask
+    if loss_type == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "token":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        length = max_completion_length or token_loss.shape[1]
+        return masked.sum() / (token_loss.shape[0] * length)
+    raise ValueError(f"loss_type must be 'sequence', 'token' or 'dr_grpo', got {loss_type!r}")
+
+
+def prioritise(variances: dict[int, float], num_queries: int, k: int, step: int, seed: int = 0) -> list[int]:
+    """The k queries to sample next: never-seen ones first (in a seeded random order), then by the reward
+    variance their last group showed, highest first (the report's prioritisation). Pure in its inputs."""
+    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).tolist()
+    rank = {q: i for i, q in enumerate(order)}
+    return sorted(order, key=lambda q: (q in variances, -variances.get(q, 0.0), rank[q]))[:k]
+
+
+def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list[list[int]]:
+    """group_size sampled completions per prompt (group by group), seeded by (seed, step, index)."""
+    engine = Engine(model, max_batch=min(64, len(prompts) * cfg.group_size), vocab_limit=cfg.vocab_limit,
+                    max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1,
+                    prefix_capacity_blocks=0)  # weights change every step: cached prefixes would be stale
+    flat = [p for p in prompts for _ in range(cfg.group_size)]
+    params = [SamplingParams(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
+                             seed=cfg.seed * 1_000_003 + step * 4099 + i) for i in range(len(flat))]
+    was_training = model.training
+    model.eval()
+    out = engine.generate(flat, params)
+    model.train(was_training)
+    return out
+
+
+def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None, model=None,
+               progress: bool = True) -> dict:
+    """GRPO on prompts (examples with "prompt" or "prompt_ids"); reward_fn(prompts, completions, examples).
+
+    Prompts and completions reach reward_fn as text when a tokenizer is given (prompt = rendered chat text),
+    else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, kl, clip_ratio, lengths.
+    """
+    torch.manual_seed(cfg.seed)
+    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed)
+    ref_model = frozen_copy(model) if cfg.beta != 0.0 else None
+    prompts = [encode_prompt(e, tokenizer) for e in examples]
+    optimizer = adamw(model, cfg)
+    variances: dict[int, float] = {}  # query -> reward variance of its last group (prioritisation)
+    total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.queries_per_step))
+
+    def step_fn(step: int) -> dict:
+        if cfg.prioritise:
+            queries = prioritise(variances, len(prompts), cfg.queries_per_step, step, cfg.seed)
+        else:
+            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+            queries = order[:cfg.queries_per_step].tolist()
+        group_prompts = [prompts[q] for q in queries]
+        completions = rollout(model, group_prompts, cfg, step)
+        flat_prompts = [p for p in group_prompts for _ in range(cfg.group_size)]
+        flat_examples = [examples[q] for q in queries for _ in range(cfg.group_size)]
+        if tokenizer is not None:
+            rewards = reward_fn([tokenizer.decode(p) for p in flat_prompts],
+                                [tokenizer.decode(c) for c in completions], flat_examples)
+        else:
+            rewards = reward_fn(flat_prompts, completions, flat_examples)
+        rewards = torch.tensor([float(r) for r in rewards])
+        advantages, std = group_advantages(rewards, cfg.group_size, cfg.reward_eps)
+        for i, q in enumerate(queries):
+            variances[q] = float(std[i * cfg.group_size] ** 2)
+        batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id)
+        mask = batch.target_mask
+        with autocast(cfg):
+            logps = model_token_logprobs(model, batch, cfg.temperature)
+            ref_logps = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logps = model_token_logprobs(ref_model, batch, cfg.temperature)
+        # One policy update per rollout batch (TRL's default num_iterations=1): pi_old is the current policy,
+        # so the ratio is 1 in value and the clipping only matters for its gradient shape.
+        token_loss, kl = grpo_token_loss(logps, logps.detach(), advantages, ref_logps, cfg.beta,
+                                         cfg.epsilon_low, cfg.epsilon_high)
+        loss = aggregate(token_loss, mask, cfg.loss_type, cfg.max_new_tokens)
+        loss.backward()
+        n_tokens = mask.sum().clamp(min=1.0)
+        metrics = {"loss": loss.item(), "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                   "frac_zero_std": float((std.view(-1, cfg.group_size)[:, 0] < 1e-8).float().mean()),
+                   "completion_length": float(mask.sum(-1).mean()), "tokens": int(batch.lengths.sum())}
+        if kl is not None:
+            metrics["kl"] = float((kl * mask).sum() / n_tokens)
+        return metrics
+
+    return run_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress,
+                     state=(lambda: {"variances": {str(k): v for k, v in variances.items()}},
+                            lambda saved: variances.update({int(k): v for k, v in saved.get("variances", {}).items()})))

@@ -19,6 +19,14 @@ _METADATA_KEYS = {"transformers_version", "_name_or_path", "use_mrope", "torch_d
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+# Qwen2MoeConfig's defaults (the Qwen1.5-MoE-A2.7B values), used for keys a qwen2_moe config.json leaves out.
+_HF_MOE_DEFAULTS = {
+    "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "router_aux_loss_coef": 0.001,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False,
+}
+
+
 class ConfigError(ValueError):
     """A config.json (or preset) that cannot describe a Qwen2.5 model."""
 
@@ -53,7 +61,18 @@ class ModelConfig:
     pad_token_id: int | None = None
     dual_chunk_attention_config: dict | None = None
     torch_dtype: str = "bfloat16"
-    model_type: str = "qwen2"
+    model_type: str = "qwen2"  # "qwen2_moe" (HF Qwen2MoeForCausalLM) when the MLPs are mixtures of experts
+    # Mixture-of-experts fields (qwen2_moe only; docs/moe.md). num_experts == 0: every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0  # not an HF field; written to config.json only when set
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    output_router_logits: bool = False
     architectures: list[str] = field(default_factory=lambda: ["Qwen2ForCausalLM"])
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, written back unchanged
 
@@ -84,8 +103,30 @@ class ModelConfig:
         if self.use_sliding_window or any(t != "full_attention" for t in self.layer_types or []):
             raise ConfigError("sliding-window attention is not supported: Qwen2.5 uses full attention "
                               "in every layer (set use_sliding_window to false)")
-        if self.model_type != "qwen2":
-            raise ConfigError(f"model_type {self.model_type!r} is not a dense Qwen2.5 model ('qwen2')")
+        if self.model_type not in ("qwen2", "qwen2_moe"):
+            raise ConfigError(f"model_type {self.model_type!r} is not a Qwen2.5 model ('qwen2', or 'qwen2_moe' "
+                              f"for mixtures of experts)")
+        self._check_moe()
+
+    def _check_moe(self):
+        if self.model_type == "qwen2":
+            if self.num_experts:
+                raise ConfigError(f"num_experts={self.num_experts} needs model_type 'qwen2_moe', got 'qwen2'")
+            return
+        if self.architectures == ["Qwen2ForCausalLM"]:  # the dense default: name the MoE class instead
+            self.architectures = ["Qwen2MoeForCausalLM"]
+        if self.num_experts < 0 or self.decoder_sparse_step <= 0:
+            raise ConfigError(f"num_experts ({self.num_experts}) must be >= 0 and decoder_sparse_step "
+                              f"({self.decoder_sparse_step}) > 0")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                              f"got {self.num_experts_per_tok}")
+        if self.num_experts and (self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0):
+            raise ConfigError(f"moe_intermediate_size must be positive (got {self.moe_intermediate_size}) and "
+                              f"shared_expert_intermediate_size >= 0 (got {self.shared_expert_intermediate_size})")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"mlp_only_layers {bad} are not layer indices 0..{self.num_hidden_layers - 1}")
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -99,6 +140,16 @@ class ModelConfig:
         if self.eos_token_id is None:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def is_moe(self) -> bool:
+        """True when at least one layer is a mixture of experts."""
+        return any(self.is_sparse_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has a sparse MoE block (as HF: not in mlp_only_layers, every sparse_step-th)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -120,6 +171,12 @@ class ModelConfig:
                 raw.setdefault("rope_scaling", rope)
         if raw.get("num_key_value_heads") is None:  # HF's default: multi-head attention
             raw["num_key_value_heads"] = raw["num_attention_heads"]
+        if raw.get("model_type") == "qwen2_moe":
+            if raw.pop("qkv_bias", True) is not True:
+                raise ConfigError(f"{source}: qkv_bias false is not supported (Qwen2 attention has q/k/v biases)")
+            for key, value in _HF_MOE_DEFAULTS.items():  # what Qwen2MoeConfig assumes for a missing key
+                if raw.get(key) is None:
+                    raw[key] = value
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "torch_dtype"}
         known = {k: v for k, v in raw.items() if k in names}
@@ -139,6 +196,11 @@ class ModelConfig:
         for optional in ("dual_chunk_attention_config", "layer_types", "rope_scaling", "pad_token_id"):
             if out[optional] is None:
                 out.pop(optional)
+        if self.model_type != "qwen2_moe":  # a dense config.json carries no MoE keys
+            for key in _HF_MOE_DEFAULTS:
+                out.pop(key)
+        if not self.router_z_loss_coef:
+            out.pop("router_z_loss_coef")
         out.update(self.extra)
         return dict(sorted(out.items()))
 
@@ -231,16 +293,54 @@ PRESETS["tiny"] = _small(vocab=512, hidden=64, layers=2, heads=4, kv=2, inter=17
 PRESETS["mini"] = _small(vocab=8192, hidden=384, layers=6, heads=6, kv=2, inter=1024, max_pos=4096)
 PRESETS["small"] = _small(vocab=16384, hidden=512, layers=8, heads=8, kv=2, inter=1408, max_pos=8192)
 
+# Mixtures of experts: the open Qwen2MoeForCausalLM checkpoints (reference.md section 2), as released.
+_MOE = dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], vocab_size=151936, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
+            norm_topk_prob=False, router_aux_loss_coef=0.001, decoder_sparse_step=1)
+PRESETS["qwen1.5-moe-a2.7b"] = {
+    **_MOE, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "max_position_embeddings": 8192, "sliding_window": 32768, "max_window_layers": 21,
+    "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632}
+PRESETS["qwen2-57b-a14b"] = {
+    **_MOE, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "max_position_embeddings": 131072, "sliding_window": 131072, "max_window_layers": 28,
+    "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 2560,
+    "shared_expert_intermediate_size": 20480}
+# Small MoE shapes with A2.7B's proportions (expert width ~0.7 hidden, shared expert = 4 experts wide).
+for _name, _dense, _experts, _k, _moe in (("tiny-moe", "tiny", 8, 2, 48), ("mini-moe", "mini", 16, 4, 256),
+                                          ("small-moe", "small", 32, 4, 352)):
+    PRESETS[_name] = {**PRESETS[_dense], "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+                      "num_experts": _experts, "num_experts_per_tok": _k, "moe_intermediate_size": _moe,
+                      "shared_expert_intermediate_size": 4 * _moe, "norm_topk_prob": False,
+                      "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1}
+
 
 # ---- sizes, compute and memory from the config ---------------------------------------------------------
-def param_count(cfg: ModelConfig, embeddings: bool = True) -> int:
-    """Number of parameters (a tied lm_head is counted once); embeddings=False leaves out embedding and lm_head."""
+def mlp_params(cfg: ModelConfig, layer: int, activated: bool = False) -> int:
+    """Parameters of one layer's MLP; for a sparse layer with activated=True, only the top-k experts count.
+
+    A sparse layer holds the router (experts x hidden), the experts (3 x hidden x moe_intermediate each),
+    the shared expert (3 x hidden x shared_intermediate) and its gate (hidden).
+    """
+    h = cfg.hidden_size
+    if not cfg.is_sparse_layer(layer):
+        return 3 * h * cfg.intermediate_size
+    experts = cfg.num_experts_per_tok if activated else cfg.num_experts
+    return (cfg.num_experts * h + experts * 3 * h * cfg.moe_intermediate_size
+            + 3 * h * cfg.shared_expert_intermediate_size + h)
+
+
+def param_count(cfg: ModelConfig, embeddings: bool = True, activated: bool = False) -> int:
+    """Number of parameters (a tied lm_head is counted once); embeddings=False leaves out embedding and lm_head.
+
+    activated=True counts what one token uses: for MoE layers the top-k routed experts instead of all of them.
+    """
     h, d = cfg.hidden_size, cfg.head_size
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     attn = h * q + q + 2 * (h * kv + kv) + q * h
-    mlp = 3 * h * cfg.intermediate_size
-    per_layer = attn + mlp + 2 * h
-    body = cfg.num_hidden_layers * per_layer + h
+    mlps = sum(mlp_params(cfg, i, activated) for i in range(cfg.num_hidden_layers))
+    body = cfg.num_hidden_layers * (attn + 2 * h) + mlps + h
     if not embeddings:
         return body
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
@@ -256,7 +356,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = False) -> f
     """
     h, d, L = cfg.hidden_size, cfg.head_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    weights = L * (h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
+    # MoE layers count the weights one token is multiplied with: router, top-k experts, shared expert and gate.
+    mlps = sum(mlp_params(cfg, i, activated=True) for i in range(L))
+    weights = L * (h * q + 2 * h * kv + q * h) + mlps + cfg.vocab_size * h
     attn = L * cfg.num_attention_heads * 4 * d * (seq_len / 2)
     fwd = 2 * weights + attn
     return 3 * fwd if training else fwd

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import KVCache, attention_mask, sdpa
 from .dca import DualChunkRope, DualChunkSettings, dual_chunk_needed, dual_chunk_rope
+from .moe import SparseMoeBlock
 from .rope import apply_rope, rope_cos_sin, rope_parameters, yarn_applies, yarn_depends_on_length
 
 
@@ -82,7 +83,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.is_sparse_layer(layer):  # qwen2_moe: a mixture of experts (moe.py) in place of the MLP
+            self.mlp = SparseMoeBlock(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, mask, cache, start):
         h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)

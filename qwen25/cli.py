@@ -207,11 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)
 
+    from .data.cli import add_data_command
     from .evals.cli import add_eval_command
     from .tokenizer.cli import add_tokenize_command
 
     add_tokenize_command(sub)
     add_eval_command(sub)
+    add_data_command(sub)
     return parser
 
 

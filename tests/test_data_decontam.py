@@ -51,7 +51,7 @@ def test_bitparallel_lcs_equals_dp(a, b):
     assert lcs_length_dp(a, b) == dp_lcs(a, b)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(0, 1000), min_size=100, max_size=300), st.lists(st.integers(0, 1000), max_size=200))
 def test_lcs_wide_sequences(a, b):
     # past 64 bits the big-integer carries cross machine words
@@ -157,3 +157,14 @@ def test_read_test_items_names_bad_lines(tmp_path):
         read_test_items(path, ["prompt", "solution"])
     texts, names = read_test_items(path, ["prompt"], name_field="id")
     assert texts == ["a", "c"] and names[0] == "t.jsonl:x"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_pass_equals_per_item(seed):
+    rng = random.Random(seed)
+    docs, tests = _adversarial_cases(rng, 12)
+    index = TestSetIndex(tests, window=48, stride=12)
+    for d in docs:
+        every = index.lcs_all(d[:48])
+        assert every == {i: dp_lcs(d[:48], tests[i]) for i in index.active}
+        assert (index.find(d, batch_over=0) is None) == (index.find(d, batch_over=10**9) is None)

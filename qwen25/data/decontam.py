@@ -136,6 +136,18 @@ class TestSetIndex:
                 postings.setdefault(tok, []).append((i, count))
         self.postings = {tok: (np.array([p[0] for p in ps], dtype=np.int64), np.array([p[1] for p in ps]))
                          for tok, ps in postings.items()}
+        # All active items side by side in one big integer, a zero guard bit above each: one pass of the
+        # bit-parallel recurrence then serves every item at once (a carry out of an item stops in its guard bit,
+        # which is cleared after each step; V - (V & M) never borrows). Used when many items are candidates.
+        self.base, width = {}, 0
+        for i in self.active:
+            self.base[i] = width
+            width += len(self.items[i]) + 1
+        self.all_full = sum(((1 << len(self.items[i])) - 1) << self.base[i] for i in self.active)
+        self.all_masks: dict[int, int] = {}
+        for i in self.active:
+            for tok, mask in self.masks[i].items():
+                self.all_masks[tok] = self.all_masks.get(tok, 0) | (mask << self.base[i])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -152,14 +164,29 @@ class TestSetIndex:
         cand = np.flatnonzero(bound >= need)
         return cand[np.argsort(-bound[cand], kind="stable")].tolist()
 
-    def find(self, tokens: Sequence[int]) -> Hit | None:
-        """The first (window, test item) pair that meets the rule, or None when the document is clean."""
+    def lcs_all(self, window_tokens: Sequence[int]) -> dict[int, int]:
+        """|LCS| of a window with every active test item, in one bit-parallel pass over the packed items."""
+        full = self.all_full
+        v = full
+        for tok in window_tokens:
+            mask = self.all_masks.get(tok)
+            if mask is not None:
+                u = v & mask
+                v = ((v + u) | (v - u)) & full
+        return {i: len(self.items[i]) - ((v >> self.base[i]) & ((1 << len(self.items[i])) - 1)).bit_count()
+                for i in self.active}
+
+    def find(self, tokens: Sequence[int], batch_over: int = 8) -> Hit | None:
+        """The first (window, test item) pair that meets the rule, or None when the document is clean.
+        With more than `batch_over` candidates a window is matched against all items in one pass."""
         tokens = list(tokens)
         for start in window_starts(len(tokens), self.window, self.stride):
             win = tokens[start:start + self.window]
-            for i in self.candidates(win):
+            cands = self.candidates(win)
+            all_lcs = self.lcs_all(win) if len(cands) > batch_over else None
+            for i in cands:
                 m = len(self.items[i])
-                lcs = lcs_bitparallel(win, self.masks[i], m)
+                lcs = all_lcs[i] if all_lcs is not None else lcs_bitparallel(win, self.masks[i], m)
                 if is_contaminated(lcs, len(win), m):
                     return Hit(i, self.names[i], start, len(win), m, lcs)
         return None

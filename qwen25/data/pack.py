@@ -120,7 +120,7 @@ def pack_documents(token_lists: Sequence[Sequence[int]], ids: Sequence[str], out
         for doc_id, n in zip(ids, lengths):
             f.write(json.dumps({"id": doc_id, "tokens": n}) + "\n")
     os.replace(tmp, out_dir / DOCUMENTS)
-    writer.meta = {**(meta or {}), **stats, "segments": SEGMENTS, "documents": DOCUMENTS}
+    writer.meta = {**(meta or {}), **stats, "segment_map": SEGMENTS, "document_map": DOCUMENTS}
     writer.close()  # index.json last: its presence means the directory is complete
     return stats
 
@@ -135,3 +135,22 @@ def read_document_map(out_dir: str | Path) -> tuple[list[dict], np.ndarray]:
     out_dir = Path(out_dir)
     docs = [json.loads(line) for line in (out_dir / DOCUMENTS).read_text(encoding="utf-8").splitlines()]
     return docs, np.load(out_dir / SEGMENTS)
+
+
+def pack_folder(reader, tokenizer_dir: str | Path, out_dir: str | Path, seq_len: int = 2048, method: str = "concat",
+                seed: int = 0, rows_per_shard: int = 4096, buffer_docs: int = 8192) -> dict:
+    """Read every document of a datatrove reader, shuffle by a hash of the id (the same order for any number of
+    input files or workers), tokenise (text as plain text) and pack into a token-shard directory."""
+    from tqdm import tqdm
+
+    from ..tokenizer import Tokenizer
+    from .mixture import hash01
+
+    docs = sorted(((hash01(d.id, seed), d.id, d.text) for d in reader()), key=lambda x: (x[0], x[1]))
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    token_lists = []
+    for i in tqdm(range(0, len(docs), 1024), desc="tokenize", unit="batch", leave=False):
+        token_lists += tok.encode_batch([d[2] for d in docs[i:i + 1024]], allowed_special="none")
+    eos = tok.endoftext_id
+    return pack_documents(token_lists, [d[1] for d in docs], out_dir, seq_len, eos, eos, len(tok), method,
+                          rows_per_shard, buffer_docs, meta={"seed": seed, "tokenizer": str(tokenizer_dir)})

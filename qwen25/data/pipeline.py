@@ -1,0 +1,317 @@
+"""The pre-training data pipeline: a YAML/TOML config names the input, the executor and an ordered list of steps.
+
+    output: runs/data                      # everything goes here (stages/, logs/, dropped/, shards/, stats.json)
+    tokenizer: path/to/tokenizer           # a qwen25 / HF tokenizer directory
+    input: {kind: text, path: src, glob: "**/*.py"}        # or {kind: jsonl, path: DIR, text_key: text}
+    executor: {kind: local, tasks: 4, workers: 2}           # local (default), ray or slurm (+ their options)
+    steps:
+      - filters: {fineweb: {}, gopher_repetition: {}}       # datatrove's heuristic filters
+      - minhash: {n_grams: 5, num_buckets: 14, hashes_per_bucket: 8}
+      - quality: {rate: {kind: lm, model: DIR}, sample_rate: 0.05, threshold: 0.4}   # or classifier: FILE.npz
+      - domains: {}
+      - decontaminate: {test_sets: [{path: humaneval, fields: [prompt, canonical_solution]}]}
+      - mixture: {weights: {code: 0.3, technology: 0.3, science: 0.2, general: 0.2}, unit: tokens}
+      - pack: {seq_len: 2048, method: best_fit}
+
+Each step is one or more datatrove executor runs reading the previous step's jsonl.gz output; between runs
+come the global steps (train the quality classifier, plan the mixture, pack). Resuming: datatrove's completion
+markers (logs/STEP/completions/) skip finished tasks, and the global steps skip when their output file exists,
+so a rerun after a failure does not redo finished work. Dropped documents go to dropped/STEP/ with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+STEP_NAMES = ("filters", "minhash", "quality", "domains", "decontaminate", "mixture", "pack")
+
+
+class PipelineError(ValueError):
+    """The pipeline config is invalid, or the output directory belongs to another config."""
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a .yaml/.yml/.toml pipeline config; relative paths in it are resolved against the file's folder."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    config = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path}: a pipeline config must be a mapping, got {type(config).__name__}")
+    config.setdefault("base_dir", str(path.parent.resolve()))
+    return config
+
+
+def _steps(config: dict) -> list[tuple[str, dict]]:
+    steps = []
+    for i, entry in enumerate(config.get("steps") or []):
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise PipelineError(f"steps[{i}] must be one name or a one-key mapping {{name: options}}, got {entry!r}")
+        (name, opts), = entry.items()
+        if name not in STEP_NAMES:
+            raise PipelineError(f"steps[{i}]: unknown step {name!r}; known: {', '.join(STEP_NAMES)}")
+        steps.append((name, dict(opts or {})))
+    if not steps:
+        raise PipelineError("the config lists no steps")
+    if any(name == "pack" for name, _ in steps[:-1]):
+        raise PipelineError("pack must be the last step")
+    return steps
+
+
+def make_executor(pipeline: list, logging_dir: Path, spec: dict, tasks: int | None = None):
+    """A datatrove executor for one run: local processes (default), Ray (`ray.init` must reach a cluster or start
+    a local one) or Slurm (submitted with sbatch; `run_executor` then waits for the completion markers)."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "local")
+    tasks = tasks if tasks is not None else spec.pop("tasks", 1)
+    spec.pop("tasks", None)
+    if kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=spec.pop("workers", 1),
+                                     logging_dir=str(logging_dir), start_method=spec.pop("start_method", "fork"),
+                                     **spec)
+    if kind == "ray":
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logging_dir), **spec)
+    if kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logging_dir), **spec)
+    raise PipelineError(f"executor kind must be local, ray or slurm, got {kind!r}")
+
+
+def run_executor(executor, poll_seconds: float = 30.0) -> None:
+    """Run and, for executors that only submit (Slurm), wait until every task has its completion marker."""
+    executor.run()
+    while executor.get_incomplete_ranks(skip_completed=True):
+        time.sleep(poll_seconds)
+
+
+def quiet_datatrove_logs() -> None:
+    """Datatrove logs every task at INFO to stderr (the full log stays in logs/STEP/logs/): keep warnings only."""
+    import sys
+
+    import datatrove.executor.base as executor_base
+    import datatrove.utils.logging as dt_logging
+    from loguru import logger
+
+    def default_logger():
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+
+    def task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
+        logger.remove()
+        logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+        logger.add(sys.stderr, level="WARNING")
+        logger.add(logfile, level="DEBUG")
+        return logfile
+
+    dt_logging.setup_default_logger = default_logger
+    executor_base.add_task_logger = task_logger
+    default_logger()
+
+
+def read_task_stats(logging_dir: Path) -> list[dict]:
+    """Datatrove's per-task stats files of one run, summed per step: [{name, stats: {metric: total}}]."""
+    merged: list[dict] = []
+    for path in sorted((Path(logging_dir) / "stats").glob("*.json")):
+        for i, step in enumerate(json.loads(path.read_text())):
+            if i == len(merged):
+                merged.append({"name": step["name"], "stats": {}})
+            for key, value in step["stats"].items():
+                total = value.get("total", 0) if isinstance(value, dict) else value
+                merged[i]["stats"][key] = merged[i]["stats"].get(key, 0) + total
+    return merged
+
+
+class DataPipeline:
+    """Builds and runs the steps of a config (see the module docstring); run() returns the statistics."""
+
+    def __init__(self, config: dict):
+        self.config = dict(config)
+        self.base = Path(self.config.get("base_dir", "."))
+        if "output" not in self.config:
+            raise PipelineError("the config needs `output` (the folder for stages, shards and stats)")
+        self.out = self._path(self.config["output"])
+        self.steps = _steps(self.config)
+        self.executor_spec = dict(self.config.get("executor") or {"kind": "local"})
+        self.tasks = int(self.executor_spec.get("tasks", 1))
+        tok = self.config.get("tokenizer")
+        self.tokenizer_dir = str(self._path(tok)) if tok else None
+        needs_tok = {"decontaminate", "pack"} & {n for n, _ in self.steps}
+        if needs_tok and not self.tokenizer_dir:
+            raise PipelineError(f"steps {sorted(needs_tok)} need `tokenizer` (a tokenizer directory)")
+        if "input" not in self.config or "path" not in self.config["input"]:
+            raise PipelineError("the config needs `input: {kind: jsonl|text, path: ...}`")
+        self.stage_stats: list[dict] = []
+        self.extra: dict = {}
+
+    def _path(self, p) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def _check_output_dir(self) -> None:
+        """Refuse to resume in a folder written by another config: finished tasks would be silently reused."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = self.out / "config.json"
+        mine = {k: v for k, v in self.config.items() if k not in ("base_dir", "executor")}
+        mine = json.loads(json.dumps(mine, default=str))
+        if record.is_file() and json.loads(record.read_text()) != mine:
+            raise PipelineError(f"{self.out} holds the output of a different config ({record}); "
+                                "use a new output folder or delete this one")
+        record.write_text(json.dumps(mine, indent=1))
+
+    def reader(self, folder: Path | None):
+        """The raw input reader (folder None) or a jsonl reader of a previous step's output."""
+        from datatrove.pipeline.readers import JsonlReader
+
+        from .steps import make_reader
+
+        if folder is None:
+            spec = dict(self.config["input"])
+            spec["path"] = str(self._path(spec["path"]))
+            return make_reader(spec)
+        return JsonlReader(str(folder), glob_pattern="*.jsonl.gz")
+
+    def writer(self, folder: Path):
+        from datatrove.pipeline.writers import JsonlWriter
+
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")
+
+    def exclusion(self, name: str):
+        return self.writer(self.out / "dropped" / name)
+
+    def execute(self, label: str, pipeline: list, tasks: int | None = None) -> list[dict]:
+        """One executor run, logged in logs/LABEL (its completion markers make reruns skip finished tasks)."""
+        logs = self.out / "logs" / label
+        run_executor(make_executor(pipeline, logs, self.executor_spec, tasks))
+        return read_task_stats(logs)
+
+    def run(self) -> dict:
+        """Run every step (skipping finished work), write stats.json and stats.png; returns the statistics."""
+        from .stats import summarize_stage, write_report
+
+        self._check_output_dir()
+        previous: Path | None = None
+        bar = tqdm(self.steps, desc="data pipeline", unit="step")
+        for i, (name, opts) in enumerate(bar):
+            bar.set_postfix_str(name)
+            label = f"{i:02d}_{name}"
+            out = self.out / "stages" / label
+            start = time.time()
+            step_stats = getattr(self, f"step_{name}")(label, previous, out, opts)
+            self.stage_stats.append(summarize_stage(label, step_stats, time.time() - start))
+            previous = out
+        return write_report(self.out, self.stage_stats, self.extra)
+
+    # ---- steps: each returns the datatrove stats of its executor runs ----------------------------------------
+
+    def step_filters(self, label, previous, out, opts):
+        from .steps import make_filters
+
+        filters = make_filters(opts, lambda f: self.exclusion(f"{label}/{f}"))
+        return self.execute(label, [self.reader(previous), *filters, self.writer(out)])
+
+    def step_minhash(self, label, previous, out, opts):
+        from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                              MinhashDedupSignature)
+        from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+        cfg = MinhashConfig(**opts)
+        work = str(self.out / "minhash" / label)
+        sigs, buckets, remove = f"{work}/sigs", f"{work}/buckets", f"{work}/remove_ids"
+        self.execute(f"{label}_signatures", [self.reader(previous), MinhashDedupSignature(sigs, config=cfg)])
+        self.execute(f"{label}_buckets", [MinhashDedupBuckets(sigs, buckets, config=cfg)], tasks=cfg.num_buckets)
+        self.execute(f"{label}_clusters", [MinhashDedupCluster(buckets, remove, config=cfg)], tasks=1)
+        return self.execute(label, [self.reader(previous),
+                                    MinhashDedupFilter(remove, exclusion_writer=self.exclusion(label)),
+                                    self.writer(out)])
+
+    def step_quality(self, label, previous, out, opts):
+        from .quality import QualityFilter, RatingSampler, train_from_ratings
+
+        classifier = opts.get("classifier")
+        if classifier:
+            classifier = self._path(classifier)
+        else:
+            if "rate" not in opts:
+                raise PipelineError("quality needs `classifier: FILE.npz` or `rate: {kind: lm|field, ...}`")
+            work = self.out / "quality" / label
+            rater = dict(opts["rate"])
+            for key in ("model", "tokenizer"):
+                if key in rater:
+                    rater[key] = str(self._path(rater[key]))
+            self.execute(f"{label}_rate", [self.reader(previous), RatingSampler(
+                work / "ratings", rater, opts.get("sample_rate", 0.1), opts.get("max_rated_docs"),
+                opts.get("seed", 0))])
+            classifier = work / "classifier.npz"
+            if not classifier.is_file():
+                self.extra[f"{label}_training"] = train_from_ratings(work / "ratings", classifier,
+                                                                     **opts.get("fit", {}))
+        return self.execute(label, [self.reader(previous),
+                                    QualityFilter(classifier, opts.get("threshold", 0.5), self.exclusion(label)),
+                                    self.writer(out)])
+
+    def step_domains(self, label, previous, out, opts):
+        from .domains import DomainTagger
+
+        return self.execute(label, [self.reader(previous), DomainTagger(**opts), self.writer(out)])
+
+    def step_decontaminate(self, label, previous, out, opts):
+        from .decontam import humaneval_path
+        from .steps import DecontaminationFilter
+
+        sets = []
+        for spec in opts.get("test_sets") or []:
+            spec = dict(spec)
+            spec["path"] = str(humaneval_path() if spec["path"] == "humaneval" else self._path(spec["path"]))
+            sets.append(spec)
+        if not sets:
+            raise PipelineError("decontaminate needs test_sets: [{path: FILE.jsonl, fields: [...]}]")
+        step = DecontaminationFilter(self.tokenizer_dir, sets, opts.get("window", 512), opts.get("stride", 128),
+                                     self.exclusion(label))
+        return self.execute(label, [self.reader(previous), step, self.writer(out)])
+
+    def step_mixture(self, label, previous, out, opts):
+        from .mixture import DomainHistogram, MixtureSampler, merge_histograms, plan_mixture
+        from .steps import TokenCounter
+
+        unit, seed = opts.get("unit", "tokens"), opts.get("seed", 0)
+        count = [TokenCounter(self.tokenizer_dir)] if unit == "tokens" and self.tokenizer_dir else []
+        work = self.out / "mixture" / label
+        self.execute(f"{label}_counts", [self.reader(previous), *count, DomainHistogram(work / "counts", unit, seed)])
+        plan_file = work / "plan.json"
+        if not plan_file.is_file():
+            if "weights" not in opts:
+                raise PipelineError("mixture needs weights: {domain: weight, ...}")
+            plan = plan_mixture(merge_histograms(work / "counts"), opts["weights"], opts.get("total"),
+                                opts.get("max_repeat"), opts.get("unlisted_rate", 0.0))
+            plan_file.write_text(json.dumps({"unit": unit, "seed": seed, "domains": plan}, indent=1))
+        self.extra["mixture"] = {"plan": json.loads(plan_file.read_text()),
+                                 "output_counts": str(work / "output_counts")}
+        return self.execute(label, [self.reader(previous), *count,
+                                    MixtureSampler(plan_file, seed, exclusion_writer=self.exclusion(label)),
+                                    DomainHistogram(work / "output_counts", unit, seed), self.writer(out)])
+
+    def step_pack(self, label, previous, out, opts):
+        from .pack import is_packed, pack_folder
+
+        shards = self.out / "shards"
+        if not is_packed(shards):
+            pack_folder(self.reader(previous), self.tokenizer_dir, shards, **opts)
+        index = json.loads((shards / "index.json").read_text())
+        self.extra["pack"] = {k: index["meta"][k] for k in ("method", "documents", "tokens", "rows", "padding",
+                                                            "padding_fraction")}
+        self.extra["pack"]["seq_len"] = index["seq_len"]
+        return [{"name": "pack", "stats": {"total": index["meta"]["documents"],
+                                           "forwarded": index["meta"]["documents"],
+                                           "tokens": index["meta"]["tokens"]}}]

@@ -1,0 +1,141 @@
+"""Pipeline steps on datatrove: readers, the heuristic filters by name, token counting, decontamination."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.utils.logging import logger
+
+from .decontam import TestSetIndex, build_index
+
+
+class TextFolderReader(BaseDiskReader):
+    """One document per text file (e.g. `*.py` or `*.md` under a folder); id = path relative to the folder.
+
+    A file that is not valid UTF-8 is reported (stat `corrupt_files`, a warning) and skipped, not fatal."""
+
+    name = "📄 Text files"
+
+    def __init__(self, data_folder, glob_pattern: str | None = None, **kwargs):
+        super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        try:
+            with self.data_folder.open(filepath, "rb") as f:
+                text = f.read().decode("utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            logger.warning(f"skipping unreadable input file {filepath}: {e}")
+            self.stat_update("corrupt_files")
+            return
+        doc = self.get_document_from_dict({"text": text, "id": filepath}, filepath, 0)
+        if doc:
+            yield doc
+
+
+def make_reader(spec: dict) -> BaseDiskReader:
+    """The input reader from a config dict: {kind: jsonl|text, path: DIR, glob: PATTERN, text_key, id_key}."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    spec = dict(spec)
+    kind, path, glob = spec.pop("kind", "jsonl"), spec.pop("path"), spec.pop("glob", None)
+    if kind == "jsonl":
+        return JsonlReader(str(path), glob_pattern=glob, **spec)
+    if kind == "text":
+        return TextFolderReader(str(path), glob_pattern=glob, **spec)
+    raise ValueError(f"input kind must be 'jsonl' or 'text', got {kind!r}")
+
+
+def make_filters(spec: dict, exclusion_writer_for) -> list[BaseFilter]:
+    """Datatrove's heuristic filters by name, each with its own side output of dropped documents.
+
+    spec maps gopher_quality | gopher_repetition | c4 | fineweb to keyword arguments (or {} for the defaults).
+    The Gopher and C4 filters use spaCy's blank English tokenizer (no model download)."""
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter)
+
+    known = {"gopher_quality": GopherQualityFilter, "gopher_repetition": GopherRepetitionFilter,
+             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise ValueError(f"unknown filters {unknown}; known: {sorted(known)}")
+    return [known[name](exclusion_writer=exclusion_writer_for(name), **(kwargs or {}))
+            for name, kwargs in spec.items()]
+
+
+class TokenCounter(PipelineStep):
+    """Sets metadata token_count with our tokenizer (text encoded as plain text) where it is not set yet."""
+
+    name = "token count"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, tokenizer_dir: str | Path, batch_size: int = 256):
+        super().__init__()
+        self.tokenizer_dir, self.batch_size = str(tokenizer_dir), batch_size
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from ..tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(self.tokenizer_dir)
+        batch: list[Document] = []
+
+        def flush():
+            for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch], allowed_special="none")):
+                doc.metadata["token_count"] = len(ids)
+                self.stat_update("tokens", value=len(ids))
+            yield from batch
+            batch.clear()
+        for doc in data:
+            if "token_count" in doc.metadata:
+                self.stat_update("tokens", value=int(doc.metadata["token_count"]))
+                yield doc
+                continue
+            batch.append(doc)
+            if len(batch) == self.batch_size:
+                yield from flush()
+        yield from flush()
+
+
+class DecontaminationFilter(BaseFilter):
+    """Drops documents that meet the LCS rule against any test item (decontam.py); sets metadata token_count.
+
+    test_sets: [{path: FILE.jsonl[.gz], fields: [...], name_field: ...}]; the dropped documents carry the test
+    item, window and LCS in metadata `contamination`."""
+
+    name = "decontamination"
+
+    def __init__(self, tokenizer_dir: str | Path, test_sets: list[dict], window: int = 512, stride: int = 128,
+                 exclusion_writer=None, batch_size: int = 64):
+        super().__init__(exclusion_writer, batch_size=batch_size)
+        self.tokenizer_dir, self.test_sets = str(tokenizer_dir), [dict(t) for t in test_sets]
+        self.window, self.stride = window, stride
+        self._tok = self._index = None
+
+    def _load(self) -> None:
+        from ..tokenizer import Tokenizer
+
+        self._tok = Tokenizer.from_dir(self.tokenizer_dir)
+        self._index: TestSetIndex = build_index(
+            self.test_sets, lambda texts: self._tok.encode_batch(texts, allowed_special="none"),
+            self.window, self.stride)
+
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        if self._index is None:
+            self._load()
+        out = []
+        for doc, ids in zip(batch, self._tok.encode_batch([d.text for d in batch], allowed_special="none")):
+            doc.metadata["token_count"] = len(ids)
+            hit = self._index.find(ids)
+            if hit is None:
+                out.append(True)
+            else:
+                doc.metadata["contamination"] = {"test": hit.test_name, "lcs": hit.lcs, "test_len": hit.test_len,
+                                                 "window_start": hit.window_start, "window_len": hit.window_len}
+                out.append((False, "contaminated"))
+        return out
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return self.filter_batch([doc])[0]

@@ -69,6 +69,7 @@ def cmd_info(args) -> int:
         raise SystemExit("give exactly one of --preset NAME or --model DIR")
     cfg = ModelConfig.from_preset(args.preset) if args.preset else ModelConfig.from_json(args.model)
     total, body = param_count(cfg), param_count(cfg, embeddings=False)
+    active = param_count(cfg, activated=True)  # MoE: the routed experts one token uses; = total if dense
     kv = kv_cache_bytes_per_token(cfg, args.kv_dtype)
     ctx = args.context or cfg.max_position_embeddings
     lines = {
@@ -77,6 +78,9 @@ def cmd_info(args) -> int:
                   f"{cfg.num_key_value_heads} kv x {cfg.head_size}, intermediate {cfg.intermediate_size}, "
                   f"vocab {cfg.vocab_size}, tied {cfg.tie_word_embeddings}"),
         "parameters": f"{total:,} ({human_count(total)}); without embeddings {body:,} ({human_count(body)})",
+        **({"activated": f"{active:,} ({human_count(active)}) per token: top-{cfg.num_experts_per_tok} of "
+                         f"{cfg.num_experts} experts x {cfg.moe_intermediate_size}, shared expert "
+                         f"{cfg.shared_expert_intermediate_size}"} if cfg.is_moe else {}),
         "weights": f"{human_bytes(total * 2)} in bf16, {human_bytes(total * 4)} in fp32",
         "rope": f"theta {cfg.rope_theta:g}, scaling {cfg.rope_scaling}, max positions {cfg.max_position_embeddings}",
         "FLOPs/token": (f"forward {flops_per_token(cfg, ctx):.3e}, training {flops_per_token(cfg, ctx, True):.3e} "
@@ -93,7 +97,8 @@ def cmd_info(args) -> int:
     lines["attn memory"] = (f"scores of one layer: {human_bytes(est['scores_bytes_full'])} materialised (eager), "
                             f"{human_bytes(est['scores_bytes_dca'])} per DCA tile of {est['dca_tile']}")
     if args.json:
-        print(json.dumps({"parameters": total, "parameters_no_embeddings": body, "kv_bytes_per_token": kv,
+        print(json.dumps({"parameters": total, "parameters_no_embeddings": body, "parameters_activated": active,
+                          "kv_bytes_per_token": kv,
                           "flops_per_token_forward": flops_per_token(cfg, ctx), "context": ctx,
                           "kv_bytes_at_context": kv * ctx * args.batch, "long_context": est}))
     else:
@@ -210,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_data_command
     from .evals.cli import add_eval_command
     from .tokenizer.cli import add_tokenize_command
+    from .train.cli import add_train_commands
 
     add_tokenize_command(sub)
     add_eval_command(sub)
     add_data_command(sub)
+    add_train_commands(sub)
     return parser
 
 

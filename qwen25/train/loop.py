@@ -2,9 +2,11 @@
 
 Next-token loss over packed rows with document-masked attention and per-document positions, AdamW
 (0.9, 0.95, eps 1e-8), warm-up then cosine to 10% of peak, bf16 autocast, gradient clipping and
-accumulation, non-finite losses skipped (and a stop after too many in a row), metrics to JSONL, and
-atomic checkpoints that resume exactly. Data comes from any object with `batch(step) -> tokens` of shape
-(batch, seq_len + 1): the batch for a step is a pure function of the step, so resuming needs no iterator state.
+accumulation, non-finite losses skipped (and a stop after too many in a row), metrics to JSONL (and
+TensorBoard when installed), MFU against the measured matmul peak, and atomic checkpoints that resume
+exactly. Data comes from any object with `batch(step)` returning tokens (batch, seq_len + 1), or
+(tokens, doc_ids) as token shards give them: the batch for a step is a pure function of the step, so
+resuming needs no iterator state. Under torchrun the same loop runs FSDP2 (see distributed.py).
 """
 
 from __future__ import annotations
@@ -13,31 +15,39 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ModelConfig, flops_per_token
 from ..model import CausalLM, save_model
+from ..model.checkpoint import load_weights
+from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from .data import target_mask
 from .packing import document_ids_from_eos, document_mask, document_positions
 from .schedule import lr_at
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the data; saved as config.json beside its checkpoints."""
+    """Everything a run needs besides the data; saved as train_config.json beside its checkpoints."""
 
     out_dir: str
     model: str = "tiny"  # a preset name, or a directory with config.json
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change, e.g. rope_theta (ABF)
+    init_from: str | None = None  # an HF-layout checkpoint whose weights start the run (else random init)
+    data: str | None = None  # a token-shard directory (used when train() is given no data object)
     steps: int = 100
-    batch_size: int = 8
+    tokens: int | None = None  # a token budget: steps = tokens / (batch_size * seq_len * grad_accum)
+    batch_size: int | str = 8  # global rows per micro-batch, over all processes; "auto": the scaling-law fit
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float | str = 3e-3  # "auto": mu_opt(N, D) from the scaling-law fit
+    scaling_fit: str | None = None  # fit.json written by `qwen25 fit-scaling` (for "auto")
     warmup: int = 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -45,15 +55,22 @@ class TrainConfig:
     eps: float = 1e-8
     clip: float = 1.0
     dtype: str = "bf16"  # autocast dtype for the forward pass; weights and optimizer stay fp32
-    eos_id: int | None = None  # documents end with it: attention is masked at their boundaries
+    device: str = "auto"  # cpu, cuda, or auto (cuda when available)
+    eos_id: int | None = None  # token-tensor data only: documents end with it (shards carry doc ids instead)
+    long_fraction: float | None = None  # progressive mix: this share of rows at seq_len, the rest shorter
+    short_lengths: list[int] | None = None  # lengths of the shorter rows (default seq_len // 2)
     seed: int = 0
     save_every: int = 50
     keep_last: int = 3
     log_every: int = 1
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    stop_at: int | None = None  # end this invocation after this step (time-limited jobs); resume continues
+    tensorboard: bool = True  # also log to out_dir/tb when tensorboard is installed
+    peak_flops: float | None = None  # matmul FLOP/s per process for MFU; None: measured at start
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
+        """Build from a dict (YAML/JSON), naming unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:
@@ -75,10 +92,19 @@ class TokenWindows:
         return torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
 
 
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The architecture a run trains: the preset or config.json, with model_overrides applied."""
+    base = ModelConfig.from_json(cfg.model) if Path(cfg.model).is_dir() else ModelConfig.from_preset(cfg.model)
+    return base.replace(**cfg.model_overrides) if cfg.model_overrides else base
+
+
 def build_model(cfg: TrainConfig) -> CausalLM:
-    mcfg = ModelConfig.from_json(cfg.model) if Path(cfg.model).is_dir() else ModelConfig.from_preset(cfg.model)
-    model = CausalLM(mcfg)
-    model.init_weights(seed=cfg.seed)
+    """A fresh model (seeded init), or init_from's weights under this run's config (e.g. a new rope_theta)."""
+    model = CausalLM(model_config(cfg))
+    if cfg.init_from:
+        load_weights(model, cfg.init_from, torch.float32)
+    else:
+        model.init_weights(seed=cfg.seed)
     return model
 
 
@@ -90,15 +116,43 @@ def build_optimizer(model: CausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lm_loss(model: CausalLM, batch: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """Mean next-token cross entropy of a (batch, seq + 1) token tensor, document-masked when eos_id is set."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+def _tokens_and_docs(batch, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, doc_ids or None) from a token tensor (doc ids from eos_id when set) or a (tokens, doc_ids) pair."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, (document_ids_from_eos(batch, eos_id) if eos_id is not None else None)
+
+
+def count_targets(batch, eos_id: int | None = None) -> int:
+    """Number of next-token targets in a batch (padding never counts)."""
+    tokens, docs = _tokens_and_docs(batch, eos_id)
+    return int(target_mask(docs).sum()) if docs is not None else tokens[:, 1:].numel()
+
+
+def moe_router_loss(model: torch.nn.Module, batch, eos_id: int | None) -> torch.Tensor:
+    """What a model with experts adds to the LM loss after a forward (model/moe.py's router_loss:
+    router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss), padding left out."""
+    from ..model.moe import router_loss  # only models with experts get here
+
+    _, docs = _tokens_and_docs(batch, eos_id)
+    return router_loss(model, None if docs is None else docs[:, :-1] >= 0)
+
+
+def lm_loss(model: CausalLM, batch, eos_id: int | None) -> torch.Tensor:
+    """Mean next-token cross entropy over the targets of a batch (rows of seq + 1 tokens).
+
+    `batch` is a token tensor (document-masked by eos_id when set) or (tokens, doc_ids) from token shards:
+    attention stays inside documents, positions restart per document, and padding (doc id -1) is never a
+    target.
+    """
+    tokens, docs = _tokens_and_docs(batch, eos_id)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     positions = mask = None
-    if eos_id is not None:
-        docs = document_ids_from_eos(inputs, eos_id)
-        positions, mask = document_positions(docs), document_mask(docs)
+    if docs is not None:
+        positions, mask = document_positions(docs[:, :-1]), document_mask(docs[:, :-1])
+        targets = targets.masked_fill(~target_mask(docs), -100)
     logits = model(inputs, position_ids=positions, mask=mask)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -108,56 +162,176 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def train(cfg: TrainConfig, data, progress: bool = True) -> dict:
-    """Run (or resume) training; returns the final metrics. Writes out_dir/{config.json,metrics.jsonl,step-*}."""
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Resolve `lr: auto`, `batch_size: auto` (scaling-law fit) and a token budget into concrete numbers."""
+    if "auto" in (cfg.lr, cfg.batch_size):
+        from .scaling import resolve_auto
+
+        cfg = resolve_auto(cfg)
+    if cfg.tokens is not None:
+        per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.tokens / per_step)))
+    return cfg
+
+
+def make_data(cfg: TrainConfig, rank: int = 0, world: int = 1):
+    """The data object for cfg.data (token shards), with the progressive long/short mix when configured."""
+    from .data import ShardBatches
+
+    if cfg.data is None:
+        raise ValueError("no data: give `data: SHARD_DIR` in the training config")
+    data = ShardBatches(cfg.data, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    if data.seq_len != cfg.seq_len:
+        raise ValueError(f"{cfg.data}: shards hold rows of seq_len {data.seq_len}, the config asks for "
+                         f"seq_len {cfg.seq_len}")
+    if cfg.long_fraction is not None:
+        from .phases import ProgressiveMix
+
+        data = ProgressiveMix(data, cfg.long_fraction, cfg.short_lengths or [cfg.seq_len // 2])
+    return data
+
+
+def pick_device(name: str) -> torch.device:
+    """cpu / cuda / auto; under torchrun each process takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", dist_utils.local_rank())
+    return torch.device(name)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeat: int = 5) -> float:
+    """Measured matmul FLOP/s of one device for n x n matrices in `dtype` (best of `repeat`): MFU's denominator."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def _tensorboard(cfg: TrainConfig, out: Path, rank: int):
+    if not cfg.tensorboard or rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
+    """Run (or resume) training; returns the final metrics. Writes out_dir/{train_config.json,metrics.jsonl,step-*,final}.
+
+    Under torchrun (torch.distributed initialised by distributed.init()), the model is sharded with FSDP2,
+    each process trains on its slice of the global batch and checkpoints are torch.distributed checkpoints.
+    """
+    cfg = resolve_config(cfg)
+    rank, world = dist_utils.rank_and_world()
+    sharded = dist_utils.is_distributed()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    device = pick_device(cfg.device)
+    if data is None:
+        data = make_data(cfg, rank, world)
+    mcfg = model_config(cfg)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        mcfg.save(out)  # the architecture this run trains (rope_theta of its phase included)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).train()
+    model = build_model(cfg).to(device).train()
+    if sharded:
+        dist_utils.shard_model(model)
     optimizer = build_optimizer(model, cfg)
     start = 0
     if (last := latest_checkpoint(out)) is not None:
-        start = load_training_state(last, model, optimizer)["step"]
-        print(f"resuming from {last} (step {start})")
-        _drop_metrics_after(out / "metrics.jsonl", start)
-    autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    metrics_file = (out / "metrics.jsonl").open("a")
+        load = dist_utils.load_checkpoint if sharded else load_training_state
+        start = load(last, model, optimizer)["step"]
+        if rank == 0:
+            print(f"resuming from {last} (step {start})")
+            _drop_metrics_after(out / "metrics.jsonl", start)
+    amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    has_experts = getattr(mcfg, "num_experts", 0) > 0  # MoE: the router loss joins the objective
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global, all processes
+    flops_per_step = flops_per_token(mcfg, cfg.seq_len, training=True) * tokens_per_step
+    peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype)
+    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    board = _tensorboard(cfg, out, rank)
     bad, last_metrics = 0, {}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0, desc="train")
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
+        micro = [data.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+        counts = [count_targets(b, cfg.eos_id) for b in micro]
+        # Every target of the global step weighs the same, however they are spread over micro-batches and
+        # processes: scale each micro-batch's mean by its share of all targets (FSDP averages over processes).
+        total_targets = dist_utils.all_sum(float(sum(counts)), device)
+        loss_sum = aux_sum = 0.0
+        for batch, count in zip(micro, counts):
+            if count == 0:
+                continue
+            batch = tuple(t.to(device) for t in batch) if isinstance(batch, (tuple, list)) else batch.to(device)
             with autocast:
-                loss = lm_loss(model, data.batch(step * cfg.grad_accum + micro), cfg.eos_id) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+                loss = lm_loss(model, batch, cfg.eos_id)
+                aux = moe_router_loss(model, batch, cfg.eos_id) if has_experts else None
+            objective = loss + aux if aux is not None else loss
+            (objective * (count * world / total_targets)).backward()
+            loss_sum += loss.item() * count
+            aux_sum += float(aux) * count if aux is not None else 0.0
+        total = dist_utils.all_sum(loss_sum, device) / max(total_targets, 1.0)
+        grad_norm = dist_utils.clip_grad_norm(model, cfg.clip)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             bad += 1
-            print(f"step {step}: non-finite loss {total} / grad norm {grad_norm}; step skipped")
+            if rank == 0:
+                print(f"step {step}: non-finite loss {total} / grad norm {grad_norm}; step skipped")
             if bad >= cfg.max_bad_steps:
                 raise RuntimeError(f"stopped: {bad} consecutive non-finite steps (last at step {step}); "
                                    f"lower the learning rate or check the data")
             continue
         bad = 0
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        mfu = flops_per_step / seconds / (peak * world)
         last_metrics = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_step / seconds}
-        if (step + 1) % cfg.log_every == 0:
+                        "tokens_per_s": tokens_per_step / seconds, "mfu": mfu}
+        if has_experts:
+            last_metrics["router_loss"] = dist_utils.all_sum(aux_sum, device) / max(total_targets, 1.0)
+        if rank == 0 and (step + 1) % cfg.log_every == 0:
             metrics_file.write(json.dumps(last_metrics) + "\n")
             metrics_file.flush()
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_training_state(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
-                                keep_last=cfg.keep_last)
-    metrics_file.close()
-    save_model(model, out / "final")
+            if board is not None:
+                for key, value in last_metrics.items():
+                    if key != "step":
+                        board.add_scalar(f"train/{key}", value, step + 1)
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}",
+                        mfu=f"{mfu:.1%}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, end):
+            if sharded:
+                dist_utils.save_checkpoint(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
+                                           keep_last=cfg.keep_last)
+            else:
+                save_training_state(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
+                                    keep_last=cfg.keep_last)
+    if metrics_file is not None:
+        metrics_file.close()
+    if board is not None:
+        board.close()
+    if end == cfg.steps:
+        if sharded:
+            dist_utils.export_full(model, out / "final")
+        else:
+            save_model(model, out / "final")
     return last_metrics

@@ -1,0 +1,108 @@
+"""`qwen25 train CONFIG`, `qwen25 sweep CONFIG`, `qwen25 fit-scaling SWEEP_DIR`.
+
+Every command also runs under torchrun (`torchrun --nproc_per_node 2 -m qwen25.cli train CONFIG.yaml`):
+the process group starts from torchrun's environment and the loop shards the model with FSDP2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def load_config(path: str | Path, sets: list[str] | None = None) -> dict:
+    """A YAML (or JSON) config as a dict, with `--set key=value` changes (JSON values) applied on top."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a mapping of options, got {type(raw).__name__}")
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            raw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raw[key] = value
+    return raw
+
+
+def cmd_train(args) -> int:
+    from . import distributed
+    from .loop import TrainConfig, resolve_config, train
+    from .phases import run_phases
+
+    raw = load_config(args.config, args.set)
+    rank, world = distributed.init()
+    try:
+        if "phases" in raw:
+            run_phases(raw, progress=not args.quiet)
+        else:
+            cfg = resolve_config(TrainConfig.from_dict(raw))
+            if rank == 0:
+                print(f"training with {world} process(es):\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
+            final = train(cfg, progress=not args.quiet)
+            if rank == 0:
+                print(json.dumps(final))
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .scaling import run_sweep
+
+    raw = load_config(args.config, args.set)
+    results = run_sweep(raw, progress=not args.quiet)
+    print(f"{len(results)} new run(s); results in {Path(raw['out_dir']) / 'results.jsonl'}")
+    return 0
+
+
+def cmd_fit_scaling(args) -> int:
+    from .scaling import FIT_FILE, write_fit
+
+    fit = write_fit(args.sweep_dir, args.out)
+    out = Path(args.out) if args.out else Path(args.sweep_dir) / FIT_FILE
+    for key in ("lr", "batch_tokens"):
+        f = fit[key]
+        print(f"{key:>12}_opt(N, D) = {f['coef']:.4g} * N^{f['alpha']:.4f} * D^{f['beta']:.4f} "
+              f"(rms log error {f['rmse_log']:.3f})")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def add_train_commands(subparsers) -> None:
+    """Register train, sweep and fit-scaling on the `qwen25` parser."""
+    p = subparsers.add_parser(
+        "train", help="pre-train from a YAML config (token shards; phases; torchrun for FSDP2)",
+        description="Train (or resume) a run described by a YAML file of TrainConfig options (see "
+                    "docs/training.md). With `phases:` the phases run in order, each from the previous one's "
+                    "weights. Under torchrun the model is sharded with FSDP2 (gloo on CPU, NCCL on GPU).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (JSON value)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "sweep", help="hyper-parameter sweep: models x token budgets x learning rates x batch sizes",
+        description="Train every grid point of a sweep config (out_dir, base: options, grid: models/tokens/"
+                    "lr/batch_size lists) and append each final loss to out_dir/results.jsonl.")
+    p.add_argument("config", help="YAML sweep config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level option")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser(
+        "fit-scaling", help="fit mu_opt(N, D) and B_opt(N, D) power laws to a sweep",
+        description="Read SWEEP_DIR/results.jsonl, find the optimal learning rate and batch size per (N, D), fit "
+                    "power laws in log space, write fit.json (for `lr: auto`) and fit.png.")
+    p.add_argument("sweep_dir", help="the sweep's out_dir")
+    p.add_argument("--out", help="where to write the fit JSON (default SWEEP_DIR/fit.json)")
+    p.set_defaults(func=cmd_fit_scaling)

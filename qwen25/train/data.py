@@ -1,0 +1,65 @@
+"""Training batches from token shards (qwen25/data/shards.py): deterministic in the step, sliced per rank.
+
+The global batch of step s is the rows with global sample indices s*B ... s*B + B - 1. Sample i is row
+perm_e[i mod R] of epoch e = i // R, where perm_e is a permutation of the R shard rows seeded by (seed, e),
+so every epoch visits every row once in a new order. Rank r of W takes the contiguous slice
+[r*B/W, (r+1)*B/W) of the global batch: together the ranks see exactly the rows one process would see,
+and a resumed run needs only the step number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.shards import TokenShards
+
+
+class ShardBatches:
+    """batch(step) -> (tokens, doc_ids), each (batch_size // world, row_len) int64, for this rank."""
+
+    def __init__(self, shards: TokenShards | str | Path, batch_size: int, seed: int = 0, rank: int = 0,
+                 world: int = 1):
+        self.shards = shards if isinstance(shards, TokenShards) else TokenShards(shards)
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the number of processes {world}")
+        if len(self.shards) == 0:
+            raise ValueError(f"{self.shards.path}: the shard set holds no rows")
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.local_batch = batch_size // world
+        self.seq_len, self.row_len = self.shards.seq_len, self.shards.row_len
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.shards), generator=g), epoch
+        return self._perm
+
+    def global_indices(self, step: int) -> list[int]:
+        """Global sample indices of this rank's rows at `step` (used to decide per-row treatment, e.g. mixes)."""
+        first = step * self.batch_size + self.rank * self.local_batch
+        return list(range(first, first + self.local_batch))
+
+    def row_ids(self, step: int) -> list[int]:
+        """Shard row numbers of this rank's rows at `step`."""
+        n = len(self.shards)
+        return [int(self._permutation(i // n)[i % n]) for i in self.global_indices(step)]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, doc_ids) of this rank's rows at `step`; doc_ids is -1 at padding."""
+        return self.shards.rows(self.row_ids(step))
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Document tokens in one pass over the shards (padding excluded)."""
+        return self.shards.num_tokens
+
+
+def target_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool for rows of seq + 1 doc ids: True where position t's next token is a training target.
+
+    A target must be a document token (never padding), predicted from a document token.
+    """
+    return (doc_ids[:, :-1] >= 0) & (doc_ids[:, 1:] >= 0)

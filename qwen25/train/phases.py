@@ -1,0 +1,119 @@
+"""Long-context training as configuration: phases that change sequence length and RoPE base, and the
+progressive long/short mix of Qwen2.5-Turbo.
+
+The report pre-trains at 4,096 tokens, then continues at 32,768 with the RoPE base raised from 10,000 to
+1,000,000 (ABF). Turbo grows the context in stages (32K -> 64K -> 128K -> 256K, base 10,000,000) and at every
+stage trains on 40% sequences at the stage's maximum length and 60% shorter ones. A config with `phases:`
+runs each phase as one training run in out_dir/<phase name>/, starting from the previous phase's final
+weights under the new rope_theta / seq_len (the optimizer and schedule start afresh):
+
+    out_dir: runs/pretrain
+    model: tiny
+    lr: 3.0e-3
+    phases:
+      - {name: short, seq_len: 4096, rope_theta: 10000, steps: 1000, data: shards/4k}
+      - {name: long, seq_len: 32768, rope_theta: 1000000, steps: 200, data: shards/32k,
+         long_fraction: 0.4, short_lengths: [4096, 16384]}
+
+A finished phase (out_dir/<name>/final exists) is skipped, and an unfinished one resumes from its latest
+checkpoint, so the whole sequence restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from .loop import TrainConfig, model_config, train
+
+def is_long_row(index: int, long_fraction: Fraction) -> bool:
+    """Whether global sample `index` is a full-length row: exactly floor(f * n) of the first n samples are."""
+    num, den = long_fraction.numerator, long_fraction.denominator
+    return (num * (index + 1)) // den - (num * index) // den == 1
+
+
+def split_documents(doc_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Doc ids of one row cut into independent sequences of at most `length` tokens (padding stays -1).
+
+    Under the document mask each piece is its own sequence (positions restart, no attention across), so a
+    row of seq_len + 1 tokens becomes seq_len / length short sequences with exactly the targets they would
+    have as rows of their own.
+    """
+    position = torch.arange(doc_ids.numel())
+    piece = position // length
+    renumbered = doc_ids + piece * (int(doc_ids.max()) + 1)
+    return torch.where(doc_ids >= 0, renumbered, doc_ids)
+
+
+class ProgressiveMix:
+    """Wraps ShardBatches: a `long_fraction` share of rows keep the full length, the others are cut shorter.
+
+    Which rows are long depends only on their global sample index, so the share is exact over any run prefix
+    (to within one row), equal for every process layout, and a resumed run sees the same mix.
+    """
+
+    def __init__(self, data, long_fraction: float, short_lengths: list[int]):
+        if not 0.0 <= long_fraction <= 1.0:
+            raise ValueError(f"long_fraction must lie in [0, 1], got {long_fraction}")
+        bad = [n for n in short_lengths if not 0 < n < data.seq_len]
+        if bad or not short_lengths:
+            raise ValueError(f"short_lengths must be shorter than seq_len {data.seq_len} and positive, "
+                             f"got {short_lengths}")
+        self.data, self.short_lengths = data, list(short_lengths)
+        self.long_fraction = Fraction(long_fraction).limit_denominator(1000)
+        self.seq_len, self.batch_size = data.seq_len, data.batch_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (tokens, doc_ids) at `step`, shorter rows cut into independent pieces."""
+        tokens, docs = self.data.batch(step)
+        docs = docs.clone()
+        shorts = 0
+        for row, index in enumerate(self.data.global_indices(step)):
+            if not is_long_row(index, self.long_fraction):
+                docs[row] = split_documents(docs[row], self.short_lengths[(index + shorts) % len(self.short_lengths)])
+                shorts += 1
+        return tokens, docs
+
+
+def phase_configs(raw: dict) -> list[TrainConfig]:
+    """One TrainConfig per phase: shared keys, then the phase's keys; phase k > 0 starts from phase k-1's final."""
+    common = {k: v for k, v in raw.items() if k != "phases"}
+    if "out_dir" not in common:
+        raise ValueError("a phased config needs out_dir (each phase writes out_dir/<phase name>/)")
+    configs, previous = [], None
+    for i, phase in enumerate(raw["phases"]):
+        phase = dict(phase)
+        name = phase.pop("name", f"phase{i + 1}")
+        merged = {**common, **phase, "out_dir": str(Path(common["out_dir"]) / name)}
+        overrides = dict(merged.pop("model_overrides", {}) or {})
+        if "rope_theta" in merged:
+            overrides["rope_theta"] = float(merged.pop("rope_theta"))
+        if previous is not None:  # continue from the previous phase's weights and architecture
+            final = str(Path(previous.out_dir) / "final")
+            merged["model"], merged["init_from"] = final, final
+        cfg = TrainConfig.from_dict({**merged, "model_overrides": overrides})
+        if cfg.seq_len > model_config(cfg).max_position_embeddings:  # room for the phase's positions
+            cfg = TrainConfig.from_dict({**merged, "model_overrides": {**overrides,
+                                                                       "max_position_embeddings": cfg.seq_len}})
+        configs.append(cfg)
+        previous = cfg
+    return configs
+
+
+def run_phases(raw: dict, progress: bool = True) -> list[dict]:
+    """Train every phase in order (skipping finished ones); returns each phase's final metrics."""
+    results = []
+    for cfg in phase_configs(raw):
+        if (Path(cfg.out_dir) / "final" / "config.json").is_file():
+            print(f"phase {Path(cfg.out_dir).name}: already finished, skipped")
+            results.append({})
+            continue
+        mcfg = model_config(cfg)
+        print(f"phase {Path(cfg.out_dir).name}: seq_len {cfg.seq_len}, rope_theta {mcfg.rope_theta:g}, "
+              f"steps {cfg.steps}, from {cfg.init_from or 'random init'}")
+        results.append(train(cfg, progress=progress))
+        if not (Path(cfg.out_dir) / "final").is_dir():  # stopped early (stop_at): later phases wait
+            break
+    return results

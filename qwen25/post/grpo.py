@@ -173,7 +173,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
                    "frac_zero_std": float((std.view(-1, cfg.group_size)[:, 0] < 1e-8).float().mean()),
                    "completion_length": float(mask.sum(-1).mean()), "tokens": int(batch.lengths.sum())}
         if kl is not None:
-            metrics["kl"] = float((kl * mask).sum() / n_tokens)
+            metrics["kl"] = float((kl.detach() * mask).sum() / n_tokens)
         return metrics
 
     return run_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress,

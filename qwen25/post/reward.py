@@ -64,8 +64,10 @@ def save_reward_model(rm: RewardModel, directory: str | Path) -> Path:
 def load_reward_model(directory: str | Path) -> RewardModel:
     """A reward model saved by save_reward_model (or by transformers as Qwen2ForSequenceClassification)."""
     directory = Path(directory)
-    cfg = ModelConfig.from_json(directory)
-    rm = RewardModel(CausalLM(cfg))
+    raw = json.loads((directory / "config.json").read_text())
+    for key in ("num_labels", "id2label", "label2id"):  # the classification head's, not the decoder's
+        raw.pop(key, None)
+    rm = RewardModel(CausalLM(ModelConfig.from_hf_dict(raw, source=str(directory / "config.json"))))
     tensors = {("lm." + k if k.startswith("model.") else k): v.float()
                for k, v in load_file(directory / "model.safetensors").items()}
     missing, unexpected = rm.load_state_dict(tensors, strict=False)

@@ -1,4 +1,6 @@
-"""`qwen25 eval ...`: evaluation sub-commands (passkey retrieval)."""
+"""`qwen25 eval TASK --model DIR`: run a task (built-in name or spec file) and write JSON / Markdown / PNG reports.
+
+`qwen25 eval passkey` keeps its own options (grid of lengths and depths, heat map)."""
 
 from __future__ import annotations
 
@@ -60,13 +62,81 @@ def cmd_eval_passkey(args) -> int:
     return 0
 
 
-def add_eval_command(subparsers) -> None:
-    """Register `qwen25 eval` and its tasks on the main parser's sub-command set."""
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint on a task (passkey)",
-                              description="Evaluation tasks on a checkpoint directory.")
-    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    t = tasks.add_parser(
-        "passkey", help="passkey retrieval over a grid of lengths and depths",
+def cmd_eval_task(args) -> int:
+    """Run one task on a checkpoint and print the Markdown table; --out writes results.json/.md/.png."""
+    import torch
+
+    from .harness import ModelLM, reward_model_scorer, run_task
+    from .report import markdown_table, write_report
+    from .task import load_task
+
+    task = load_task(args.task)
+    if args.limit:
+        task.spec.limit = args.limit
+    if args.max_new_tokens:
+        task.spec.generation = {**task.spec.generation, "max_new_tokens": args.max_new_tokens}
+    if args.timeout:
+        task.spec.timeout = args.timeout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm, scorer = None, None
+    if task.kind == "preference":
+        from ..post.reward import load_reward_model
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
+        scorer = reward_model_scorer(load_reward_model(args.model), tokenizer)
+    else:
+        lm = ModelLM.from_dir(args.model, dtype=args.dtype, batch_size=args.batch_size)
+    result = run_task(task, lm, progress=not args.quiet, samples=args.samples, temperature=args.temperature,
+                      seed=args.seed, workers=args.workers, scorer=scorer)
+    result.model = str(args.model)
+    print(markdown_table([result]))
+    if args.out:
+        paths = write_report([result], args.out, title=f"{task.name}: {Path(args.model).name}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _task_parser() -> argparse.ArgumentParser:
+    from .task import builtin_tasks
+
+    p = argparse.ArgumentParser(
+        prog="qwen25 eval TASK", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=f"Run a task on a checkpoint. TASK is a built-in name ({', '.join(builtin_tasks())}) or a "
+                    "task spec file (.json/.yaml: kind, data jsonl, fields, template; see docs/evals.md).")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (with tokenizer files), or a "
+                   "reward-model directory for preference tasks")
+    p.add_argument("--out", type=Path, help="directory for results.json, results.md and results.png")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt (code: pass@k for k <= N)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy; with "
+                   "--samples > 1 and 0 here, 0.8 is used)")
+    p.add_argument("--max-new-tokens", type=int, help="override the task's generation length")
+    p.add_argument("--timeout", type=float, help="override the task's per-check time limit (seconds)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=4, help="parallel sandbox checks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval_task)
+    return p
+
+
+def cmd_eval(args) -> int:
+    """Dispatch `qwen25 eval TASK ...` to the passkey sub-command or the generic task runner."""
+    if args.task == "passkey":
+        parsed = _passkey_parser().parse_args(args.rest)
+    else:
+        parsed = _task_parser().parse_args(args.rest)
+        parsed.task = args.task
+    return parsed.func(parsed)
+
+
+def _passkey_parser() -> argparse.ArgumentParser:
+    t = argparse.ArgumentParser(
+        prog="qwen25 eval passkey",
         description="Hide 'The pass key is K' at each depth of filler text of each length (tokens) and check "
                     "that greedy decoding answers K. Prints an accuracy table; with --out also writes the "
                     "results (passkey.jsonl), the table (passkey.md) and a heat map (passkey.png).",
@@ -84,3 +154,16 @@ def add_eval_command(subparsers) -> None:
                         "\"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 32768}' or "
                         "dual_chunk_attention_config={...} (repeatable; JSON values)")
     t.set_defaults(func=cmd_eval_passkey)
+    return t
+
+
+def add_eval_command(subparsers) -> None:
+    """Register `qwen25 eval TASK ...` on the main parser's sub-command set."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on a task (built-in name or spec file)",
+        description="qwen25 eval TASK --model DIR [options]: TASK is a built-in task (humaneval, passkey) or a "
+                    "task spec file. `qwen25 eval TASK --help` lists the options. `qwen25 eval passkey` with grid "
+                    "options runs the passkey heat map.", add_help=True)
+    p.add_argument("task", metavar="TASK", help="built-in task name or spec file")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the task (see qwen25 eval TASK --help)")
+    p.set_defaults(func=cmd_eval)

@@ -370,3 +370,29 @@ def test_bf16_block_matches_fp32_where_routing_agrees():
     same = (picked == picked_ref).all(-1)
     assert same.float().mean() > 0.9  # a near-tie may flip in bf16; those tokens legitimately differ
     assert (got - ref)[same].abs().max() < 0.02 * ref.abs().max()
+
+
+def test_greedy_generation_matches_transformers(hf_checkpoints):
+    from qwen25.generation import SamplingParams, generate
+
+    hf, path = hf_checkpoints["e8-k2-norm"]
+    ours = load_model(path, dtype="fp32")
+    prompts = [[5, 17, 33, 2, 90, 41, 7], [250, 3, 77]]  # different lengths: left padding, masked
+    got = generate(ours, prompts, SamplingParams(max_new_tokens=8))
+    for prompt, tokens in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()
+
+
+def test_cli_info_shows_total_and_activated_parameters(capsys):
+    from qwen25.cli import main
+
+    assert main(["info", "--preset", "qwen1.5-moe-a2.7b", "--flops", "1e12"]) == 0
+    out = capsys.readouterr().out
+    assert "14.32B" in out and "activated: 2,689,173,504 (2.69B) per token: top-4 of 60 experts" in out
+    assert main(["info", "--preset", "tiny-moe", "--flops", "1e12", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = ModelConfig.from_preset("tiny-moe")
+    assert info["parameters_activated"] == param_count(cfg, activated=True) < info["parameters"]

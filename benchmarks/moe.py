@@ -1,0 +1,110 @@
+"""Mixture-of-experts forward speed: qwen25 vs transformers' Qwen2MoeForCausalLM, same weights, same process.
+
+    python benchmarks/moe.py [--preset mini-moe] [--batch 8] [--seq 256] [--threads 2] [--dtype fp32]
+                             [--repeat 3] [--hf-experts default,eager]
+
+Random weights (saved by us, loaded by transformers, logits checked equal first), one full forward over
+batch x seq tokens without a cache, best of --repeat after a warm-up. transformers runs with its default
+experts implementation (grouped_mm in v5) and, with --hf-experts, the others named there. Prints tokens/s
+for both, the ratio, the share of time spent in the MoE blocks (ours), and a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_line, timed  # noqa: E402
+
+from qwen25.config import ModelConfig, param_count  # noqa: E402
+from qwen25.model import CausalLM, save_model  # noqa: E402
+from qwen25.model.moe import sparse_blocks  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def moe_share(model, ids) -> float:
+    """Share of one forward's time spent inside the sparse blocks (forward hooks around each block)."""
+    spent = []
+
+    def before(module, args):
+        module._t = time.perf_counter()
+
+    def after(module, args, out):
+        spent.append(time.perf_counter() - module._t)
+
+    hooks = [h for b in sparse_blocks(model) for h in (b.register_forward_pre_hook(before),
+                                                       b.register_forward_hook(after))]
+    with torch.inference_mode():
+        total = timed(lambda: model(ids))
+    for h in hooks:
+        h.remove()
+    return sum(spent) / total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mini-moe")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hf-experts", default="default",
+                    help="comma list of transformers experts implementations: default, eager, grouped_mm, batched_mm")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from transformers import Qwen2MoeForCausalLM
+
+    cfg = ModelConfig.from_preset(args.preset)
+    dtype = _DTYPES[args.dtype]
+    ours = CausalLM(cfg)
+    ours.init_weights(seed=0)
+    ours = ours.to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+    print(f"preset {args.preset}: {param_count(cfg) / 1e6:.1f}M parameters ({param_count(cfg, activated=True) / 1e6:.1f}M "
+          f"activated), {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {args.dtype}, "
+          f"{args.batch} x {args.seq} tokens, {args.threads} threads")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(ours, tmp)
+        peers = {}
+        for impl in args.hf_experts.split(","):
+            kwargs = {} if impl == "default" else {"experts_implementation": impl}
+            hf = Qwen2MoeForCausalLM.from_pretrained(tmp, dtype=dtype, **kwargs).eval()
+            peers[f"transformers ({hf.config._experts_implementation})"] = hf
+
+    with torch.inference_mode():
+        ref = ours(ids[:1, :64]).float()
+        for name, hf in peers.items():
+            diff = (hf(ids[:1, :64]).logits.float() - ref).abs().max().item()
+            print(f"max |logits difference| vs {name}: {diff:.2e}")
+        results = {}
+        for name, fn in [("qwen25", lambda: ours(ids))] + [(n, lambda m=m: m(ids).logits) for n, m in peers.items()]:
+            fn()  # warm-up
+            seconds = timed(fn, repeat=args.repeat)
+            results[name] = tokens / seconds
+            print(f"{name:<32} {tokens / seconds:10.1f} tokens/s  ({seconds * 1e3:.0f} ms per forward)")
+    share = moe_share(ours, ids)
+    print(f"qwen25 spends {share:.0%} of the forward in the MoE blocks")
+    peer_rates = {n: r for n, r in results.items() if n != "qwen25"}
+    for name, rate in peer_rates.items():
+        print(f"ratio qwen25 / {name}: {results['qwen25'] / rate:.2f}x")
+    first = next(iter(peer_rates))
+    print(result_line("moe_forward", preset=args.preset, dtype=args.dtype, batch=args.batch, seq=args.seq,
+                      threads=args.threads, qwen25_tokens_per_s=round(results["qwen25"], 1),
+                      transformers_tokens_per_s={n: round(r, 1) for n, r in peer_rates.items()},
+                      ratio=round(results["qwen25"] / peer_rates[first], 3), moe_share=round(share, 3)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ checkpoint, so the whole sequence restarts where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 from pathlib import Path
 
@@ -93,13 +94,16 @@ def phase_configs(raw: dict) -> list[TrainConfig]:
         if previous is not None:  # continue from the previous phase's weights and architecture
             final = str(Path(previous.out_dir) / "final")
             merged["model"], merged["init_from"] = final, final
-        cfg = TrainConfig.from_dict({**merged, "model_overrides": overrides})
-        if cfg.seq_len > model_config(cfg).max_position_embeddings:  # room for the phase's positions
-            cfg = TrainConfig.from_dict({**merged, "model_overrides": {**overrides,
-                                                                       "max_position_embeddings": cfg.seq_len}})
-        configs.append(cfg)
-        previous = cfg
+        previous = TrainConfig.from_dict({**merged, "model_overrides": overrides})
+        configs.append(previous)
     return configs
+
+
+def with_room_for_positions(cfg: TrainConfig) -> TrainConfig:
+    """Raise max_position_embeddings to the phase's seq_len when the architecture it starts from is shorter."""
+    if cfg.seq_len <= model_config(cfg).max_position_embeddings:
+        return cfg
+    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "max_position_embeddings": cfg.seq_len})
 
 
 def run_phases(raw: dict, progress: bool = True) -> list[dict]:
@@ -110,6 +114,7 @@ def run_phases(raw: dict, progress: bool = True) -> list[dict]:
             print(f"phase {Path(cfg.out_dir).name}: already finished, skipped")
             results.append({})
             continue
+        cfg = with_room_for_positions(cfg)  # needs the previous phase's final config.json: resolved now
         mcfg = model_config(cfg)
         print(f"phase {Path(cfg.out_dir).name}: seq_len {cfg.seq_len}, rope_theta {mcfg.rope_theta:g}, "
               f"steps {cfg.steps}, from {cfg.init_from or 'random init'}")

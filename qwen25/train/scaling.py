@@ -53,13 +53,13 @@ def grid_optimum(values, losses) -> float:
     """The loss-minimising value along one axis: vertex of a parabola in log(value) through the best
     grid point and its neighbours, or the best grid point itself when it sits at the edge of the grid."""
     order = np.argsort(values)
-    x, y = np.log(np.asarray(values, dtype=np.float64)[order]), np.asarray(losses, dtype=np.float64)[order]
-    best = int(np.argmin(y))
+    v, y = np.asarray(values, dtype=np.float64)[order], np.asarray(losses, dtype=np.float64)[order]
+    x, best = np.log(v), int(np.argmin(y))
     if best == 0 or best == len(x) - 1:
-        return float(np.exp(x[best]))
+        return float(v[best])
     a, b, _ = np.polyfit(x[best - 1:best + 2], y[best - 1:best + 2], 2)
     if a <= 0:  # not convex: no interior minimum to trust
-        return float(np.exp(x[best]))
+        return float(v[best])
     return float(np.exp(np.clip(-b / (2 * a), x[best - 1], x[best + 1])))
 
 

@@ -214,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import add_data_command
     from .evals.cli import add_eval_command
+    from .post.cli import add_post_commands
     from .tokenizer.cli import add_tokenize_command
     from .train.cli import add_train_commands
 
     add_tokenize_command(sub)
     add_eval_command(sub)
+    add_post_commands(sub)
     add_data_command(sub)
     add_train_commands(sub)
     return parser

@@ -23,7 +23,7 @@ import torch
 
 from ..generation import SamplingParams
 from ..serve.engine import Engine
-from .logprobs import encode_prompt, model_token_logprobs, prompt_completion_batch
+from .logprobs import encode_prompt, model_token_logprobs, prompt_completion_batch, strip_eos
 from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_steps
 
 
@@ -49,6 +49,8 @@ class GRPOConfig(StageConfig):
     reward_eps: float = 1e-4
     prioritise: bool = True  # queries with higher reward variance first (the report)
     pad_id: int = 0
+    chat: bool = True  # text prompts are user turns (False: encoded as they are, for base-model tasks)
+    reward: dict = field(default_factory=dict)  # CLI only: which reward function (see post/cli.py)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
@@ -130,7 +132,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_causal_lm(cfg.model, cfg.seed)
     ref_model = frozen_copy(model) if cfg.beta != 0.0 else None
-    prompts = [encode_prompt(e, tokenizer) for e in examples]
+    prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
     optimizer = adamw(model, cfg)
     variances: dict[int, float] = {}  # query -> reward variance of its last group (prioritisation)
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.queries_per_step))
@@ -147,7 +149,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         flat_examples = [examples[q] for q in queries for _ in range(cfg.group_size)]
         if tokenizer is not None:
             rewards = reward_fn([tokenizer.decode(p) for p in flat_prompts],
-                                [tokenizer.decode(c) for c in completions], flat_examples)
+                                [tokenizer.decode(strip_eos(c, cfg.eos_ids)) for c in completions], flat_examples)
         else:
             rewards = reward_fn(flat_prompts, completions, flat_examples)
         rewards = torch.tensor([float(r) for r in rewards])

@@ -71,16 +71,29 @@ def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
     return model_token_logprobs(model, batch).sum(-1)
 
 
+def strip_eos(ids: list[int], eos_ids) -> list[int]:
+    """A completion without its final end-of-turn token (what a verifier should read)."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
 def _messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def encode_prompt(example: dict, tokenizer=None) -> list[int]:
-    """The prompt's token ids ending with the assistant header: "prompt_ids", or chat "prompt" (messages or text)."""
+def is_chat_prompt(example: dict, chat: bool = True) -> bool:
+    """Whether the example's prompt is rendered as a chat: messages always, a string when `chat` (a user turn)."""
+    return "prompt_ids" not in example and (not isinstance(example.get("prompt"), str) or chat)
+
+
+def encode_prompt(example: dict, tokenizer=None, chat: bool = True) -> list[int]:
+    """The prompt's token ids: "prompt_ids"; chat "prompt" (messages, or text as a user turn) ending with the
+    assistant header; or, with chat=False, a text prompt encoded as it is (base-model tasks, few-shot text)."""
     if "prompt_ids" in example:
         return list(example["prompt_ids"])
     if tokenizer is None:
-        raise ValueError("chat prompts need a tokenizer (or give prompt_ids)")
+        raise ValueError("text prompts need a tokenizer (or give prompt_ids)")
+    if not is_chat_prompt(example, chat):
+        return tokenizer.encode(example["prompt"])
     from ..tokenizer.chat import encode_chat
 
     return encode_chat(tokenizer, _messages(example["prompt"]), example.get("tools"), add_generation_prompt=True).ids

@@ -1,0 +1,126 @@
+"""Rejection sampling (the report's SFT data for math and code, and the DPO pairs): sample k responses per prompt,
+keep those a verifier accepts, write the kept ones as SFT data and accepted/rejected pairs as DPO data.
+
+The verifier is any reward function `reward_fn(prompts, completions, examples) -> list[float]` (a math answer
+check, code unit tests in a sandbox, a Task's reward, or a reward model with a threshold); a response is accepted
+when its reward >= `threshold`. Chat prompts ({"prompt": messages or text}) are rendered with the chat format and
+responses decoded to text (reward_fn gets text); token prompts ({"prompt_ids": [...]}) stay token ids.
+Outputs in out_dir: sft.jsonl (train_sft's format), dpo.jsonl (train_dpo's), stats.json (acceptance rates).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..generation import SamplingParams
+from ..serve.engine import Engine
+from .logprobs import _messages, encode_prompt, is_chat_prompt, strip_eos
+from .runner import write_jsonl
+
+
+@dataclass
+class RejectionConfig:
+    """Sampling and acceptance settings (Qwen2.5-Instruct's sampling defaults: 0.7 / top-p 0.8 / top-k 20)."""
+
+    out_dir: str = "runs/rejection"
+    model: str = ""
+    data: str = ""  # jsonl of prompts (+ whatever the verifier needs, e.g. "answer")
+    tokenizer: str = ""
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    eos_ids: list[int] = field(default_factory=list)
+    vocab_limit: int | None = None
+    threshold: float = 1.0  # accept when reward >= threshold (1.0: a binary verifier said "correct")
+    max_kept_per_prompt: int = 4  # distinct accepted responses kept for SFT
+    pairs_per_prompt: int = 1  # (best accepted, worst rejected) pairs written for DPO
+    max_batch: int = 32
+    seed: int = 0
+    chat: bool = True  # text prompts are user turns (False: encoded as they are, for base-model tasks)
+    reward: dict = field(default_factory=dict)  # CLI only: which reward function (see post/cli.py)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RejectionConfig:
+        names = set(cls.__dataclass_fields__)
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"unknown RejectionConfig option(s): {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+
+def sample(model, prompts: list[list[int]], cfg: RejectionConfig) -> list[list[int]]:
+    """samples_per_prompt completions of each prompt (prompt by prompt), each seeded by (seed, index)."""
+    k = cfg.samples_per_prompt
+    flat = [p for p in prompts for _ in range(k)]
+    engine = Engine(model, max_batch=min(cfg.max_batch, len(flat)), vocab_limit=cfg.vocab_limit,
+                    max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1)
+    params = [SamplingParams(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
+                             seed=cfg.seed * 1_000_003 + i) for i in range(len(flat))]
+    model.eval()
+    return engine.generate(flat, params)
+
+
+def rejection_sample(model, examples: list[dict], reward_fn, cfg: RejectionConfig, tokenizer=None) -> dict:
+    """Sample, verify, and write sft.jsonl / dpo.jsonl / stats.json to cfg.out_dir; returns the stats."""
+    prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
+    completions = sample(model, prompts, cfg)
+    k = cfg.samples_per_prompt
+    text = tokenizer is not None  # reward_fn sees text (prompt as the model saw it, reply without its eos)
+    flat_examples = [e for e in examples for _ in range(k)]
+    texts = [tokenizer.decode(strip_eos(c, cfg.eos_ids)) for c in completions] if text else None
+    if text:
+        rewards = reward_fn([tokenizer.decode(p) for p in prompts for _ in range(k)], texts, flat_examples)
+    else:
+        rewards = reward_fn([p for p in prompts for _ in range(k)], completions, flat_examples)
+    rewards = [float(r) for r in rewards]
+    sft_rows, dpo_rows, accepted_total, solved = [], [], 0, 0
+    for i, example in enumerate(examples):
+        chat = text and is_chat_prompt(example, cfg.chat)
+        group = range(i * k, (i + 1) * k)
+        accepted = sorted((j for j in group if rewards[j] >= cfg.threshold), key=lambda j: -rewards[j])
+        rejected = sorted((j for j in group if rewards[j] < cfg.threshold), key=lambda j: rewards[j])
+        accepted_total += len(accepted)
+        solved += bool(accepted)
+        seen, distinct = set(), []  # the best-rewarded copy of each distinct accepted response
+        for j in accepted:
+            if tuple(completions[j]) not in seen:
+                seen.add(tuple(completions[j]))
+                distinct.append(j)
+        for j in distinct[:cfg.max_kept_per_prompt]:
+            if chat:
+                reply = {"role": "assistant", "content": texts[j]}
+                sft_rows.append({"messages": _messages(example["prompt"]) + [reply], "reward": rewards[j]})
+            else:
+                sft_rows.append({"input_ids": prompts[i] + completions[j], "reward": rewards[j],
+                                 "assistant_mask": [0] * len(prompts[i]) + [1] * len(completions[j])})
+        for good, bad in list(zip(accepted, rejected))[:cfg.pairs_per_prompt]:
+            scores = {"chosen_reward": rewards[good], "rejected_reward": rewards[bad]}
+            if chat:
+                dpo_rows.append({"prompt": example["prompt"], "chosen": texts[good], "rejected": texts[bad], **scores})
+            else:
+                dpo_rows.append({"prompt_ids": prompts[i], "chosen_ids": completions[good],
+                                 "rejected_ids": completions[bad], **scores})
+    out = Path(cfg.out_dir)
+    write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "dpo.jsonl", dpo_rows)
+    stats = {"prompts": len(examples), "samples": len(completions), "accepted": accepted_total,
+             "acceptance_rate": accepted_total / max(1, len(completions)),
+             "prompts_solved": solved, "sft_examples": len(sft_rows), "dpo_pairs": len(dpo_rows),
+             "mean_reward": sum(rewards) / max(1, len(rewards)),
+             "mean_completion_tokens": sum(map(len, completions)) / max(1, len(completions))}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def task_reward_fn(task):
+    """Adapt an evaluation Task (anything with reward(example, completion) -> float) to the reward-function
+    interface, so a benchmark and its reward cannot drift apart."""
+    def f(prompts, completions, examples) -> list[float]:
+        return [float(task.reward(example, completion)) for example, completion in zip(examples, completions)]
+    return f
+

@@ -4,8 +4,8 @@
    score 0-5 on several dimensions (RATING_PROMPT). `FieldRater` reads ratings already stored in the documents'
    metadata instead (pre-rated data, or tests). The sample is chosen by a hash of the id, so it does not depend
    on the number of workers.
-2. Train: `QualityClassifier` is logistic regression on hashed word 1-2-gram features (log counts, L2-normalised,
-   2^18 buckets) fitted to the mean rating / 5 as a soft label; a few milliseconds per document, no GPU.
+2. Train: `QualityClassifier`, logistic regression (numpy) on hashed word 1-2-gram features (log counts,
+   L2-normalised, 2^18 buckets) fitted to the mean rating / 5 as a soft label; milliseconds per document, no GPU.
 3. Filter: `QualityFilter` scores every document (metadata quality_score) and keeps it above a threshold.
 Each part works alone: rate without training, or filter with a classifier trained elsewhere.
 """
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -169,6 +168,20 @@ def hashed_features(text: str, dim: int = 1 << 18) -> tuple[np.ndarray, np.ndarr
     return idx, val / np.linalg.norm(val)
 
 
+def bce_gradient(w: np.ndarray, b: float, feats: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray,
+                 l2: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Gradient of mean BCE(sigmoid(<w, x> + b), y) + l2/2 * |w_touched|^2 over a batch of sparse feature bags:
+    (touched feature indices, their gradient, bias gradient)."""
+    idx = np.concatenate([f[0] for f in feats])
+    val = np.concatenate([f[1] for f in feats]).astype(np.float64)
+    owner = np.repeat(np.arange(len(feats)), [len(f[0]) for f in feats])
+    logits = np.bincount(owner, weights=w[idx] * val, minlength=len(feats)) + b
+    err = (1.0 / (1.0 + np.exp(-logits)) - y) / len(feats)  # d(mean BCE)/d(logit)
+    touched, inverse = np.unique(idx, return_inverse=True)
+    grad = np.bincount(inverse, weights=err[owner] * val, minlength=len(touched)) + l2 * w[touched]
+    return touched, grad, float(err.sum())
+
+
 class QualityClassifier:
     """Logistic regression on hashed_features; score() gives a quality in (0, 1)."""
 
@@ -178,30 +191,26 @@ class QualityClassifier:
         self.bias = 0.0
 
     def fit(self, texts: Sequence[str], targets: Sequence[float], epochs: int = 30, lr: float = 0.5,
-            l2: float = 1e-6, batch_size: int = 64, seed: int = 0) -> QualityClassifier:
-        """Fit to soft labels in [0, 1] with binary cross-entropy (Adagrad over sparse bags of features)."""
+            l2: float = 1e-6, batch_size: int = 32, seed: int = 0) -> QualityClassifier:
+        """Fit to soft labels in [0, 1] by binary cross-entropy: mini-batch Adagrad with sparse updates (only the
+        features a batch touches change, so a step costs its documents' features, not the 2^18 weights)."""
         if len(texts) != len(targets) or not texts:
             raise ValueError(f"fit needs as many targets as texts (and some), got {len(texts)} and {len(targets)}")
         feats = [hashed_features(t, self.dim) for t in texts]
-        y = torch.tensor(targets, dtype=torch.float32)
-        bag = torch.nn.EmbeddingBag(self.dim, 1, mode="sum")
-        torch.nn.init.zeros_(bag.weight)
-        bias = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.Adagrad([bag.weight, bias], lr=lr)
-        gen = torch.Generator().manual_seed(seed)
+        y = np.asarray(targets, dtype=np.float64)
+        w, b = np.zeros(self.dim, dtype=np.float64), 0.0
+        g2, b2 = np.full(self.dim, 1e-8), 1e-8
+        rng = np.random.default_rng(seed)
         for _ in range(epochs):
-            for b in torch.randperm(len(feats), generator=gen).split(batch_size):
-                idx = [torch.from_numpy(feats[i][0]) for i in b.tolist()]
-                val = [torch.from_numpy(feats[i][1]) for i in b.tolist()]
-                offsets = torch.tensor([0] + [len(x) for x in idx[:-1]]).cumsum(0)
-                logits = bag(torch.cat(idx), offsets, per_sample_weights=torch.cat(val))[:, 0] + bias
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[b])
-                loss = loss + l2 * bag.weight.square().sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.weight = bag.weight.detach()[:, 0].numpy().copy()
-        self.bias = float(bias.detach())
+            order = rng.permutation(len(feats))
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                touched, grad, gb = bce_gradient(w, b, [feats[i] for i in batch], y[batch], l2)
+                g2[touched] += grad ** 2
+                w[touched] -= lr * grad / np.sqrt(g2[touched])
+                b2 += gb ** 2
+                b -= lr * gb / np.sqrt(b2)
+        self.weight, self.bias = w.astype(np.float32), float(b)
         return self
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
@@ -216,7 +225,7 @@ class QualityClassifier:
         """Write the weights to an .npz file (atomically)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, weight=self.weight, bias=np.float32(self.bias), dim=np.int64(self.dim))
+        np.savez_compressed(tmp, weight=self.weight, bias=np.float64(self.bias), dim=np.int64(self.dim))
         os.replace(tmp, path)
         return path
 

@@ -1,0 +1,184 @@
+"""The whole data pipeline end to end on a small corpus built from the Python standard library's source."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen25.data.decontam import humaneval_path
+from qwen25.data.pack import read_document_map
+from qwen25.data.pipeline import DataPipeline, PipelineError, load_config, quiet_datatrove_logs
+from qwen25.data.shards import TokenShards
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SPAM = ("BUY NOW cheap deal click here free shipping best price order today limited offer " * 3).split()
+
+
+def small_tokenizer(folder: Path) -> Path:
+    """A 400-token BBPE vocabulary trained on a few stdlib files (with Qwen's control tokens)."""
+    from qwen25.tokenizer import train_tokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        texts = [p.read_text(encoding="utf-8") for p in sorted((STDLIB / "json").glob("*.py"))]
+        train_tokenizer(texts, vocab_size=400, out_dir=folder)
+    return folder
+
+
+def stdlib_docs(limit: int = 30, max_chars: int = 3000) -> list[str]:
+    """Source files of the standard library (cut to max_chars so the test stays fast)."""
+    paths = sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))
+    return [p.read_text(encoding="utf-8")[:max_chars] for p in paths[:limit]]
+
+
+def build_corpus(folder: Path, seed: int = 0) -> dict:
+    """Jsonl input: stdlib code (rating 4), spam (rating 0), a near-duplicate and a HumanEval-contaminated doc."""
+    rng = random.Random(seed)
+    code = stdlib_docs()
+    docs = [{"id": f"code-{i}", "text": t, "rating": 4} for i, t in enumerate(code)]
+    for i in range(8):
+        words = [rng.choice(SPAM) for _ in range(300)]
+        docs.append({"id": f"spam-{i}", "text": " ".join(words), "rating": 0})
+    dup = code[3].replace("def ", "def  ", 2)  # a near-duplicate of code-3
+    docs.append({"id": "dup-of-code-3", "text": dup, "rating": 4})
+    with gzip.open(humaneval_path(), "rt") as f:
+        problem = json.loads(f.readline())
+    leaked = code[5][:1500] + "\n" + problem["prompt"] + problem["canonical_solution"] + "\n" + code[6][:1500]
+    with gzip.open(humaneval_path(), "rt") as f, open(folder.parent / "humaneval-20.jsonl", "w") as out:
+        out.writelines(f.readline() for _ in range(20))  # a 20-problem slice of HumanEval keeps the test fast
+    docs.append({"id": "leaked-humaneval-0", "text": leaked, "rating": 4})
+    rng.shuffle(docs)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in range(4):
+        with open(folder / f"part-{part}.jsonl", "w") as f:
+            for d in docs[part::4]:
+                f.write(json.dumps(d) + "\n")
+        if part == 0:
+            with open(folder / f"part-{part}.jsonl", "a") as f:
+                f.write("{not json\n")  # a corrupt line: reported and skipped
+    return {d["id"]: d for d in docs}
+
+
+def write_config(tmp: Path, tasks: int = 2, **changes) -> Path:
+    config = {
+        "output": "out",
+        "tokenizer": str(small_tokenizer(tmp.parent / "tokenizer")),
+        "input": {"kind": "jsonl", "path": "corpus"},
+        "executor": {"kind": "local", "tasks": tasks},
+        "steps": [
+            {"filters": {"gopher_repetition": {}}},
+            {"minhash": {"num_buckets": 4, "hashes_per_bucket": 6}},
+            {"quality": {"rate": {"kind": "field", "field": "rating"}, "sample_rate": 1.0, "threshold": 0.5}},
+            {"domains": {}},
+            {"decontaminate": {"test_sets": [{"path": "humaneval-20.jsonl", "fields": ["prompt", "canonical_solution"],
+                                                "name_field": "task_id"}],
+                               "window": 256, "stride": 64}},
+            {"mixture": {"weights": {"code": 0.7, "technology": 0.3}, "unit": "tokens"}},
+            {"pack": {"seq_len": 128, "method": "best_fit"}},
+        ],
+    }
+    config.update(changes)
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    quiet_datatrove_logs()
+    tmp = tmp_path_factory.mktemp("pipeline") / "run"
+    tmp.mkdir()
+    docs = build_corpus(tmp / "corpus")
+    config = load_config(write_config(tmp))
+    report = DataPipeline(config).run()
+    return tmp, docs, report
+
+
+def _ids(folder: Path) -> set[str]:
+    out = set()
+    for path in folder.glob("*.jsonl.gz"):
+        with gzip.open(path, "rt") as f:
+            out |= {json.loads(line)["id"] for line in f}
+    return out
+
+
+def test_end_to_end(finished_run):
+    tmp, docs, report = finished_run
+    out = tmp / "out"
+    steps = {s["step"]: s for s in report["stages"]}
+    assert steps["00_filters"]["docs_in"] == len(docs)  # the corrupt line was skipped, not fatal
+    # planted problems are removed, each by its own step, and written to that step's side output
+    assert not any(i.startswith("spam-") for i in _ids(out / "stages" / "02_quality"))
+    assert len({"code-3", "dup-of-code-3"} & _ids(out / "stages" / "01_minhash")) == 1
+    assert "leaked-humaneval-0" in _ids(out / "dropped" / "04_decontaminate")
+    assert steps["04_decontaminate"]["dropped"] == {"decontamination: contaminated": 1}
+    # the shards hold every token of every packed document once; documents are traceable by id
+    shards = TokenShards(out / "shards", verify=True)
+    meta_docs, segments = read_document_map(out / "shards")
+    assert shards.num_tokens == sum(d["tokens"] for d in meta_docs) == int(segments[:, 4].sum())
+    assert shards.index["meta"]["padding_fraction"] < 0.05
+    packed = {d["id"].split("#")[0] for d in meta_docs}
+    assert packed <= _ids(out / "stages" / "04_decontaminate") and "leaked-humaneval-0" not in packed
+    # the mixture reached its targets (tokens; tolerance: one document of this small corpus)
+    for domain, row in report["mixture"]["domains"].items():
+        assert abs(row["weight_out"] - row["target_weight"]) < 0.08, (domain, row)
+    assert (out / "stats.json").is_file() and (out / "stats.png").stat().st_size > 10_000
+
+
+def test_rerun_skips_finished_work(finished_run):
+    tmp, _, _ = finished_run
+    out = tmp / "out"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.jsonl.gz")}
+    stamps[out / "shards" / "index.json"] = (out / "shards" / "index.json").stat().st_mtime_ns
+    DataPipeline(load_config(tmp / "pipeline.yaml")).run()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_failed_step_resumes_without_redoing_earlier_steps(tmp_path, monkeypatch):
+    quiet_datatrove_logs()
+    build_corpus(tmp_path / "corpus")
+    path = write_config(tmp_path, steps=[{"domains": {}}, {"mixture": {"weights": {"code": 1.0}, "unit": "chars"}}])
+    from qwen25.data import mixture
+
+    def broken(self, data, rank=0, world_size=1):
+        raise RuntimeError("simulated crash")
+        yield
+    monkeypatch.setattr(mixture.MixtureSampler, "run", broken)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        DataPipeline(load_config(path)).run()
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "stages" / "00_domains").glob("*")}
+    assert first
+    monkeypatch.undo()
+    report = DataPipeline(load_config(path)).run()
+    assert {p: p.stat().st_mtime_ns for p in first} == first
+    assert report["stages"][1]["docs_out"] > 0
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(PipelineError, match="unknown step 'dedupe'"):
+        DataPipeline({"output": "o", "input": {"path": "x"}, "steps": [{"dedupe": {}}]})
+    with pytest.raises(PipelineError, match="need `tokenizer`"):
+        DataPipeline({"output": "o", "input": {"path": "x"}, "steps": ["pack"]})
+    with pytest.raises(PipelineError, match="pack must be the last step"):
+        DataPipeline({"output": "o", "tokenizer": "t", "input": {"path": "x"}, "steps": ["pack", "domains"]})
+    build_corpus(tmp_path / "corpus")
+    DataPipeline(load_config(write_config(tmp_path, steps=["domains"]))).run()
+    with pytest.raises(PipelineError, match="different config"):
+        DataPipeline(load_config(write_config(tmp_path, steps=[{"domains": {"min_hits_per_100": 2.0}}]))).run()
+
+
+def test_cli_run_and_stats(tmp_path, capsys):
+    from qwen25.cli import main
+
+    build_corpus(tmp_path / "corpus")
+    path = write_config(tmp_path, steps=["domains", {"pack": {"seq_len": 64, "method": "concat"}}])
+    assert main(["data", "run", str(path), "--tasks", "1"]) == 0
+    assert "packed" in capsys.readouterr().out
+    assert main(["data", "stats", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "00_domains" in text and "01_pack" in text

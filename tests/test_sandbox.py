@@ -103,6 +103,23 @@ def test_fork_bomb_is_contained_and_leaves_nothing():
     assert crash.status in ("error", "timeout") and crash.reason in ("processes", "timeout"), crash
 
 
+def test_host_files_are_read_only_and_limits_cannot_be_lifted(tmp_path):
+    host = tmp_path / "host.txt"
+    host.write_text("keep")
+    read = run_python(f"print(open({str(host)!r}).read())")
+    assert read.passed and read.stdout == "keep\n"
+    write = run_python(f"open({str(host)!r}, 'w').write('gone')")
+    assert write.status == "error" and write.reason == "filesystem", write
+    assert host.read_text() == "keep"
+    escape = ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, "
+              "resource.RLIM_INFINITY))")
+    assert run_python(escape).status == "failed"  # no CAP_SYS_RESOURCE, even for uid 0
+    info = isolation_support()
+    if "pids" in info["cgroups"]:  # leaving the pids cgroup would undo the process limit
+        leave = run_python("open('/sys/fs/cgroup/pids/cgroup.procs', 'w').write('0')")
+        assert not leave.passed, leave
+
+
 def test_endless_output_is_capped():
     result = run_python("while True: print('x' * 1000)", Limits(timeout=5, max_output_bytes=100_000))
     assert result.status == "error" and result.reason == "output", result
@@ -112,7 +129,7 @@ def test_endless_output_is_capped():
 def test_isolation_is_reported():
     info = isolation_support()
     assert info["works"]
-    assert "net_namespace" in info and "pid_namespace" in info
+    assert "net_namespace" in info and "pid_namespace" in info and "read_only_fs" in info
     # On this project's machines (Linux, unshare permitted) both namespaces are used; elsewhere the fallback
     # (socket prelude, process-group kill) is reported instead.
     if info["net_namespace"] is False:

@@ -14,7 +14,9 @@ import signal
 import sys
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+WRITABLE_MOUNTS = ("/dev", "/dev/pts", "/dev/shm", "/proc")  # /dev/null must stay writable; /proc is per-process
 
 
 def _libc():
@@ -47,6 +49,44 @@ def _isolate(want_net: bool) -> dict:
     return info
 
 
+def _read_only_filesystem(work: str) -> str | None:
+    """In a new mount namespace, remount every mount read-only except the working directory (bound onto
+    itself first, so it is a mount of its own) and /dev, /proc. None on success, else what failed."""
+    libc = _libc()
+    if _unshare(CLONE_NEWNS) is not None:
+        return "unshare(CLONE_NEWNS): " + os.strerror(ctypes.get_errno())
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # changes must not reach the host
+        return "make mounts private: " + os.strerror(ctypes.get_errno())
+    if libc.mount(work.encode(), work.encode(), None, MS_BIND | MS_REC, None) != 0:
+        return "bind the working directory: " + os.strerror(ctypes.get_errno())
+    failed = []
+    with open("/proc/self/mountinfo") as f:
+        mounts = [(line.split()[4], line.split()[5]) for line in f]
+    for point, options in mounts:
+        point = point.encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
+        if point == work or point in WRITABLE_MOUNTS or "ro" in options.split(","):
+            continue
+        keep = sum(flag for name, flag in (("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC))
+                   if name in options.split(","))  # flags locked in a user namespace must be kept
+        if libc.mount(b"none", point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, None) != 0:
+            failed.append(point)
+    return f"could not make read-only: {failed}" if failed else None
+
+
+def _drop_capabilities() -> None:
+    """Empty the capability bounding set and forbid new privileges: after exec even uid 0 holds no capability
+    (cannot raise rlimits, remount, leave its cgroups or reconfigure the network)."""
+    libc = _libc()
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
 def _child(cfg: dict, ns: dict) -> None:
     """In the forked child: die with the launcher, join cgroups, set rlimits, redirect output, exec."""
     try:
@@ -68,6 +108,11 @@ def _child(cfg: dict, ns: dict) -> None:
         os.dup2(stdin, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
+        if cfg["read_only_fs"]:
+            problem = _read_only_filesystem(os.path.realpath(cfg["cwd"]))
+            if problem:  # the parent reads this line to report the missing isolation
+                os.write(2, f"sandbox launcher: filesystem isolation incomplete: {problem}\n".encode())
+        _drop_capabilities()
         os.chdir(cfg["cwd"])
         os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
     except BaseException as e:  # noqa: BLE001 - report and leave; never run the launcher's code twice

@@ -10,12 +10,16 @@ Every run gets:
     a new user namespace. Where the kernel refuses namespaces, a fallback prelude replaces socket creation
     with an error (weaker: a determined program can undo it) and `isolation` in the result says so;
   - a new PID namespace: the program is PID 1 there, so killing it kills everything it started;
-  - output capped by RLIMIT_FSIZE on the stdout/stderr files.
+  - a read-only view of the host: a new mount namespace where every mount except the working directory
+    (and /dev, /proc) is remounted read-only;
+  - no capabilities: the bounding set is emptied before exec and no_new_privs set, so even when the evaluator
+    runs as root the program cannot raise its rlimits, remount, leave its cgroups or touch the network setup;
+  - output capped by RLIMIT_FSIZE on the stdout/stderr files (and any file it writes).
 The result is passed / failed / timeout / error, with the output, the exit status, the reason a limit
-stopped it (timeout, memory, processes, cpu, output, network) and the isolation actually applied.
+stopped it (timeout, memory, processes, cpu, output, network, filesystem) and the isolation actually applied.
 
-The program can still read (and, as the host user, write) files outside its directory: there is no filesystem
-isolation. Run the evaluator as an unprivileged user when the code is truly hostile.
+Where a piece is refused by the kernel (no unprivileged namespaces, no writable cgroups) the run still happens
+with what is available and `isolation` says what was missing. Reading host files is still possible.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Limits:
     max_output_bytes: int = 1 << 20  # per stream (stdout, stderr)
     network: bool = False
     site_packages: bool = False  # False: stdlib only (python -S), which also starts ~5x faster
+    read_only_fs: bool = True  # everything read-only except the working directory (a mount namespace)
 
 
 @dataclass
@@ -189,6 +194,8 @@ def _classify(report: dict, stderr: str, groups: dict[str, Path]) -> tuple[str, 
     if any(s in stderr for s in ("Network is unreachable", "network access is disabled", "Connection refused",
                                  "Temporary failure in name resolution", "Name or service not known")):
         return "error", "network"
+    if "Read-only file system" in last:
+        return "error", "filesystem"
     if report.get("returncode") == 126 and "sandbox launcher" in stderr:
         return "error", "launcher"
     if signum is not None:
@@ -229,7 +236,7 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
             # Without a pids cgroup, RLIMIT_NPROC is the process limit (it binds non-root users only).
             "max_processes": None if "pids" in groups else limits.max_processes,
             "cgroup_procs": [str(g / "cgroup.procs") for g in groups.values()],
-            "network": limits.network,
+            "network": limits.network, "read_only_fs": limits.read_only_fs,
             # Run instead when no network namespace could be made: the socket-blocking prelude, then the program.
             "fallback_argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), "-c", SOCKET_BLOCK_PRELUDE +
                               f"import runpy\nrunpy.run_path({str(program)!r}, run_name='__main__')\n"],
@@ -251,7 +258,8 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
         stdout = _read(root / "stdout.txt", limits.max_output_bytes)
         stderr = _read(root / "stderr.txt", limits.max_output_bytes)
         status, reason = _classify(report, stderr, groups)
-        isolation = {**report["isolation"], "cgroups": sorted(groups)}
+        isolation = {**report["isolation"], "cgroups": sorted(groups),
+                     "read_only_fs": limits.read_only_fs and "filesystem isolation incomplete" not in stderr}
         return SandboxResult(status, report.get("returncode"), report.get("signal"), stdout, stderr,
                              time.perf_counter() - started, reason, isolation)
     finally:

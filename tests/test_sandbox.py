@@ -134,3 +134,18 @@ def test_isolation_is_reported():
     # (socket prelude, process-group kill) is reported instead.
     if info["net_namespace"] is False:
         assert info.get("network_fallback")
+
+
+def test_fallback_without_namespaces_still_blocks_sockets_and_cleans_up():
+    """Where the kernel refuses namespaces: sockets fail through the prelude, leftovers die with the group."""
+    limits = Limits(timeout=2, namespaces=False, max_processes=8)
+    net = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", limits)
+    assert net.status == "error" and net.reason == "network" and net.isolation.get("network_fallback"), net
+    assert not net.isolation["pid_namespace"]
+    ok = run_python("print(sum(range(10)))", limits)
+    assert ok.passed and ok.stdout == "45\n"
+    forks = run_python("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        time.sleep(60)\n"
+                       "time.sleep(60)", limits)
+    assert forks.status == "timeout"
+    time.sleep(0.2)
+    assert _leftovers("qwen25-sandbox-") == []

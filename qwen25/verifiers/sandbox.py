@@ -63,6 +63,7 @@ class Limits:
     network: bool = False
     site_packages: bool = False  # False: stdlib only (python -S), which also starts ~5x faster
     read_only_fs: bool = True  # everything read-only except the working directory (a mount namespace)
+    namespaces: bool = True  # False: no network/PID namespaces (the fallback: socket prelude, process-group kill)
 
 
 @dataclass
@@ -236,7 +237,7 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
             # Without a pids cgroup, RLIMIT_NPROC is the process limit (it binds non-root users only).
             "max_processes": None if "pids" in groups else limits.max_processes,
             "cgroup_procs": [str(g / "cgroup.procs") for g in groups.values()],
-            "network": limits.network, "read_only_fs": limits.read_only_fs,
+            "network": limits.network, "read_only_fs": limits.read_only_fs, "namespaces": limits.namespaces,
             # Run instead when no network namespace could be made: the socket-blocking prelude, then the program.
             "fallback_argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), "-c", SOCKET_BLOCK_PRELUDE +
                               f"import runpy\nrunpy.run_path({str(program)!r}, run_name='__main__')\n"],

@@ -49,7 +49,7 @@ def test_sft_loss_falls_and_packing_keeps_each_examples_loss(tmp_path):
     assert after.item() < 0.5 * packed.item(), f"SFT loss {packed.item():.3f} -> {after.item():.3f}"
     assert {"loss", "lr", "grad_norm", "assistant_tokens", "tokens_per_s"} <= set(rows[-1])
     assert rows[0]["lr"] == pytest.approx(3e-3) and rows[-1]["lr"] < rows[0]["lr"]  # decays toward 0.1 * lr
-    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file() and (tmp_path / "sft" / "metrics.png").is_file()
 
 
 @pytest.mark.slow

@@ -128,7 +128,8 @@ def run_stage(stage: str, raw: dict, progress: bool = True) -> dict:
         reward, task = build_reward(cfg.reward, tokenizer)
         if task is not None and "chat" not in raw:
             cfg.chat = task.spec.chat
-        return rejection_sample(load_causal_lm(cfg.model, cfg.seed), _examples(cfg, task), reward, cfg, tokenizer)
+        model = load_causal_lm(cfg.model, cfg.seed, cfg.device)
+        return rejection_sample(model, _examples(cfg, task), reward, cfg, tokenizer)
     raise ValueError(f"unknown post-training stage {stage!r}")
 
 

@@ -67,7 +67,7 @@ def reference_logprobs(ref_model, pairs: list[tuple], batch_size: int = 8, pad_i
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        logps = sequence_logprobs(ref_model, pair_batch(chunk, pad_id)).float()
+        logps = sequence_logprobs(ref_model, pair_batch(chunk, pad_id)).float().cpu()
         out.append(torch.stack(logps.chunk(2), dim=1))
     return torch.cat(out)
 
@@ -92,7 +92,7 @@ def build_optimizer(cfg: DPOConfig, model):
         return optimizer
     if not cfg.base_model:
         raise ValueError(f"merge={cfg.merge!r} needs base_model: the checkpoint SFT started from")
-    tau = sft_delta(model, load_causal_lm(cfg.base_model, cfg.seed))
+    tau = sft_delta(model, load_causal_lm(cfg.base_model, cfg.seed, cfg.device))
     deltas = {p: tau[name] for name, p in model.named_parameters() if p.requires_grad}
     return OnlineMergingOptimizer(optimizer, deltas, cfg.merge, cfg.merge_weight, cfg.merge_keep, cfg.merge_every,
                                   seed=cfg.seed)
@@ -102,7 +102,7 @@ def train_dpo(cfg: DPOConfig, examples: list[dict], tokenizer=None, model=None, 
               progress: bool = True) -> dict:
     """Train on preference pairs; writes metrics.jsonl, checkpoints, final/ and (with held-out pairs) eval.json."""
     torch.manual_seed(cfg.seed)
-    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed)
+    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
     ref_model = frozen_copy(model)
     pairs = [encode_pair(e, tokenizer) for e in examples]
     held_out = [encode_pair(e, tokenizer) for e in eval_examples or []]
@@ -120,7 +120,7 @@ def train_dpo(cfg: DPOConfig, examples: list[dict], tokenizer=None, model=None, 
             policy = sequence_logprobs(model, batch)
         chosen, rejected = policy.chunk(2)
         if ref_logps is not None:
-            ref_chosen, ref_rejected = ref_logps[idx, 0], ref_logps[idx, 1]
+            ref_chosen, ref_rejected = ref_logps[idx, 0].to(chosen.device), ref_logps[idx, 1].to(chosen.device)
         else:
             with torch.no_grad(), autocast(cfg):
                 ref_chosen, ref_rejected = sequence_logprobs(ref_model, batch).chunk(2)

@@ -127,10 +127,10 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     """GRPO on prompts (examples with "prompt" or "prompt_ids"); reward_fn(prompts, completions, examples).
 
     Prompts and completions reach reward_fn as text when a tokenizer is given (prompt = rendered chat text),
-    else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, kl, clip_ratio, lengths.
+    else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, kl, completion length.
     """
     torch.manual_seed(cfg.seed)
-    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed)
+    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
     ref_model = frozen_copy(model) if cfg.beta != 0.0 else None
     prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
     optimizer = adamw(model, cfg)
@@ -156,7 +156,8 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         advantages, std = group_advantages(rewards, cfg.group_size, cfg.reward_eps)
         for i, q in enumerate(queries):
             variances[q] = float(std[i * cfg.group_size] ** 2)
-        batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id)
+        batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id).to(cfg.device)
+        advantages = advantages.to(cfg.device)
         mask = batch.target_mask
         with autocast(cfg):
             logps = model_token_logprobs(model, batch, cfg.temperature)

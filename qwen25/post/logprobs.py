@@ -21,6 +21,10 @@ class Batch:
     completion_mask: torch.Tensor
     lengths: torch.Tensor
 
+    def to(self, device) -> Batch:
+        """The same batch on `device`."""
+        return Batch(self.input_ids.to(device), self.completion_mask.to(device), self.lengths.to(device))
+
     @property
     def target_mask(self) -> torch.Tensor:
         """(B, T - 1): 1 where the next token is a completion token (aligned with token_logprobs' output)."""
@@ -62,6 +66,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def model_token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     """(B, T - 1) log-probabilities of tokens 1..T-1 of each row under `model` (zero outside the completion)."""
+    batch = batch.to(next(model.parameters()).device)
     logits = model(batch.input_ids[:, :-1])
     return token_logprobs(logits, batch.input_ids[:, 1:], temperature) * batch.target_mask
 

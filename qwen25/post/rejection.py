@@ -39,6 +39,7 @@ class RejectionConfig:
     max_kept_per_prompt: int = 4  # distinct accepted responses kept for SFT
     pairs_per_prompt: int = 1  # (best accepted, worst rejected) pairs written for DPO
     max_batch: int = 32
+    device: str = "cpu"
     seed: int = 0
     chat: bool = True  # text prompts are user turns (False: encoded as they are, for base-model tasks)
     reward: dict = field(default_factory=dict)  # CLI only: which reward function (see post/cli.py)

@@ -45,6 +45,8 @@ class RewardModel(nn.Module):
         return self.score(last).squeeze(-1).float()
 
     def rewards(self, batch: Batch) -> torch.Tensor:
+        """(B,) rewards of a right-padded Batch (moved to the model's device)."""
+        batch = batch.to(self.score.weight.device)
         return self(batch.input_ids, batch.lengths)
 
 
@@ -116,7 +118,8 @@ def evaluate_reward_model(rm: RewardModel, pairs: list[tuple], examples: list[di
         rejected.append(r)
     rm.train(was_training)
     margin = _margins(examples, list(range(len(pairs)))) if examples else None
-    loss, metrics = bradley_terry_loss(torch.cat(chosen), torch.cat(rejected), margin)
+    chosen, rejected = torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+    loss, metrics = bradley_terry_loss(chosen, rejected, margin)
     return {"loss": loss.item(), **metrics, "pairs": len(pairs)}
 
 
@@ -124,7 +127,7 @@ def train_reward_model(cfg: RMConfig, examples: list[dict], tokenizer=None, mode
                        eval_examples: list[dict] | None = None, progress: bool = True) -> tuple[RewardModel, dict]:
     """Train a reward model on preference pairs (chat or pre-tokenized, optional "margin"); returns it and metrics."""
     torch.manual_seed(cfg.seed)
-    rm = RewardModel(model if model is not None else load_causal_lm(cfg.model, cfg.seed))
+    rm = RewardModel(model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device))
     pairs = [encode_pair(e, tokenizer) for e in examples]
     optimizer = adamw(rm, cfg)
 
@@ -133,7 +136,8 @@ def train_reward_model(cfg: RMConfig, examples: list[dict], tokenizer=None, mode
         batch = pair_batch([pairs[i] for i in idx], cfg.pad_id)
         with autocast(cfg):
             chosen, rejected = rm.rewards(batch).chunk(2)
-        loss, metrics = bradley_terry_loss(chosen, rejected, _margins(examples, idx))
+        margin = _margins(examples, idx)
+        loss, metrics = bradley_terry_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
         loss.backward()
         return {"loss": loss.item(), **metrics, "tokens": int(batch.lengths.sum())}
 
@@ -156,7 +160,7 @@ def score(rm: RewardModel, prompts: list[list[int]], completions: list[list[int]
     for i in range(0, len(prompts), batch_size):
         rows = [p + c for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
         batch = pad_batch(rows, [[1] * len(r) for r in rows], pad_id)
-        out += rm.rewards(batch).tolist()
+        out += rm.rewards(batch).cpu().tolist()
     return out
 
 

@@ -45,6 +45,7 @@ class StageConfig:
     eps: float = 1e-8
     clip: float = 1.0
     dtype: str = "fp32"  # "bf16": autocast the forward passes (weights and optimizer stay fp32)
+    device: str = "cpu"  # "cuda" on a GPU machine
     seed: int = 0
     save_every: int = 50
     keep_last: int = 2
@@ -73,13 +74,13 @@ class StageConfig:
         return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
 
 
-def load_causal_lm(name: str, seed: int = 0) -> CausalLM:
-    """A checkpoint directory in fp32 for training, or a randomly initialised preset."""
+def load_causal_lm(name: str, seed: int = 0, device: str = "cpu") -> CausalLM:
+    """A checkpoint directory in fp32 for training, or a randomly initialised preset, on `device`."""
     if Path(name).is_dir():
-        return load_model(name, dtype="fp32")
+        return load_model(name, dtype="fp32", device=device)
     model = CausalLM(ModelConfig.from_preset(name))
     model.init_weights(seed=seed)
-    return model
+    return model.to(device)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -135,8 +136,42 @@ def adamw(model: torch.nn.Module, cfg: StageConfig) -> torch.optim.AdamW:
 
 def autocast(cfg: StageConfig):
     """bf16 autocast for the forward passes when cfg.dtype is bf16 (a no-op context otherwise)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16,
+                          enabled=cfg.dtype == "bf16")
+
+
+_NOT_PLOTTED = {"step", "seconds", "tokens", "pairs"}
+
+
+def plot_metrics(metrics_file: Path, png: Path, title: str, max_panels: int = 8) -> Path | None:
+    """One small panel per numeric metric of a run (loss first) against the step: out_dir/metrics.png."""
+    if not metrics_file.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    names = [k for k in rows[0] if k not in _NOT_PLOTTED and isinstance(rows[0][k], (int, float))][:max_panels]
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(names))
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(3.2 * cols, 2.4 * -(-len(names) // cols)),
+                             squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, name in zip(axes.flat, names):
+        ax.plot(steps, [r.get(name, float("nan")) for r in rows], lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -198,6 +233,8 @@ def run_steps(cfg: StageConfig, model: torch.nn.Module, optimizer, step_fn: Call
             if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
                 save_training_state(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
                                     extra=state[0]() if state is not None else None, keep_last=cfg.keep_last)
+    if total_steps > start:
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png", desc)
     if save_final is not None:
         save_final(out / "final")
     elif isinstance(model, CausalLM):

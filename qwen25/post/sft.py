@@ -101,6 +101,8 @@ def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, target_mask: torch.Tens
 
 def packed_loss(model, tokens: torch.Tensor, assistant_mask: torch.Tensor, doc_ids: torch.Tensor):
     """(loss, number of target tokens) of packed rows: document-masked attention, per-document positions."""
+    device = next(model.parameters()).device
+    tokens, assistant_mask, doc_ids = tokens.to(device), assistant_mask.to(device), doc_ids.to(device)
     inputs, docs = tokens[:, :-1], doc_ids[:, :-1]
     logits = model(inputs, position_ids=document_positions(docs), mask=document_mask(docs))
     target_mask = sft_target_mask(assistant_mask, doc_ids)
@@ -110,7 +112,7 @@ def packed_loss(model, tokens: torch.Tensor, assistant_mask: torch.Tensor, doc_i
 def train_sft(cfg: SFTConfig, examples: list[dict], tokenizer=None, model=None, progress: bool = True) -> dict:
     """Fine-tune on chat examples; writes metrics.jsonl (loss, assistant tokens, tokens/s) and checkpoints."""
     torch.manual_seed(cfg.seed)
-    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed)
+    model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
     tokens, masks, docs = pack([encode_sft_example(e, tokenizer) for e in examples], cfg.seq_len, cfg.pad_id)
     optimizer = adamw(model, cfg)
     total = cfg.total_steps(len(tokens))

@@ -200,7 +200,10 @@ def test_gradients_reach_router_experts_and_shared_expert():
     logits = model(ids[:, :-1])
     lm = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
     extra = router_loss(model)
-    assert extra.item() > 0
+    recorded = [b.router_logits for b in sparse_blocks(model)]
+    torch.testing.assert_close(extra, cfg.router_aux_loss_coef * load_balancing_loss(recorded, 2)
+                               + 1e-3 * router_z_loss(recorded))
+    assert router_z_loss(recorded).item() > 0
     (lm + extra).backward()
     block = sparse_blocks(model)[0]
     used = router_stats(model)["tokens_per_expert"][0]

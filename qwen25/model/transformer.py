@@ -2,8 +2,8 @@
 
 Pre-norm blocks: h = x + attn(rmsnorm(x)); out = h + mlp(rmsnorm(h)); a final RMSNorm and the lm_head.
 Attention is grouped-query with biases on q/k/v, rotate-half RoPE and `F.scaled_dot_product_attention`;
-the MLP is SwiGLU. Module names equal the HF checkpoint names (`model.layers.3.self_attn.q_proj` ...),
-so a state dict is a checkpoint.
+the MLP is SwiGLU, or in qwen2_moe sparse layers a mixture of SwiGLU experts (moe.py). Module names equal
+the HF checkpoint names (`model.layers.3.self_attn.q_proj` ...), so a state dict is a checkpoint.
 """
 
 from __future__ import annotations

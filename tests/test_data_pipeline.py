@@ -182,3 +182,43 @@ def test_cli_run_and_stats(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "00_domains" in text and "01_pack" in text
+
+
+def _stage_docs(folder: Path) -> list[tuple[str, str]]:
+    docs = []
+    for path in folder.glob("*.jsonl.gz"):
+        with gzip.open(path, "rt") as f:
+            docs += [(d["id"], d["text"]) for d in map(json.loads, f)]
+    return sorted(docs)
+
+
+@pytest.mark.slow  # Ray's start-up takes most of a minute on a busy 2-core machine; skipped without `ray`
+def test_ray_executor_gives_the_local_output(tmp_path):
+    """The same pipeline on Ray in local mode (ray.init on this machine) and on the local executor."""
+    ray = pytest.importorskip("ray")
+    quiet_datatrove_logs()
+    build_corpus(tmp_path / "corpus")
+    steps = [{"domains": {}}, {"mixture": {"weights": {"code": 0.6, "technology": 0.4}, "unit": "chars"}},
+             {"pack": {"seq_len": 64, "method": "best_fit"}}]
+    outputs = {}
+    for kind in ("local", "ray"):
+        executor = {"kind": kind, "tasks": 2}
+        if kind == "ray":
+            executor.update(workers=2, mem_per_cpu_gb=0.25)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            DataPipeline(load_config(write_config(tmp_path, output=f"out-{kind}", executor=executor,
+                                                  steps=steps))).run()
+        finally:
+            if kind == "ray":
+                ray.shutdown()
+        out = tmp_path / f"out-{kind}"
+        shards = TokenShards(out / "shards")
+        outputs[kind] = (_stage_docs(out / "stages" / "01_mixture"), shards.rows(range(len(shards))))
+    assert outputs["local"][0] == outputs["ray"][0]
+    for a, b in zip(outputs["local"][1], outputs["ray"][1]):
+        assert torch_equal(a, b)
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

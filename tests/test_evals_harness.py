@@ -195,3 +195,33 @@ def test_cli_runs_a_spec_file_end_to_end(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())[0]
     assert saved["metrics"]["examples"] == 4 and len(saved["records"]) == 4
     assert (out / "results.png").stat().st_size > 0 and (out / "results.md").is_file()
+
+
+def test_reward_model_accuracy_equals_post_training_evaluation(tmp_path):
+    """Preference accuracy through the harness (and the CLI) equals qwen25.post.reward's held-out evaluation."""
+    from qwen25.config import ModelConfig
+    from qwen25.model import CausalLM
+    from qwen25.post.logprobs import encode_pair
+    from qwen25.post.reward import RewardModel, evaluate_reward_model, save_reward_model
+
+    torch.manual_seed(0)
+    rm = RewardModel(CausalLM(ModelConfig.from_preset("tiny"))).eval()
+    rng = random.Random(0)
+    pairs = [{"prompt_ids": [rng.randrange(1, 500) for _ in range(4)],
+              "chosen_ids": [rng.randrange(1, 500) for _ in range(rng.randint(1, 5))],
+              "rejected_ids": [rng.randrange(1, 500) for _ in range(rng.randint(1, 5))]} for _ in range(12)]
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)  # spread the rewards so the accuracy is not trivially 0 or 1
+    expected = evaluate_reward_model(rm, [encode_pair(p) for p in pairs])["accuracy"]
+    from qwen25.evals.harness import reward_model_scorer
+
+    task = make_task({"name": "rm", "kind": "preference"}, pairs)
+    result = run_task(task, None, scorer=reward_model_scorer(rm), progress=False)
+    assert result.metrics["acc"] == pytest.approx(expected) and 0 < expected < 1
+    save_reward_model(rm, tmp_path / "rm")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "rm.json").write_text(json.dumps({"name": "rm-pairs", "kind": "preference", "data": "pairs.jsonl"}))
+    assert main(["eval", str(tmp_path / "rm.json"), "--model", str(tmp_path / "rm"), "--quiet",
+                 "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())[0]
+    assert saved["metrics"]["acc"] == pytest.approx(expected)

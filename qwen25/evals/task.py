@@ -323,9 +323,18 @@ class PerplexityTask(Task):
 
 
 class PreferenceTask(Task):
+    """Pairs as text/chat (prompt, chosen, rejected) or token ids (prompt_ids, chosen_ids, rejected_ids)."""
+
     kind = "preference"
-    required = ("prompt", "chosen", "rejected")
     default_template = "{prompt}"
+
+    def canonical(self, row: dict) -> dict:
+        out = super().canonical(row)
+        if not ({"prompt", "chosen", "rejected"} <= set(out) or
+                {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(out)):
+            raise ValueError(f"task {self.name!r} (preference): a row needs prompt/chosen/rejected or "
+                             f"prompt_ids/chosen_ids/rejected_ids (map them with 'fields'): {sorted(row)}")
+        return out
 
     def check(self, example: dict, completion) -> float:
         """completion = (reward of chosen, reward of rejected): right when chosen is ranked higher."""

@@ -75,6 +75,20 @@ def test_sft_raises_arithmetic_accuracy(tmp_path):
     assert before <= 0.2 and after >= 0.6, (before, after)
 
 
+def test_long_context_sft_is_two_phases(tmp_path):
+    """Phase 1 on short rows; phase 2 starts from phase 1's final/ with longer rows mixing short and long chats."""
+    tok = ByteTokenizer()
+    short = arithmetic_chats(16, 0)
+    long = [{"messages": [{"role": "user", "content": "x" * 150}, {"role": "assistant", "content": "y" * 40}]}] * 4
+    one = SFTConfig(out_dir=str(tmp_path / "p1"), model="tiny", lr=1e-3, steps=2, batch_size=2, seq_len=64)
+    train_sft(one, short, tok, progress=False)
+    two = SFTConfig(out_dir=str(tmp_path / "p2"), model=str(tmp_path / "p1" / "final"), lr=1e-3, steps=2,
+                    batch_size=2, seq_len=256)
+    train_sft(two, short + long, tok, progress=False)
+    assert json.loads((tmp_path / "p2" / "stage_config.json").read_text())["model"].endswith("p1/final")
+    assert metrics(tmp_path / "p2")[-1]["tokens"] == 2 * 256
+
+
 def test_sft_recipe_defaults_are_the_reports():
     cfg = SFTConfig()
     assert (cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.weight_decay, cfg.clip, cfg.epochs, cfg.seq_len) == \

@@ -237,3 +237,16 @@ def test_counter_is_exact_for_duplicated_ids():
     plan = {"a": {"copies": 3, "cutoff": 0.0}}
     ids = [f"doc{i}" for i in range(10)]
     assert Counter(mixture_copies(i, "a", plan) for i in ids) == Counter({3: 10})
+
+
+def test_jsonl_reader_survives_a_truncated_gzip(tmp_path):
+    from qwen25.data.steps import make_reader
+
+    lines = "".join(json.dumps({"id": f"d{i}", "text": "word " * 50}) + "\n" for i in range(200))
+    blob = gzip.compress(lines.encode())
+    (tmp_path / "bad.jsonl.gz").write_bytes(blob[: len(blob) // 2])  # cut in the middle
+    (tmp_path / "good.jsonl").write_text(lines[:500].rsplit("\n", 1)[0] + "\n{broken\n")
+    reader = make_reader({"kind": "jsonl", "path": str(tmp_path)})
+    ids = [d.id for d in reader()]
+    assert "d0" in ids and len(ids) < 400  # what could be read was read, nothing raised
+    assert reader.stats["corrupt_files"].total == 1

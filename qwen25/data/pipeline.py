@@ -172,15 +172,13 @@ class DataPipeline:
 
     def reader(self, folder: Path | None):
         """The raw input reader (folder None) or a jsonl reader of a previous step's output."""
-        from datatrove.pipeline.readers import JsonlReader
-
-        from .steps import make_reader
+        from .steps import SafeJsonlReader, make_reader
 
         if folder is None:
             spec = dict(self.config["input"])
             spec["path"] = str(self._path(spec["path"]))
             return make_reader(spec)
-        return JsonlReader(str(folder), glob_pattern="*.jsonl.gz")
+        return SafeJsonlReader(str(folder), glob_pattern="*.jsonl.gz")
 
     def writer(self, folder: Path):
         from datatrove.pipeline.writers import JsonlWriter

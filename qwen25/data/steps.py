@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.logging import logger
 
@@ -36,14 +38,24 @@ class TextFolderReader(BaseDiskReader):
             yield doc
 
 
+class SafeJsonlReader(JsonlReader):
+    """Datatrove's JsonlReader (which skips bad lines) that also survives a damaged file (truncated gzip, I/O
+    error): the documents read so far are kept, the rest of the file is reported (stat `corrupt_files`)."""
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        try:
+            yield from super().read_file(filepath)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            logger.warning(f"skipping the rest of damaged input file {filepath}: {e}")
+            self.stat_update("corrupt_files")
+
+
 def make_reader(spec: dict) -> BaseDiskReader:
     """The input reader from a config dict: {kind: jsonl|text, path: DIR, glob: PATTERN, text_key, id_key}."""
-    from datatrove.pipeline.readers import JsonlReader
-
     spec = dict(spec)
     kind, path, glob = spec.pop("kind", "jsonl"), spec.pop("path"), spec.pop("glob", None)
     if kind == "jsonl":
-        return JsonlReader(str(path), glob_pattern=glob, **spec)
+        return SafeJsonlReader(str(path), glob_pattern=glob, **spec)
     if kind == "text":
         return TextFolderReader(str(path), glob_pattern=glob, **spec)
     raise ValueError(f"input kind must be 'jsonl' or 'text', got {kind!r}")
@@ -79,10 +91,15 @@ class TokenCounter(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from ..tokenizer import Tokenizer
 
-        tok = Tokenizer.from_dir(self.tokenizer_dir)
+        tok = None  # loaded on first need: documents that went through decontamination are counted already
         batch: list[Document] = []
 
         def flush():
+            nonlocal tok
+            if not batch:
+                return
+            if tok is None:
+                tok = Tokenizer.from_dir(self.tokenizer_dir)
             for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch], allowed_special="none")):
                 doc.metadata["token_count"] = len(ids)
                 self.stat_update("tokens", value=len(ids))

@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     ours = ours.to(dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
-    print(f"preset {args.preset}: {param_count(cfg) / 1e6:.1f}M parameters ({param_count(cfg, activated=True) / 1e6:.1f}M "
-          f"activated), {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {args.dtype}, "
-          f"{args.batch} x {args.seq} tokens, {args.threads} threads")
+    active = param_count(cfg, activated=True)
+    print(f"preset {args.preset}: {param_count(cfg) / 1e6:.1f}M parameters ({active / 1e6:.1f}M activated), "
+          f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}, {args.dtype}, {args.batch} x {args.seq} tokens, "
+          f"{args.threads} threads")
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp)

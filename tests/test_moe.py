@@ -116,9 +116,11 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
     # The per-expert tensor names are those transformers writes itself.
     theirs = tmp_path / "hf"
     hf.save_pretrained(theirs)
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as a, safe_open(str(theirs / "model.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        assert "model.layers.1.mlp.experts.7.down_proj.weight" in set(a.keys())
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as ours_file:
+        names = set(ours_file.keys())
+    with safe_open(str(theirs / "model.safetensors"), "pt") as theirs_file:
+        assert names == set(theirs_file.keys())
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
 
 
 def test_sharded_round_trip_keeps_every_expert(tmp_path):
@@ -166,6 +168,8 @@ def test_grouped_dispatch_equals_per_token_reference():
             ref[t] = y + torch.sigmoid(block.shared_expert_gate(flat[t])) * block.shared_expert(flat[t])
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
     assert max(calls_per_expert.values()) == 1  # each expert ran once, on all of its tokens
+    empty = grouped_experts(x[0, :0], torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), block.experts)
+    assert empty.shape == (0, cfg.hidden_size)  # an empty batch (e.g. every row padding) is no error
 
 
 def test_route_renormalises_only_when_asked():

@@ -213,11 +213,17 @@ def test_grpo_raises_the_mean_reward(tmp_path, loss_type):
     assert 0 <= rows[0]["frac_zero_std"] <= 1
 
 
-def test_grpo_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("updates", [1, 2])
+def test_grpo_resume_is_exact(tmp_path, updates):
+    """With 2 updates per rollout the step-3 checkpoint falls inside a rollout: it is restored, not resampled."""
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(40, 100, (4,), generator=g).tolist()} for _ in range(16)]
     _resume_equals_uninterrupted(tmp_path, "grpo", lambda out: train_grpo(
-        _grpo_cfg(out, steps=6, save_every=3), prompts, _digit7, progress=False))
+        _grpo_cfg(out, steps=6, save_every=3, updates_per_rollout=updates), prompts, _digit7, progress=False))
+    rows = metrics(tmp_path / "grpo-full")
+    if updates == 2:  # the second update reuses the rollout: same rewards, and a ratio away from 1 gets clipped
+        assert all(rows[i]["reward"] == rows[i + 1]["reward"] for i in (0, 2, 4))
+        assert rows[0]["clip_ratio"] == 0 and max(r["clip_ratio"] for r in rows[1::2]) > 0
 
 
 def test_prioritise_prefers_unseen_then_high_variance_queries():

@@ -46,6 +46,7 @@ class GRPOConfig(StageConfig):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     loss_type: str = "token"  # "sequence" (GRPO), "token" (DAPO), "dr_grpo"
+    updates_per_rollout: int = 1  # policy updates on each rollout batch (TRL's num_iterations; >1: PPO-style reuse)
     reward_eps: float = 1e-4
     prioritise: bool = True  # queries with higher reward variance first (the report)
     pad_id: int = 0
@@ -127,7 +128,8 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     """GRPO on prompts (examples with "prompt" or "prompt_ids"); reward_fn(prompts, completions, examples).
 
     Prompts and completions reach reward_fn as text when a tokenizer is given (prompt = rendered chat text),
-    else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, kl, completion length.
+    else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, clip_ratio, kl, completion
+    length. A rollout and its pi_old log-probs live in checkpoints while it is being reused, so resuming is exact.
     """
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
@@ -135,9 +137,11 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
     optimizer = adamw(model, cfg)
     variances: dict[int, float] = {}  # query -> reward variance of its last group (prioritisation)
+    current: dict = {}  # the rollout being trained on (reused for updates_per_rollout steps)
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.queries_per_step))
 
-    def step_fn(step: int) -> dict:
+    def sample_and_score(step: int) -> dict:
+        """A rollout for step `step`: queries, completions, rewards, advantages (and pi_old when reused)."""
         if cfg.prioritise:
             queries = prioritise(variances, len(prompts), cfg.queries_per_step, step, cfg.seed)
         else:
@@ -152,11 +156,25 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
                                 [tokenizer.decode(strip_eos(c, cfg.eos_ids)) for c in completions], flat_examples)
         else:
             rewards = reward_fn(flat_prompts, completions, flat_examples)
-        rewards = torch.tensor([float(r) for r in rewards])
-        advantages, std = group_advantages(rewards, cfg.group_size, cfg.reward_eps)
+        rewards = [float(r) for r in rewards]
+        _, std = group_advantages(torch.tensor(rewards), cfg.group_size, cfg.reward_eps)
         for i, q in enumerate(queries):
             variances[q] = float(std[i * cfg.group_size] ** 2)
-        batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id).to(cfg.device)
+        out = {"step": step, "prompts": flat_prompts, "completions": completions, "rewards": rewards}
+        if cfg.updates_per_rollout > 1:  # pi_old: the policy that sampled, fixed across the reuses
+            with torch.no_grad(), autocast(cfg):
+                batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id)
+                out["old_logps"] = model_token_logprobs(model, batch, cfg.temperature).float().cpu().tolist()
+        return out
+
+    def step_fn(step: int) -> dict:
+        rollout_step = step - step % cfg.updates_per_rollout
+        if current.get("step") != rollout_step:
+            current.clear()
+            current.update(sample_and_score(rollout_step))
+        rewards = torch.tensor(current["rewards"])
+        advantages, std = group_advantages(rewards, cfg.group_size, cfg.reward_eps)
+        batch = prompt_completion_batch(current["prompts"], current["completions"], cfg.pad_id).to(cfg.device)
         advantages = advantages.to(cfg.device)
         mask = batch.target_mask
         with autocast(cfg):
@@ -165,20 +183,31 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logps = model_token_logprobs(ref_model, batch, cfg.temperature)
-        # One policy update per rollout batch (TRL's default num_iterations=1): pi_old is the current policy,
-        # so the ratio is 1 in value and the clipping only matters for its gradient shape.
-        token_loss, kl = grpo_token_loss(logps, logps.detach(), advantages, ref_logps, cfg.beta,
+        # With one update per rollout (TRL's default num_iterations=1) pi_old is the current policy: the ratio
+        # is 1 in value and clipping only shapes the gradient. Reused rollouts keep the sampling policy's logps.
+        old_logps = logps.detach() if "old_logps" not in current else \
+            torch.tensor(current["old_logps"], device=logps.device)
+        token_loss, kl = grpo_token_loss(logps, old_logps, advantages, ref_logps, cfg.beta,
                                          cfg.epsilon_low, cfg.epsilon_high)
         loss = aggregate(token_loss, mask, cfg.loss_type, cfg.max_new_tokens)
         loss.backward()
         n_tokens = mask.sum().clamp(min=1.0)
+        ratio = torch.exp(logps.detach() - old_logps)
+        clipped = ((ratio < 1 - cfg.epsilon_low) & (advantages[:, None] < 0)) | \
+            ((ratio > 1 + cfg.epsilon_high) & (advantages[:, None] > 0))
         metrics = {"loss": loss.item(), "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                    "frac_zero_std": float((std.view(-1, cfg.group_size)[:, 0] < 1e-8).float().mean()),
+                   "clip_ratio": float((clipped.float() * mask).sum() / n_tokens),
                    "completion_length": float(mask.sum(-1).mean()), "tokens": int(batch.lengths.sum())}
         if kl is not None:
             metrics["kl"] = float((kl.detach() * mask).sum() / n_tokens)
         return metrics
 
-    return run_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress,
-                     state=(lambda: {"variances": {str(k): v for k, v in variances.items()}},
-                            lambda saved: variances.update({int(k): v for k, v in saved.get("variances", {}).items()})))
+    def get_state() -> dict:
+        return {"variances": {str(k): v for k, v in variances.items()}, "rollout": dict(current)}
+
+    def set_state(saved: dict) -> None:
+        variances.update({int(k): v for k, v in saved.get("variances", {}).items()})
+        current.update(saved.get("rollout", {}))
+
+    return run_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress, state=(get_state, set_state))

@@ -168,3 +168,15 @@ def test_packed_pass_equals_per_item(seed):
         every = index.lcs_all(d[:48])
         assert every == {i: dp_lcs(d[:48], tests[i]) for i in index.active}
         assert (index.find(d, batch_over=0) is None) == (index.find(d, batch_over=10**9) is None)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=30), min_size=1, max_size=4),
+       st.lists(st.integers(0, 6), max_size=90), st.data())
+def test_index_equals_brute_force_hypothesis(tests, doc, data):
+    # a tiny alphabet, and sometimes an item pasted into the document, so both decisions are common
+    if tests[0] and data.draw(st.booleans()):
+        at = data.draw(st.integers(0, len(doc)))
+        doc = doc[:at] + tests[0] + doc[at:]
+    index = TestSetIndex(tests, window=40, stride=10)
+    assert (index.find(doc) is not None) == brute_force_drop(doc, tests, 40, 10)

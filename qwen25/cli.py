@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_data_command
     from .evals.cli import add_eval_command
     from .post.cli import add_post_commands
+    from .serve.cli import add_chat_command, add_serve_command
     from .tokenizer.cli import add_tokenize_command
     from .train.cli import add_train_commands
 
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_post_commands(sub)
     add_data_command(sub)
     add_train_commands(sub)
+    add_serve_command(sub)
+    add_chat_command(sub)
     return parser
 
 

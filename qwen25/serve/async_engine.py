@@ -1,0 +1,262 @@
+"""Run the token-level Engine in one background thread and hand each request's output to asyncio as text.
+
+All engine calls (submit, cancel, step) happen on that thread, so the Engine needs no locks: HTTP handlers put
+commands into a thread-safe inbox and read their events from an asyncio.Queue that the thread fills with
+`loop.call_soon_threadsafe`. Detokenisation and stop strings are handled here too, per request, so a stop string
+ends generation at the step that completes it (the engine is cancelled before it decodes another token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..generation import SamplingParams
+from .engine import Engine, Request
+
+log = logging.getLogger("qwen25.serve")
+
+
+@dataclass
+class Event:
+    """Output of one request: `text` released since the last event, tokens generated in total so far, and
+    finish_reason (stop/length/cancelled/error) on the last event."""
+
+    index: int
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate: prompt ids, sampling settings and stop strings (not included in the output)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+
+
+class TextTracker:
+    """Decodes a request's tokens incrementally and finds stop strings. Text that may still turn into a stop
+    string is held back, so a stop string never reaches the client, not even partly."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.decoder = tokenizer.decode_stream(skip_special_tokens=True)
+        self.stop = [s for s in stop if s]
+        self.text, self.sent, self.stop_at = "", 0, None
+
+    def add(self, token: int) -> bool:
+        """Append a token's text; True once a stop string has appeared (the text is cut before it)."""
+        old = len(self.text)
+        self.text += self.decoder.step(token)
+        if self.stop and self.stop_at is None:
+            longest = max(map(len, self.stop))
+            window_start = max(0, old - longest + 1)
+            hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stop_at = min(hits)
+        return self.stop_at is not None
+
+    def release(self, final: bool = False) -> str:
+        """Text not sent yet that is safe to send (all of it when final)."""
+        if final and self.stop_at is None:
+            self.text += self.decoder.flush()
+        if self.stop_at is not None:
+            end = self.stop_at
+        elif final:
+            end = len(self.text)
+        else:
+            end = len(self.text) - _held_back(self.text, self.stop)
+        piece = self.text[self.sent:max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return piece
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(text), len(stop) - 1), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+class _Handle:
+    def __init__(self, rid: str, index: int, request: GenerationRequest, tokenizer, sink):
+        self.id, self.index, self.request, self.sink = rid, index, request, sink
+        self.tracker = TextTracker(tokenizer, request.stop)
+        self.tokens = 0
+
+    def emit(self, event: Event) -> None:
+        self.sink(event)
+
+
+class ThroughputMeter:
+    """Generated tokens per second over a sliding window (for /metrics)."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window, self.points = window_s, deque()
+
+    def add(self, count: int, now: float | None = None) -> None:
+        self.points.append((now if now is not None else time.monotonic(), count))
+
+    def rate(self, now: float | None = None) -> float:
+        now = now if now is not None else time.monotonic()
+        while self.points and self.points[0][0] < now - self.window:
+            self.points.popleft()
+        if not self.points:
+            return 0.0
+        # Tokens in the window over the time they span (at least a second, so one burst does not read as a spike).
+        return sum(c for _, c in self.points) / max(now - self.points[0][0], 1.0)
+
+
+class AsyncEngine:
+    """The Engine on a background thread, with an async interface: `async for event in stream(requests)`."""
+
+    def __init__(self, engine: Engine, tokenizer, idle_poll_s: float = 0.1):
+        self.engine, self.tokenizer, self.idle_poll_s = engine, tokenizer, idle_poll_s
+        self.inbox: queue.Queue = queue.Queue()
+        self.handles: dict[str, _Handle] = {}
+        self.counters = {"generated_tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0}
+        self.throughput = ThroughputMeter()
+        self.pending = 0  # submitted by handlers, not yet taken by the engine thread
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="qwen25-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the engine thread; requests still running end with an error event."""
+        if self._thread is not None:
+            self.inbox.put(("stop", None))
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot (not yet prefilled)."""
+        return self.pending + len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    # ---- the async side ------------------------------------------------------------------------------------
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[Event]:
+        """Submit requests (choice i = requests[i]) and yield their events until all have finished. Leaving the
+        loop early (client gone, task cancelled) cancels whatever is still generating."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        handles = [_Handle(f"gen-{next(self._ids)}", i, r, self.tokenizer, sink) for i, r in enumerate(requests)]
+        open_ids = {h.index: h.id for h in handles}
+        self.pending += len(handles)
+        for handle in handles:
+            self.inbox.put(("submit", handle))
+        try:
+            while open_ids:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    open_ids.pop(event.index, None)
+                yield event
+        finally:
+            for rid in open_ids.values():
+                self.inbox.put(("cancel", rid))
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                commands = [self.inbox.get(timeout=self.idle_poll_s)] if not self.engine.has_work() else []
+            except queue.Empty:
+                commands = []
+            while True:
+                try:
+                    commands.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, value in commands:
+                if kind == "stop":
+                    self._fail_all("the server is shutting down")
+                    return
+                self._command(kind, value)
+            if self.engine.has_work():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a failing step must not take the server down with it
+                    log.exception("engine step failed")
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                    continue
+                self.counters["steps"] += 1
+                self._dispatch(outputs)
+
+    def _command(self, kind: str, value) -> None:
+        if kind == "submit":
+            handle: _Handle = value
+            self.pending -= 1
+            try:
+                self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id))
+            except ValueError as e:
+                self.counters["errors"] += 1
+                handle.emit(Event(handle.index, finish_reason="error", error=str(e)))
+                return
+            self.handles[handle.id] = handle
+        elif kind == "cancel" and value in self.handles:
+            self.engine.cancel(value)
+
+    def _dispatch(self, outputs) -> None:
+        new_tokens = 0
+        for out in outputs:
+            handle = self.handles.get(out.request_id)
+            if handle is None:
+                continue
+            reason = out.finish_reason
+            if out.token is not None:
+                handle.tokens += 1
+                new_tokens += 1
+                eos = out.token in handle.request.params.eos_token_ids
+                if not eos and handle.tracker.add(out.token) and reason is None:
+                    reason = "stop"  # a stop string: end now, before the engine decodes another token
+                    self.engine.cancel(handle.id)
+            if reason is None:
+                piece = handle.tracker.release()
+                if piece:
+                    handle.emit(Event(handle.index, piece, handle.tokens))
+                continue
+            del self.handles[handle.id]
+            self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
+            handle.emit(Event(handle.index, handle.tracker.release(final=True), handle.tokens, reason))
+        self.counters["generated_tokens"] += new_tokens
+        if new_tokens:
+            self.throughput.add(new_tokens)
+
+    def _fail_all(self, message: str) -> None:
+        """End every request with an error and empty the engine (its state after a failed step is unknown)."""
+        for handle in self.handles.values():
+            handle.emit(Event(handle.index, tokens=handle.tokens, finish_reason="error", error=message))
+        self.counters["errors"] += len(self.handles)
+        self.handles.clear()
+        self.engine.waiting.clear()
+        self.engine.running.clear()
+        self.engine.cancelled.clear()
+        self.engine.cache.lengths.zero_()

@@ -1,0 +1,71 @@
+"""The `serve` and `chat` sub-commands (registered in qwen25/cli.py). Heavy imports happen when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_serve_command(subparsers) -> None:
+    """Register `qwen25 serve`."""
+    p = subparsers.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API",
+                              description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
+                                          "/v1/models, /health, /metrics) over one continuous-batching engine.")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: no key)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (engine slots)")
+    p.add_argument("--max-len", type=int, help="context per sequence, prompt + output (default min(max pos, 4096))")
+    p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: what fits --max-len)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def add_chat_command(subparsers) -> None:
+    """Register `qwen25 chat`."""
+    p = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal (streamed)",
+                              description="Interactive chat: type a message, the reply streams. Commands: /reset, "
+                                          "/system TEXT, /exit. Sampling defaults come from generation_config.json.")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
+    p.add_argument("--system", help="system prompt (default: the chat format's default)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
+    p.add_argument("--max-len", type=int, help="context, history + reply (default min(max positions, 4096))")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    _model_flags(p)
+    p.set_defaults(func=_cmd_chat)
+
+
+def _model_flags(p) -> None:
+    p.add_argument("--int8", action="store_true", help="weight-only int8 quantization of the linear layers")
+    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server import build_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, _ = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
+                          dtype=args.dtype, threads=args.threads, model_name=args.served_model_name,
+                          api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .chat_cli import cmd_chat
+
+    return cmd_chat(args)

@@ -1,0 +1,389 @@
+"""The OpenAI-compatible HTTP server: a thin FastAPI layer over one AsyncEngine (continuous batching).
+
+Endpoints: POST /v1/chat/completions and /v1/completions (JSON or server-sent events), GET /v1/models,
+/health and /metrics (Prometheus text). `qwen25 serve --model DIR` runs it with uvicorn on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..generation import SamplingParams
+from ..tokenizer import TokenizerError, encode_chat
+from .async_engine import AsyncEngine, GenerationRequest
+from .openai_protocol import (APIError, ChatCompletionRequest, ChatDeltaStream, CompletionRequest, envelope,
+                              finish_reason, merge_deltas, new_id, parse_request, usage)
+
+log = logging.getLogger("qwen25.serve")
+
+
+@dataclass
+class ServerConfig:
+    """What the server allows and how it names the model. Defaults are the checkpoint's generation settings."""
+
+    model_name: str
+    defaults: SamplingParams
+    api_key: str | None = None
+    max_prompt_tokens: int | None = None  # None: what fits the engine's context
+    max_tokens_limit: int = 4096
+    max_concurrent: int = 64
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text format), kept on the event loop's thread."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = self.in_flight = 0
+        self.ttft_sum = self.ttft_count = self.latency_sum = self.latency_count = 0.0
+
+    def finished(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+        self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+        if seconds is not None:
+            self.latency_sum += seconds
+            self.latency_count += 1
+
+    def render(self, engine: AsyncEngine) -> str:
+        c, stats = engine.counters, engine.engine.stats
+        lines = ["# HELP qwen25_requests_total HTTP requests by endpoint and status.",
+                 "# TYPE qwen25_requests_total counter"]
+        lines += [f'qwen25_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        values = [
+            ("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", self.prompt_tokens),
+            ("generation_tokens_total", "counter", "Tokens generated.", c["generated_tokens"]),
+            ("generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.",
+             round(engine.throughput.rate(), 3)),
+            ("requests_running", "gauge", "Sequences in the engine's batch.", engine.running),
+            ("requests_waiting", "gauge", "Sequences queued for a batch slot (queue length).", engine.queue_length),
+            ("requests_in_flight", "gauge", "HTTP generation requests being served.", self.in_flight),
+            ("sequences_finished_total", "counter", "Sequences that finished (stop or length).", c["finished"]),
+            ("sequences_cancelled_total", "counter", "Sequences cancelled (client gone).", c["cancelled"]),
+            ("sequences_failed_total", "counter", "Sequences that ended with an error.", c["errors"]),
+            ("engine_steps_total", "counter", "Engine steps (prefill and/or one decode for the batch).", c["steps"]),
+            ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+             stats.get("reused_tokens", 0)),
+            ("time_to_first_token_seconds_sum", "counter", "Sum of times to the first token.", round(self.ttft_sum, 6)),
+            ("time_to_first_token_seconds_count", "counter", "Requests timed to the first token.", int(self.ttft_count)),
+            ("request_duration_seconds_sum", "counter", "Sum of generation request durations.", round(self.latency_sum, 6)),
+            ("request_duration_seconds_count", "counter", "Generation requests timed.", int(self.latency_count)),
+        ]
+        for name, kind, text, value in values:
+            lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} {kind}", f"qwen25_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
+    """The FastAPI application; the engine thread starts with the app and stops with it."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="qwen25", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = Metrics()
+    max_len = engine.engine.max_len
+    stop_ids = sorted(set(config.defaults.eos_token_ids) | _chat_stop_ids(tokenizer))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError):
+        if not getattr(error, "counted", False):
+            metrics.finished(request.url.path, error.status)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {config.api_key}":
+            raise APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
+                           "authentication_error", code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def sampling(req, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        """The request's settings over the checkpoint's defaults, after the limits."""
+        limit = config.max_prompt_tokens or max_len - 1
+        if prompt_len > limit:
+            raise APIError(400, f"the prompt has {prompt_len} tokens, more than the limit of {limit}",
+                           param="messages", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
+                                f"{config.max_tokens_limit}", param="max_tokens")
+        room = max_len - prompt_len
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"this model's context is {max_len} tokens, but {prompt_len} prompt tokens + "
+                                f"{max_tokens} max_tokens exceed it", param="max_tokens", code="context_length_exceeded")
+        d = config.defaults
+        temperature = req.temperature if req.temperature is not None else (d.temperature if d.do_sample else 0.0)
+        return SamplingParams(
+            do_sample=temperature > 0, temperature=temperature or 1.0,
+            top_p=req.top_p if req.top_p is not None else d.top_p,
+            top_k=req.top_k if req.top_k is not None else d.top_k,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty,
+            max_new_tokens=min(max_tokens or config.max_tokens_limit, room), eos_token_ids=stop_ids, seed=req.seed)
+
+    def choices_for(req, prompt: list[int], params: SamplingParams) -> list[GenerationRequest]:
+        out = []
+        for i in range(req.n):  # n choices differ by seed (seed + i; unseeded ones draw their own)
+            seed = None if params.seed is None else params.seed + i
+            out.append(GenerationRequest(prompt, dataclasses.replace(params, seed=seed), req.stop))
+        return out
+
+    def admit() -> None:
+        if metrics.in_flight >= config.max_concurrent:
+            raise APIError(429, f"the server is busy: {metrics.in_flight} requests in flight (limit "
+                                f"{config.max_concurrent}); retry later", "rate_limit_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": engine.running, "waiting": engine.queue_length}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "qwen25", "max_model_len": max_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await request.body())
+        check_model(req.model)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            prompt = encode_chat(tokenizer, req.chat_messages(), tools, add_generation_prompt=True, sanitize=True).ids
+        except TokenizerError as e:
+            raise APIError(400, f"invalid messages: {e}", param="messages") from None
+        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens)
+        admit()
+        rid, created = new_id("chatcmpl"), int(time.time())
+        streams = [ChatDeltaStream(req.parse_tools) for _ in range(req.n)]
+        events = _tracked(engine.stream(choices_for(req, prompt, params)), metrics, request.url.path, len(prompt))
+        if req.stream:
+            return _sse(request, _chat_chunks(events, streams, rid, created, req, len(prompt)))
+        deltas, reasons, tokens = await _collect(request, events, req.n, lambda i, text: streams[i].feed(text),
+                                                 lambda i: streams[i].finish())
+        choices = [{"index": i, "message": merge_deltas(deltas[i]), "logprobs": None,
+                    "finish_reason": finish_reason(reasons[i], streams[i].calls)} for i in range(req.n)]
+        return envelope(rid, "chat.completion", req.model, created, choices=choices, usage=usage(len(prompt), tokens))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        req: CompletionRequest = parse_request(CompletionRequest, await request.body())
+        check_model(req.model)
+        prompts = _completion_prompts(req.prompt, tokenizer)
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported with stream", param="echo")
+        requests, texts = [], []
+        for prompt in prompts:
+            params = sampling(req, len(prompt), req.max_tokens or 16)  # OpenAI's default max_tokens here is 16
+            requests += choices_for(req, prompt, params)
+            texts += [tokenizer.decode(prompt) if req.echo else ""] * req.n
+        admit()
+        rid, created = new_id("cmpl"), int(time.time())
+        prompt_tokens = sum(map(len, prompts))
+        events = _tracked(engine.stream(requests), metrics, request.url.path, prompt_tokens)
+        if req.stream:
+            return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens))
+        pieces, reasons, tokens = await _collect(request, events, len(requests), lambda i, text: [text],
+                                                 lambda i: [])
+        choices = [{"index": i, "text": texts[i] + "".join(pieces[i]), "logprobs": None,
+                    "finish_reason": finish_reason(reasons[i], 0)} for i in range(len(requests))]
+        return envelope(rid, "text_completion", req.model, created, choices=choices, usage=usage(prompt_tokens, tokens))
+
+    return app
+
+
+def _chat_stop_ids(tokenizer) -> set[int]:
+    """<|im_end|> and <|endoftext|>: a chat turn ends with either."""
+    ids = set()
+    for name in ("im_end_id", "endoftext_id"):
+        try:
+            ids.add(getattr(tokenizer, name))
+        except TokenizerError:
+            pass
+    return ids
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def _tracked(events, metrics: Metrics, endpoint: str, prompt_tokens: int):
+    """The engine's events, counted in the metrics (in flight, first-token time, duration, status)."""
+    start, first, status = time.perf_counter(), True, 200
+    metrics.in_flight += 1
+    metrics.prompt_tokens += prompt_tokens
+    try:
+        async for event in events:
+            if event.error:
+                status = 500 if "generation failed" in event.error else 400
+                error = APIError(status, event.error, "server_error" if status == 500 else "invalid_request_error")
+                error.counted = True  # counted here, in the finally below
+                raise error
+            if first and event.tokens:
+                metrics.ttft_sum += time.perf_counter() - start
+                metrics.ttft_count += 1
+                first = False
+            yield event
+    except asyncio.CancelledError:
+        status = 499  # nginx's "client closed request"
+        raise
+    finally:
+        await events.aclose()
+        metrics.in_flight -= 1
+        if status != 200:
+            metrics.finished(endpoint, status)
+        else:
+            metrics.finished(endpoint, 200, time.perf_counter() - start)
+
+
+async def _collect(request: Request, events, n: int, feed, finish):
+    """Run a non-streaming request to the end; cancelled if the client disconnects meanwhile."""
+    parts: list[list] = [[] for _ in range(n)]
+    reasons, tokens = ["stop"] * n, [0] * n
+
+    async def run():
+        async for event in events:
+            parts[event.index] += feed(event.index, event.text)
+            tokens[event.index] = event.tokens
+            if event.finish_reason:
+                parts[event.index] += finish(event.index)
+                reasons[event.index] = event.finish_reason
+
+    task = asyncio.ensure_future(run())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return parts, reasons, sum(tokens)
+    task.result()
+    return parts, reasons, sum(tokens)
+
+
+def _sse(request: Request, chunks) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req, prompt_tokens: int):
+    """Chat chunks: the role first, content/tool-call deltas, finish_reason last (per choice), then usage."""
+    def chunk(index: int, delta: dict, reason: str | None = None) -> dict:
+        return envelope(rid, "chat.completion.chunk", req.model, created,
+                        choices=[{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}])
+
+    for i in range(req.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    tokens = [0] * req.n
+    try:
+        async for event in events:
+            tokens[event.index] = event.tokens
+            for delta in streams[event.index].feed(event.text):
+                yield chunk(event.index, delta)
+            if event.finish_reason:
+                for delta in streams[event.index].finish():
+                    yield chunk(event.index, delta)
+                yield chunk(event.index, {}, finish_reason(event.finish_reason, streams[event.index].calls))
+    except APIError as e:  # the headers are gone: report the error in the stream, as OpenAI does
+        yield e.body()
+        return
+    if req.include_usage:
+        yield envelope(rid, "chat.completion.chunk", req.model, created, choices=[],
+                       usage=usage(prompt_tokens, sum(tokens)))
+
+
+async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
+    def chunk(index: int, text: str, reason: str | None = None) -> dict:
+        return envelope(rid, "text_completion", req.model, created,
+                        choices=[{"index": index, "text": text, "logprobs": None, "finish_reason": reason}])
+
+    tokens: dict[int, int] = {}
+    try:
+        async for event in events:
+            tokens[event.index] = event.tokens
+            if event.text or event.finish_reason:
+                yield chunk(event.index, event.text, finish_reason(event.finish_reason, 0) if event.finish_reason else None)
+    except APIError as e:
+        yield e.body()
+        return
+    if req.include_usage:
+        yield envelope(rid, "text_completion", req.model, created, choices=[],
+                       usage=usage(prompt_tokens, sum(tokens.values())))
+
+
+# ---- building and running --------------------------------------------------------------------------------------
+def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
+                 dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
+                 **limits) -> tuple[FastAPI, AsyncEngine]:
+    """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine."""
+    import torch
+
+    from ..model import load_model
+    from ..tokenizer import Tokenizer
+    from .engine import Engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=dtype)
+    if int8:
+        from .quant import quantize_int8
+
+        quantize_int8(model, dtype=model.model.embed_tokens.weight.dtype)
+    engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer)), tokenizer)
+    defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
+    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
+    return create_app(engine, tokenizer, config), engine
+
+
+def run_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """Start uvicorn on a background thread (tests, benchmarks); returns (server, base_url). Stop it with
+    `server.should_exit = True`."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    server.thread = thread
+    return server, f"http://{host}:{port}"

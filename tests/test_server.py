@@ -1,0 +1,398 @@
+"""The OpenAI-compatible server: outputs equal the engine's greedy outputs, the exact SSE chunk structure (tool calls
+from a scripted engine), limits and errors, metrics, disconnects, and the official `openai` client on a live server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from serve_fixtures import greedy_reply, write_tiny_chat_checkpoint
+
+from qwen25.generation import SamplingParams
+from qwen25.model import load_model
+from qwen25.serve.async_engine import AsyncEngine, TextTracker
+from qwen25.serve.engine import StepOutput
+from qwen25.serve.server import ServerConfig, build_server, create_app, run_in_thread
+from qwen25.tokenizer import Tokenizer, encode_chat
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, what is 2+2?"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+SCRIPT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris", "format": "24h"}}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_chat_checkpoint(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    """(TestClient, AsyncEngine, model, tokenizer) for the real engine on the tiny checkpoint."""
+    app, engine = build_server(model_dir, max_batch=4, max_len=256, model_name="tiny", max_tokens_limit=200,
+                               max_prompt_tokens=150)
+    with TestClient(app) as client:
+        yield client, engine, load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir)
+
+
+def greedy_text(served, prompt: list[int], n: int) -> tuple[str, list[int]]:
+    """What the model generates greedily (generation.generate, no engine) and the text the server should send."""
+    _, _, model, tok = served
+    return greedy_reply(model, tok, prompt, n)
+
+
+def sse(response) -> list:
+    """The data lines of an event stream (JSON decoded, except [DONE])."""
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **body})
+
+
+# ---- outputs equal the engine's ----------------------------------------------------------------------------------
+def test_chat_equals_greedy_generation(served):
+    client, _, _, tok = served
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    text, ids = greedy_text(served, prompt, 12)
+    body = chat(client, max_tokens=12, temperature=0).json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": text}
+    assert body["choices"][0]["finish_reason"] == ("stop" if len(ids) < 12 else "length")
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
+                             "total_tokens": len(prompt) + len(ids)}
+
+
+def test_streamed_chat_chunks(served):
+    client, _, _, tok = served
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    text, ids = greedy_text(served, prompt, 10)
+    with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 10,
+                                                             "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:-1])
+    *body, last, usage = chunks
+    assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["delta"] == {}
+    assert all(c["choices"][0]["finish_reason"] is None for c in body)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in body) == text
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(ids) == 10
+
+
+def test_completions_batch_n_echo(served):
+    client, _, _, tok = served
+    prompts = ["The quick brown fox", "通义千问"]
+    expected = [greedy_text(served, tok.encode(p), 6)[0] for p in prompts]
+    body = client.post("/v1/completions", json={"model": "tiny", "prompt": prompts, "max_tokens": 6, "n": 2,
+                                                "temperature": 0}).json()
+    assert [c["text"] for c in body["choices"]] == [expected[0]] * 2 + [expected[1]] * 2
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+    ids = tok.encode(prompts[0])
+    echoed = client.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 6, "echo": True,
+                                                  "temperature": 0}).json()
+    assert echoed["choices"][0]["text"] == prompts[0] + expected[0]
+
+
+def test_sampling_seed_reproducible_and_n_differs(served):
+    client = served[0]
+    body = dict(max_tokens=8, temperature=1.0, top_p=0.9, seed=123, n=2)
+    a, b = chat(client, **body).json(), chat(client, **body).json()
+    texts = [c["message"]["content"] for c in a["choices"]]
+    assert texts == [c["message"]["content"] for c in b["choices"]]
+    assert texts[0] != texts[1]  # seed + i per choice
+
+
+def test_stop_strings(served):
+    client, _, _, tok = served
+    prompt = tok.encode("Numbers: 0 1 12")
+    text, ids = greedy_text(served, prompt, 20)
+    stop = text[6:9]
+    cut = text.index(stop)
+    body = client.post("/v1/completions", json={"model": "tiny", "prompt": "Numbers: 0 1 12", "max_tokens": 20,
+                                                "stop": [stop, "never-there"], "temperature": 0}).json()
+    choice = body["choices"][0]
+    assert choice["text"] == text[:cut] and choice["finish_reason"] == "stop"
+    # generation ended at the token that completed the stop string
+    n = next(k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k], skip_special_tokens=True))
+    assert body["usage"]["completion_tokens"] == n
+    with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Numbers: 0 1 12", "stream": True,
+                                                        "max_tokens": 20, "stop": stop, "temperature": 0}) as r:
+        chunks = sse(r)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[:cut]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_text_tracker_holds_back_partial_stop_strings():
+    tok = SimpleNamespace(decode_stream=lambda skip_special_tokens: SimpleNamespace(
+        step=lambda t: "abcdefgh"[t], flush=lambda: ""))
+    tracker, sent = TextTracker(tok, ["def", "xyz"]), []
+    for t in range(8):
+        stopped = tracker.add(t)
+        sent.append(tracker.release())
+        if stopped:
+            break
+    assert sent == ["a", "b", "c", "", "", ""] and tracker.release(final=True) == ""
+
+
+# ---- limits and errors --------------------------------------------------------------------------------------------
+def test_errors_are_4xx_with_reasons_and_server_keeps_serving(served):
+    client = served[0]
+    cases = [
+        (client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": ['), 400, "not valid JSON"),
+        (client.post("/v1/chat/completions", json=[1, 2]), 400, "JSON object"),
+        (chat(client, model="gpt-4"), 404, "does not exist"),
+        (chat(client, max_tokens=-3), 400, "max_tokens"),
+        (chat(client, max_tokens=201), 400, "limit of 200"),
+        (chat(client, temperature=5), 400, "temperature"),
+        (chat(client, messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role"),
+        (chat(client, messages=[]), 400, "messages"),
+        (chat(client, messages=[{"role": "user", "content": "word " * 400}]), 400, "more than the limit of 150"),
+        (chat(client, max_tokens=200, messages=[{"role": "user", "content": "word " * 20}]), 400, "context is 256"),
+        (chat(client, logprobs=True), 400, "logprobs"),
+        (client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 10_000]}), 400, "vocabulary"),
+        (client.post("/v1/completions", json={"model": "tiny"}), 400, "prompt"),
+    ]
+    for response, status, reason in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert reason in error["message"], error
+    ok = chat(client, max_tokens=3)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_api_key_and_models(model_dir):
+    app, _ = build_server(model_dir, max_batch=1, max_len=64, api_key="sekret")
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = client.post("/v1/chat/completions", json={"model": model_dir.name, "messages": MESSAGES})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        models = client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).json()
+        assert [m["id"] for m in models["data"]] == [model_dir.name]
+        assert client.get("/health").status_code == 200  # health and metrics stay open for probes
+
+
+def test_metrics(served):
+    client = served[0]
+    chat(client, max_tokens=4)
+    text = client.get("/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['qwen25_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["qwen25_generation_tokens_total"] >= 4 and values["qwen25_generation_tokens_per_second"] > 0
+    assert values["qwen25_requests_waiting"] == 0 and values["qwen25_requests_in_flight"] == 0
+    assert "# TYPE qwen25_requests_waiting gauge" in text
+
+
+# ---- tool calls, from a scripted engine -------------------------------------------------------------------------
+class ScriptedEngine:
+    """An Engine stand-in: every request generates `script` (then <|im_end|>), `delay` seconds a step."""
+
+    def __init__(self, script: list[int], delay: float = 0.0, max_len: int = 4096):
+        self.script, self.delay, self.max_len = script, delay, max_len
+        self.waiting, self.running, self.cancelled, self.stats = deque(), {}, set(), {}
+        self.cache = SimpleNamespace(lengths=torch.zeros(1))
+
+    def submit(self, request):
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id):
+        self.cancelled.add(request_id)
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def step(self):
+        time.sleep(self.delay)
+        while self.waiting:
+            request = self.waiting.popleft()
+            self.running[request.id] = [request, 0]
+        outs = []
+        for rid, state in list(self.running.items()):
+            request, i = state
+            if rid in self.cancelled:
+                del self.running[rid]
+                outs.append(StepOutput(rid, None, "cancelled"))
+                continue
+            token = self.script[i % len(self.script)]
+            state[1] += 1
+            reason = ("stop" if token in request.params.eos_token_ids else
+                      "length" if state[1] >= request.params.max_new_tokens else None)
+            if reason:
+                del self.running[rid]
+            outs.append(StepOutput(rid, token, reason))
+        return outs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return Tokenizer.from_dir(model_dir)
+
+
+def scripted_app(tokenizer, text: str, delay: float = 0.0, **limits):
+    script = tokenizer.encode(text) + [tokenizer.im_end_id]
+    engine = AsyncEngine(ScriptedEngine(script, delay), tokenizer)
+    config = ServerConfig(model_name="tiny", defaults=SamplingParams(), **limits)
+    return create_app(engine, tokenizer, config), engine
+
+
+def test_streamed_tool_calls_exact_structure(tokenizer):
+    app, _ = scripted_app(tokenizer, SCRIPT)
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "stream": True}) as r:
+            events = sse(r)
+        whole = chat(client, tools=TOOLS).json()
+    assert events[-1] == "[DONE]"
+    deltas = [c["choices"][0]["delta"] for c in events[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    content = [d["content"] for d in deltas[1:] if "content" in d]
+    assert "".join(content) == "Let me check." and not any("<" in c or "tool_call" in c for c in content)
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert all(len(c) == 1 for c in calls)
+    pieces = [c[0] for c in calls]
+    assert [p["index"] for p in pieces] == [0, 0, 1, 1]
+    for head, args in (pieces[0:2], pieces[2:4]):  # id, type and name first; then the argument fragments
+        assert head["id"].startswith("call") and head["type"] == "function" and head["function"]["arguments"] == ""
+        assert "id" not in args and "name" not in args["function"]
+    assert [p["function"]["name"] for p in pieces[0::2]] == ["get_weather", "get_time"]
+    assert json.loads(pieces[1]["function"]["arguments"]) == {"city": "Paris"}
+    assert json.loads(pieces[3]["function"]["arguments"]) == {"tz": "Europe/Paris", "format": "24h"}
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
+    message = whole["choices"][0]["message"]
+    assert whole["choices"][0]["finish_reason"] == "tool_calls" and message["content"] == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris", "format": "24h"})]
+
+
+def test_tool_markup_is_content_without_tools_or_when_malformed(tokenizer):
+    app, _ = scripted_app(tokenizer, SCRIPT)
+    with TestClient(app) as client:
+        plain = chat(client).json()["choices"][0]
+        none = chat(client, tools=TOOLS, tool_choice="none").json()["choices"][0]
+    assert plain["message"]["content"] == SCRIPT and plain["finish_reason"] == "stop"
+    assert none["message"]["content"] == SCRIPT
+    bad = 'Hi <tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>'
+    app, _ = scripted_app(tokenizer, bad)
+    with TestClient(app) as client:
+        choice = chat(client, tools=TOOLS).json()["choices"][0]
+    assert choice["message"]["content"] == 'Hi <tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>'
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "stop"
+
+
+def test_concurrency_limit_and_disconnect_cancels(tokenizer):
+    app, engine = scripted_app(tokenizer, "one two three four five six", delay=0.01, max_concurrent=1)
+    server, url = run_in_thread(app)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 2000}
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                busy = client.post("/v1/chat/completions", json={**body, "stream": False})
+                assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+            deadline = time.monotonic() + 10  # the stream was closed after one chunk: the engine must stop it
+            while engine.counters["cancelled"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.counters["cancelled"] == 1 and not engine.engine.has_work()
+            assert engine.counters["generated_tokens"] < 1000
+            ok = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            assert 'status="499"' in client.get("/metrics").text
+    finally:
+        server.should_exit = True
+        server.thread.join(10)
+
+
+# ---- the official openai client against a live server -----------------------------------------------------------
+def test_openai_client_live(served, model_dir, tokenizer):
+    openai = pytest.importorskip("openai")
+    _, _, _, tok = served
+    app, engine = build_server(model_dir, max_batch=3, max_len=256, model_name="tiny", api_key="k")
+    server, url = run_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+        text, ids = greedy_text(served, prompt, 9)
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=9, temperature=0)
+        assert reply.choices[0].message.content == text and reply.usage.completion_tokens == len(ids)
+        stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=9, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[-1].usage.completion_tokens == len(ids)
+
+        # concurrent clients (more than the engine's 3 slots) each get their single-request greedy output
+        prompts = [f"Question {i}: how many legs has a cat?" for i in range(5)]
+        expected = [greedy_text(served, tok.encode(p), 7)[0] for p in prompts]
+        got = [None] * len(prompts)
+
+        def ask(i):
+            got[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=7, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == expected
+
+        # a cancelled stream: closing it early stops generation in the engine
+        before = engine.counters["cancelled"]
+        stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=200, stream=True)
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 10
+        while engine.counters["cancelled"] == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.counters["cancelled"] == before + 1
+
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=MESSAGES)
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=-1)
+        assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.should_exit = True
+        server.thread.join(10)
+
+    # a tool-call round trip through the client (scripted model output)
+    app, _ = scripted_app(tokenizer, SCRIPT)
+    server, url = run_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS)
+        calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and [c.function.name for c in calls] == [
+            "get_weather", "get_time"]
+        streamed: dict[int, dict] = {}
+        for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, stream=True):
+            for call in chunk.choices[0].delta.tool_calls or []:
+                entry = streamed.setdefault(call.index, {"name": "", "arguments": ""})
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+        assert streamed == {i: {"name": c.function.name, "arguments": c.function.arguments} for i, c in enumerate(calls)}
+        history = MESSAGES + [reply.choices[0].message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": c.id, "content": json.dumps({"ok": i})} for i, c in enumerate(calls)]
+        again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS)
+        assert again.choices[0].finish_reason == "tool_calls"
+    finally:
+        server.should_exit = True
+        server.thread.join(10)

@@ -190,6 +190,38 @@ def test_dpo_resume_is_exact(tmp_path):
         progress=False))
 
 
+@pytest.mark.parametrize("method", ["dare", "ties"])
+def test_dpo_with_online_merging_resumes_exactly(tmp_path, method):
+    """Merging every 2 steps with a checkpoint at step 3: the merge anchor travels in the optimizer state."""
+    from qwen25.model import save_model
+
+    base, sft = load_causal_lm("tiny", 0), load_causal_lm("tiny", 0)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_model(base, tmp_path / "base")
+    save_model(sft, tmp_path / "sft")
+    train = separable_pairs(32, 1)
+    _resume_equals_uninterrupted(tmp_path, f"dpo-{method}", lambda out: train_dpo(
+        DPOConfig(out_dir=str(out), model=str(tmp_path / "sft"), lr=1e-3, steps=6, batch_size=8, save_every=3,
+                  merge=method, base_model=str(tmp_path / "base"), merge_weight=0.05, merge_keep=0.5,
+                  merge_every=2), train, progress=False))
+    assert metrics(tmp_path / f"dpo-{method}-full")[-1]["rewards/margins"] > 0
+
+
+def test_grpo_with_a_reward_model_as_reward(tmp_path):
+    """A reward model trained to prefer ids 10-19 steers GRPO's samples toward them."""
+    rm, _ = train_reward_model(RMConfig(out_dir=str(tmp_path / "rm"), model="tiny", lr=3e-3, steps=20, batch_size=8),
+                               separable_pairs(64, 1), progress=False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_ids": torch.randint(40, 100, (4,), generator=g).tolist()} for _ in range(8)]
+    cfg = GRPOConfig(out_dir=str(tmp_path / "grpo"), model="tiny", lr=1e-2, steps=6, queries_per_step=4,
+                     group_size=8, max_new_tokens=4, vocab_limit=32)
+    train_grpo(cfg, prompts, reward_fn(rm), progress=False)
+    rows = metrics(tmp_path / "grpo")
+    assert rows[-1]["reward"] > rows[0]["reward"] + 0.5, [round(r["reward"], 3) for r in rows]  # 0.25 -> 1.8
+
+
 def _digit7(prompts, completions, examples):
     """Toy verifiable reward: the share of completion tokens that are the id 7 ("answer with the digit 7")."""
     return [sum(t == 7 for t in c) / max(1, len(c)) for c in completions]

@@ -98,6 +98,9 @@ def test_aux_loss_with_padding_matches_transformers(hf_checkpoints):
     padded = router_aux_loss(ours, valid)
     torch.testing.assert_close(padded, ref.aux_loss, atol=1e-6, rtol=1e-6)
     assert abs(float(padded - router_aux_loss(ours))) > 1e-4  # the mask changes the loss: padding left out
+    stats = router_stats(ours, valid)
+    assert [sum(layer) for layer in stats["tokens_per_expert"]] == [int(valid.sum()) * 2] * 2  # 2 layers, top-2
+    assert stats["aux_loss"] == pytest.approx(float(padded))
 
 
 def test_our_checkpoint_loads_in_transformers(tmp_path):

@@ -100,6 +100,21 @@ def test_dca_equals_causal_attention_within_one_chunk(tile):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("t", [37, 20, 9, 1])  # prefill, and queries that are the last t of 37 slots
+@pytest.mark.parametrize("chunk_len", [8, 5, 37])
+def test_flash_chunk_path_equals_tiled_path(t, chunk_len):
+    import qwen25.model.dca as dca
+
+    assert dca._FLASH_WITH_LSE is not None  # this torch has the CPU kernel: the fast path is what runs
+    gen = torch.Generator().manual_seed(t * 100 + chunk_len)
+    qs = [torch.randn(2, 6, t, 16, generator=gen) for _ in range(3)]
+    k, v = torch.randn(2, 3, 37, 16, generator=gen), torch.randn(2, 3, 37, 16, generator=gen)
+    pos = torch.arange(37)[None]
+    fast = dca_attention(*qs, k, v, pos[:, 37 - t:].expand(2, t), pos, chunk_len)
+    tiled = dca_attention(*qs, k, v, pos[:, 37 - t:].expand(2, t), pos, chunk_len, tile=4)
+    torch.testing.assert_close(fast, tiled, atol=1e-5, rtol=0)
+
+
 # ---- DCA against the literal reference ---------------------------------------------------------------------------
 def _tables(name, original, positions, cache=None):
     s, w = SETTINGS[name]

@@ -117,18 +117,72 @@ def dca_tile_size(chunk_len: int, max_tile: int = DEFAULT_TILE) -> int:
     return next((n for n in range(max_tile, max_tile // 2, -1) if chunk_len % n == 0), max_tile)
 
 
+# torch's CPU flash-attention kernel also returns the log-sum-exp that an exact merge needs (private aten op:
+# absent elsewhere or in other versions, in which case the tiled path serves).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """(out (B, Hq, T, d) fp32, lse (B, Hq, T) fp32) by the flash kernel; causal needs T == S (top-left)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if causal:  # rows of one head must stay one causal block: give every query head its kv head
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        out, lse = _FLASH_WITH_LSE(q, k, v, 0.0, True, scale=scale)
+        return out.float(), lse.float()
+    out, lse = _FLASH_WITH_LSE(q.reshape(b, hkv, g * t, d), k, v, 0.0, False, scale=scale)
+    return out.float().reshape(b, hq, t, d), lse.float().reshape(b, hq, t)
+
+
+def _contiguous(q_positions: torch.Tensor, k_positions: torch.Tensor, t: int, s: int) -> bool:
+    """Whether key j sits at position j and the queries are the last t of the s slots (no padding)."""
+    slots = torch.arange(s, device=k_positions.device)
+    return bool((k_positions == slots).all()) and bool((q_positions == slots[s - t:]).all())
+
+
+def _dca_by_chunks(q_intra, q_successive, q_inter, k, v, chunk_len: int, scale: float) -> torch.Tensor:
+    """DCA when slots are positions: per query chunk, at most four flash calls (no score matrix is stored)."""
+    b, hq, t, d = q_intra.shape
+    s, c = k.shape[2], chunk_len
+    first = s - t  # slot of the first query
+    out = torch.empty(b, hq, t, d, dtype=torch.float32, device=q_intra.device)
+    for start in range(first // c * c, s, c):
+        qa, qb = max(first, start), min(start + c, s)  # query slots inside this chunk
+        rows = slice(qa - first, qb - first)
+        parts = [_flash_with_lse(q_intra[:, :, rows], k[:, :, qa:qb], v[:, :, qa:qb], scale, causal=True)]
+        if qa > start:  # earlier keys of the same chunk (decoding): all visible
+            parts.append(_flash_with_lse(q_intra[:, :, rows], k[:, :, start:qa], v[:, :, start:qa], scale, False))
+        if start >= c:
+            parts.append(_flash_with_lse(q_successive[:, :, rows], k[:, :, start - c:start],
+                                         v[:, :, start - c:start], scale, False))
+        if start >= 2 * c:
+            parts.append(_flash_with_lse(q_inter[:, :, rows], k[:, :, :start - c], v[:, :, :start - c], scale,
+                                         False))
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = merge_attention(*merged, *part)
+        out[:, :, rows] = merged[0]
+    return out.to(q_intra.dtype)
+
+
 def dca_attention(q_intra: torch.Tensor, q_successive: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, chunk_len: int,
                   mask: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
-    """Dual chunk attention over tiles: (B, Hq, T, d) in the dtype of the queries.
+    """Dual chunk attention: (B, Hq, T, d) in the dtype of the queries.
 
     q_*: (B, Hq, T, d) queries rotated at their intra/successive/inter positions; k (B, Hkv, S, d) keys
     rotated at j mod c, v (B, Hkv, S, d). q_positions (B, T) and k_positions (B or 1, S) are token
     positions: they decide the chunks (i // c). mask (B or 1, 1, T, S) bool marks visible keys; None means
     causal over slots, the queries being the last T of the S slots (prefill, or decoding after the cache).
+    Without a mask or padding, on CPU, each chunk's parts run in torch's flash kernel; otherwise (or when
+    `tile` is given) the parts are computed on tiles of at most tile x tile scores.
     """
     b, hq, t, d = q_intra.shape
     s = k.shape[2]
+    if (tile is None and mask is None and _FLASH_WITH_LSE is not None and q_intra.device.type == "cpu"
+            and _contiguous(q_positions, k_positions, t, s)):
+        return _dca_by_chunks(q_intra, q_successive, q_inter, k, v, chunk_len, d ** -0.5)
     tile = tile or dca_tile_size(chunk_len)
     scale = d ** -0.5
     q_chunk, k_chunk = q_positions // chunk_len, k_positions // chunk_len

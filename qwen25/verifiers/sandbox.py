@@ -123,7 +123,17 @@ def _make_cgroup(controller: str, limits: dict[str, str]) -> Path | None:
 
 
 def _remove_cgroup(path: Path) -> None:
+    """Kill whatever is still in the cgroup (a process that escaped its process group in the fallback mode),
+    then remove it."""
     for _ in range(200):  # processes of a killed namespace may take a moment to be reaped
+        try:
+            for pid in (path / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+        except OSError:
+            pass
         try:
             path.rmdir()
             return
@@ -133,20 +143,20 @@ def _remove_cgroup(path: Path) -> None:
             time.sleep(0.01)
 
 
-def _cgroup_events(path: Path | None, name: str) -> int:
-    """A counter from a cgroup file (pids.events 'max N', memory.failcnt, memory.events 'oom_kill N')."""
+def _cgroup_counter(path: Path | None, fname: str, key: str | None = None) -> int:
+    """A counter of a cgroup: the first number of `fname` (memory.failcnt), or the line `key N` of it
+    (pids.events "max N"); 0 when there is no such cgroup or file."""
     if path is None:
         return 0
-    for fname, key in ((name, None),) if ":" not in name else ((name.split(":")[0], name.split(":")[1]),):
-        try:
-            text = (path / fname).read_text()
-        except OSError:
-            return 0
-        if key is None:
-            return int(text.split()[0]) if text.split() else 0
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return int(line.split()[1])
+    try:
+        text = (path / fname).read_text()
+    except OSError:
+        return 0
+    if key is None:
+        return int(text.split()[0]) if text.split() else 0
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return int(line.split()[1])
     return 0
 
 
@@ -178,8 +188,8 @@ def _classify(report: dict, stderr: str, groups: dict[str, Path]) -> tuple[str, 
 
     if report.get("timed_out"):
         return "timeout", "timeout"
-    pids_hit = _cgroup_events(groups.get("pids"), "pids.events:max")
-    mem_hit = _cgroup_events(groups.get("memory"), "memory.failcnt")
+    pids_hit = _cgroup_counter(groups.get("pids"), "pids.events", "max")
+    mem_hit = _cgroup_counter(groups.get("memory"), "memory.failcnt")
     if report.get("returncode") == 0:
         return "passed", ""
     signum = report.get("signal")

@@ -406,3 +406,17 @@ def test_cli_info_shows_total_and_activated_parameters(capsys):
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = ModelConfig.from_preset("tiny-moe")
     assert info["parameters_activated"] == param_count(cfg, activated=True) < info["parameters"]
+
+
+def test_training_loop_trains_a_moe_preset(tmp_path):
+    from qwen25.train.loop import TokenWindows, TrainConfig, train
+
+    tokens = (torch.arange(6000) * 7) % 64  # a fixed successor rule over 64 ids
+    cfg = TrainConfig(out_dir=str(tmp_path), model="tiny-moe", steps=20, batch_size=8, seq_len=32, lr=1e-2,
+                      warmup=2, save_every=1000, dtype="fp32", tensorboard=False, peak_flops=1e10)
+    final = train(cfg, TokenWindows(tokens, 8, 32, seed=0), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert final["loss"] < 0.5 * lines[0]["loss"]
+    assert all(0 < m["router_loss"] < 0.01 for m in lines)  # 0.001 x aux, aux between k=2 and E=8
+    model = load_model(tmp_path / "final", dtype="fp32")
+    assert model.config.model_type == "qwen2_moe" and len(sparse_blocks(model)) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -117,3 +118,26 @@ def test_training_from_shard_config_learns_and_logs_mfu(tmp_path):
     assert 0 < final["mfu"] < 1 and final["tokens_per_s"] > 0
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["data"] == str(data) and saved["seq_len"] == 32
+
+
+def test_moe_router_loss_joins_the_objective_without_padding(tmp_path):
+    from qwen25.model.moe import router_loss
+    from qwen25.train.loop import build_model, make_data
+
+    data = make_shards(tmp_path / "s", rows=8, pad_every=2)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data=str(data), model="tiny-moe", steps=2, batch_size=4,
+                      seq_len=32, lr=1e-2, warmup=0, dtype="fp32", save_every=100, peak_flops=1e11)
+    train(cfg, progress=False)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # step 1 ran on the initial weights: its logged router loss is model/moe.py's, padding left out
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    tokens, docs = make_data(cfg).batch(0)
+    assert (docs == -1).any()
+    with torch.no_grad():
+        lm = lm_loss(model, (tokens, docs), None)
+        expected = router_loss(model, docs[:, :-1] >= 0)
+        unmasked = router_loss(model, None)
+    assert first["router_loss"] == pytest.approx(float(expected), rel=1e-6) and float(expected) > 0
+    assert float(unmasked) != pytest.approx(float(expected), rel=1e-6)
+    assert first["loss"] == pytest.approx(float(lm), rel=1e-6)  # the logged loss is the LM part alone

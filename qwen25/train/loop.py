@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
             objective = loss + aux if aux is not None else loss
             (objective * (count * world / total_targets)).backward()
             loss_sum += loss.item() * count
-            aux_sum += float(aux) * count if aux is not None else 0.0
+            aux_sum += aux.item() * count if aux is not None else 0.0
         total = dist_utils.all_sum(loss_sum, device) / max(total_targets, 1.0)
         grad_norm = dist_utils.clip_grad_norm(model, cfg.clip)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):

@@ -252,3 +252,54 @@ def test_jsonl_reader_survives_a_truncated_gzip(tmp_path):
     ids = [d.id for d in reader()]
     assert "d0" in ids and len(ids) < 400  # what could be read was read, nothing raised
     assert reader.stats["corrupt_files"].total == 1
+
+
+TOPIC_WORDS = {
+    "science": "experiment energy particle molecule theory observation cell species protein gene".split(),
+    "ecommerce": "price shipping cart discount order checkout coupon delivery deal store".split(),
+    "entertainment": "movie album concert episode actor trailer fans season song celebrity".split(),
+}
+
+
+def topic_docs(seed: int, n: int):
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = list(TOPIC_WORDS)[i % 3]
+        words = [rng.choice(TOPIC_WORDS[label] if rng.random() < 0.3 else COMMON + GOOD) for _ in range(60)]
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def test_topic_classifier_learns_planted_topics(tmp_path):
+    from qwen25.data.domains import DomainTagger, TopicClassifier
+    from datatrove.data import Document
+
+    texts, labels = topic_docs(0, 150)
+    clf = TopicClassifier(list(TOPIC_WORDS)).fit(texts, labels)
+    held, truth = topic_docs(7, 90)
+    assert np.mean(np.array(clf.predict(held)) == np.array(truth)) > 0.95
+    path = clf.save(tmp_path / "topics.npz")
+    docs = list(DomainTagger(classifier=path).run(iter(Document(text=t, id=str(i)) for i, t in enumerate(held))))
+    assert [d.metadata["topic"] for d in docs] == clf.predict(held)
+    with pytest.raises(ValueError, match="unknown labels \\['sports'\\]"):
+        TopicClassifier(["science"]).fit(["a"], ["sports"])
+
+
+def test_softmax_gradient_equals_autograd():
+    from qwen25.data.domains import softmax_gradient
+
+    rng = np.random.default_rng(0)
+    texts, _ = planted_docs(3, 5)
+    dim, k = 64, 3
+    feats = [hashed_features(t, dim) for t in texts]
+    w, b, y = rng.normal(size=(dim, k)), rng.normal(size=k), rng.integers(0, k, len(texts))
+    rows, grad, gb = softmax_gradient(w, b, feats, y)
+    x = torch.zeros(len(texts), dim, dtype=torch.float64)
+    for row, (idx, val) in enumerate(feats):
+        x[row].index_put_((torch.from_numpy(idx),), torch.from_numpy(val).double(), accumulate=True)
+    wt, bt = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    torch.nn.functional.cross_entropy(x @ wt + bt, torch.from_numpy(y)).backward()
+    assert np.allclose(grad, wt.grad.numpy()[rows]) and np.allclose(gb, bt.grad.numpy())
+    assert np.allclose(np.delete(wt.grad.numpy(), rows, axis=0), 0)

@@ -262,6 +262,8 @@ class DataPipeline:
     def step_domains(self, label, previous, out, opts):
         from .domains import DomainTagger
 
+        if opts.get("classifier"):
+            opts["classifier"] = str(self._path(opts["classifier"]))
         return self.execute(label, [self.reader(previous), DomainTagger(**opts), self.writer(out)])
 
     def step_decontaminate(self, label, previous, out, opts):

@@ -122,8 +122,8 @@ def test_greedy_generation_equals_transformers_and_stops(models):
     for p, text in zip(prompts, got):
         ids = torch.tensor([lm.encode(p)])
         with torch.no_grad():
-            ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=256, pad_token_id=0)[0, ids.shape[1]:]
-        ref = [t for t in ref.tolist()]
+            ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=256, pad_token_id=0)
+        ref = ref[0, ids.shape[1]:].tolist()
         expected = lm.tokenizer.decode(ref[:ref.index(256)] if 256 in ref else ref)
         assert text == expected
     stop = got[0][3:5] if len(got[0]) >= 5 else None

@@ -249,8 +249,9 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
             "cgroup_procs": [str(g / "cgroup.procs") for g in groups.values()],
             "network": limits.network, "read_only_fs": limits.read_only_fs, "namespaces": limits.namespaces,
             # Run instead when no network namespace could be made: the socket-blocking prelude, then the program.
-            "fallback_argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), "-c", SOCKET_BLOCK_PRELUDE +
-                              f"import runpy\nrunpy.run_path({str(program)!r}, run_name='__main__')\n"],
+            "fallback_argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), "-c",
+                              SOCKET_BLOCK_PRELUDE + f"import runpy\nrunpy.run_path({str(program)!r}, "
+                                                     "run_name='__main__')\n"],
         }
         (root / "config.json").write_text(json.dumps(cfg))
         launcher = subprocess.Popen([sys.executable, "-I", "-S", str(LAUNCHER), str(root / "config.json")],

@@ -141,3 +141,29 @@ def test_moe_router_loss_joins_the_objective_without_padding(tmp_path):
     assert first["router_loss"] == pytest.approx(float(expected), rel=1e-6) and float(expected) > 0
     assert float(unmasked) != pytest.approx(float(expected), rel=1e-6)
     assert first["loss"] == pytest.approx(float(lm), rel=1e-6)  # the logged loss is the LM part alone
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    logged = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir):
+            logged.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, value, step))
+
+        def close(self):
+            logged.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    data = make_shards(tmp_path / "s", rows=8)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data=str(data), steps=2, batch_size=2, seq_len=32,
+                      dtype="fp32", peak_flops=1e11)
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0] == ("dir", str(tmp_path / "run" / "tb")) and logged[-1] == ("closed",)
+    assert ("train/loss", lines[1]["loss"], 2) in logged and ("train/mfu", lines[0]["mfu"], 1) in logged

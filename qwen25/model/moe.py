@@ -11,7 +11,8 @@ once on the contiguous rows of its tokens, and the weighted results are summed b
 Every block keeps the router logits of its latest forward (`block.router_logits`, still attached to the
 autograd graph), so the training loop needs no extra return value: after ``logits = model(...)`` it adds
 ``router_loss(model)`` (router_aux_loss_coef x load-balancing loss + router_z_loss_coef x z-loss) to the
-language-model loss, and logs ``router_stats(model)``. A dense model gives a zero loss and empty stats.
+language-model loss; ``router_stats(model)`` gives tokens per expert for logs. A dense model gives a zero
+loss and empty stats.
 """
 
 from __future__ import annotations

@@ -45,7 +45,11 @@ def test_chat_prompts_and_the_shared_check():
         assert task.evaluate(ex, completion) is right and task.reward(ex, completion) == float(right)
     f = task.reward_fn()
     assert f(["p", "p"], [r"\boxed{1/2}", "7"], [ex, ex]) == [1.0, 0.0]
-    assert task.rl_examples()[0]["prompt"][-1]["content"] == "Half of 1?"
+    rl = task.rl_examples()
+    assert rl[0]["prompt"][-1]["content"] == "Half of 1?" and rl[0]["example"] == ex
+    assert f(["p"], [r"\boxed{0.5}"], rl) == [1.0]  # GRPO hands back the examples it was given
+    plain = make_task({"name": "m", "kind": "math", "chat": True}, [{"question": "Half of 1?", "answer": "0.5"}])
+    assert plain.prompt(plain.examples()[0])[-1]["content"].endswith("within \\boxed{}.")
 
 
 def test_multiple_choice_reads_letters_and_texts():

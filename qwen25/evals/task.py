@@ -118,6 +118,7 @@ class Task:
     kind: ClassVar[str] = ""
     required: ClassVar[tuple[str, ...]] = ()
     default_template: ClassVar[str] = "{question}"
+    default_chat_template: ClassVar[str | None] = None  # the user turn of chat prompts (None: default_template)
     answer_field: ClassVar[str] = "answer"
 
     def __init__(self, spec: TaskSpec, examples: list[dict] | None = None):
@@ -180,7 +181,8 @@ class Task:
         return example
 
     def render_question(self, example: dict) -> str:
-        template = self.spec.template or self.default_template
+        template = self.spec.template or (self.default_chat_template if self.spec.chat else None) \
+            or self.default_template
         try:
             return template.format(**self.fill(example))
         except KeyError as e:
@@ -220,14 +222,16 @@ class Task:
         return float(self.check(example, completion))
 
     def reward_fn(self):
-        """The post-training reward interface, f(prompts, completions, examples) -> list[float] (GRPO, RS)."""
+        """The post-training reward interface, f(prompts, completions, examples) -> list[float] (GRPO, RS).
+        Examples may be task rows or the wrappers of rl_examples() (the row under "example")."""
         def f(prompts, completions, examples) -> list[float]:
-            return [self.reward(e, c) for e, c in zip(examples, completions)]
+            return [self.reward(e.get("example", e), c) for e, c in zip(examples, completions)]
         return f
 
     def rl_examples(self) -> list[dict]:
-        """Examples for GRPO / rejection sampling: each row plus its rendered "prompt" (text or messages)."""
-        return [{**e, "prompt": self.prompt(e)} for e in self.examples()]
+        """Examples for GRPO / rejection sampling: {"prompt": rendered prompt (text or messages), "example": row}
+        (the row stays whole: a code task's own "prompt" field is needed by its check)."""
+        return [{"prompt": self.prompt(e), "example": e} for e in self.examples()]
 
 
 # ---- kinds -------------------------------------------------------------------------------------------
@@ -284,6 +288,8 @@ class MathTask(Task):
     kind = "math"
     required = ("question", "answer")
     default_template = "Question: {question}\nAnswer:"
+    # Qwen2.5-Math's chain-of-thought instruction.
+    default_chat_template = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
     def reference(self, example: dict) -> str:
         from ..verifiers.math import extract_answer
@@ -302,6 +308,8 @@ class CodeTask(Task):
     kind = "code"
     required = ("prompt", "test", "entry_point")
     default_template = "{prompt}"
+    default_chat_template = "Complete the following Python function. Answer with the whole function in a " \
+                            "```python code block.\n\n```python\n{prompt}```"
     answer_field = "canonical_solution"
 
     def solution_text(self, example: dict) -> str:

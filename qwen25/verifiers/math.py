@@ -75,7 +75,7 @@ def _fix_fracs(s: str) -> str:
 def normalize(answer: str) -> str:
     """A canonical string for an answer: LaTeX spacing, \\left/\\right, $, units in \\text{}, degrees, 'x =',
     thousands separators, trailing periods and unit words removed; \\dfrac -> \\frac; '.5' -> '0.5'."""
-    s = str(answer).strip()
+    s = str(answer).strip().replace("\u2212", "-")  # a typographic minus is a minus
     s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = re.sub(r"\\q?quad", " ", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")

@@ -9,6 +9,7 @@ methods read, and a stand-in model that returns the tensors we also give our fun
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -189,8 +190,8 @@ def test_sequence_logprobs_equal_a_direct_gather():
 
 
 def test_sft_loss_equals_trl_assistant_only_loss_on_a_real_conversation():
-    """Our ids and mask (encode_chat) vs transformers + TRL's qwen2_5_training template; our loss vs TRL's labels
-    (collator) through transformers' causal-LM loss, on the same logits."""
+    """Our ids and mask (encode_chat) vs transformers + TRL's qwen2_5_training template (multi-turn, tool calls
+    and results); our loss vs TRL's labels (collator) through transformers' causal-LM loss, on the same logits."""
     from tokenizer_fixtures import auto_qwen_tokenizer, qwen_tokenizer, read_template
     from transformers.loss.loss_utils import ForCausalLMLoss
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -204,12 +205,20 @@ def test_sft_loss_equals_trl_assistant_only_loss_on_a_real_conversation():
          {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
          {"role": "assistant", "content": "6, because 3+3=6."}],
         [{"role": "user", "content": "Say hi in French."}, {"role": "assistant", "content": "Bonjour !"}],
+        [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": "", "tool_calls": [
+             {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+         {"role": "tool", "content": '{"temp": 21}'}, {"role": "assistant", "content": "21°C in Paris."}],
     ]
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}
     examples, encoded = [], []
     for messages in conversations:
-        theirs = hf.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-        enc = encode_chat(ours, messages)
+        tools = [weather] if any("tool_calls" in m for m in messages) else None
+        theirs = hf.apply_chat_template(copy.deepcopy(messages), tools=tools, chat_template=template, tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+        enc = encode_chat(ours, messages, tools)
         assert enc.ids == list(theirs["input_ids"]) and enc.assistant_mask == list(theirs["assistant_masks"])
         labels = [t if m else -100 for t, m in zip(theirs["input_ids"], theirs["assistant_masks"])]  # TRL build_labels
         examples.append({"input_ids": list(theirs["input_ids"]), "labels": labels})

@@ -23,7 +23,8 @@ import torch
 
 from ..generation import SamplingParams
 from ..serve.engine import Engine
-from .logprobs import encode_prompt, model_token_logprobs, prompt_completion_batch, strip_eos
+from .logprobs import (encode_prompt, model_token_logprobs, prompt_completion_batch, sampling_vocab_limit,
+                       strip_eos)
 from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_steps
 
 
@@ -135,6 +136,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
     ref_model = frozen_copy(model) if cfg.beta != 0.0 else None
     prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
+    cfg.vocab_limit = sampling_vocab_limit(cfg.vocab_limit, tokenizer)
     optimizer = adamw(model, cfg)
     variances: dict[int, float] = {}  # query -> reward variance of its last group (prioritisation)
     current: dict = {}  # the rollout being trained on (reused for updates_per_rollout steps)

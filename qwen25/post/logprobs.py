@@ -80,6 +80,14 @@ def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
     return model_token_logprobs(model, batch).sum(-1)
 
 
+def sampling_vocab_limit(vocab_limit: int | None, tokenizer) -> int | None:
+    """The ids sampling may produce: the configured limit, else the tokenizer's size (an embedding is often padded
+    past the vocabulary, and a padding id cannot be decoded)."""
+    if vocab_limit is not None or tokenizer is None or not hasattr(tokenizer, "__len__"):
+        return vocab_limit
+    return len(tokenizer)
+
+
 def strip_eos(ids: list[int], eos_ids) -> list[int]:
     """A completion without its final end-of-turn token (what a verifier should read)."""
     return ids[:-1] if ids and ids[-1] in eos_ids else ids

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..generation import SamplingParams
 from ..serve.engine import Engine
-from .logprobs import _messages, encode_prompt, is_chat_prompt, strip_eos
+from .logprobs import _messages, encode_prompt, is_chat_prompt, sampling_vocab_limit, strip_eos
 from .runner import write_jsonl
 
 
@@ -69,6 +69,7 @@ def sample(model, prompts: list[list[int]], cfg: RejectionConfig) -> list[list[i
 def rejection_sample(model, examples: list[dict], reward_fn, cfg: RejectionConfig, tokenizer=None) -> dict:
     """Sample, verify, and write sft.jsonl / dpo.jsonl / stats.json to cfg.out_dir; returns the stats."""
     prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
+    cfg.vocab_limit = sampling_vocab_limit(cfg.vocab_limit, tokenizer)
     completions = sample(model, prompts, cfg)
     k = cfg.samples_per_prompt
     text = tokenizer is not None  # reward_fn sees text (prompt as the model saw it, reply without its eos)

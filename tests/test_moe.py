@@ -420,3 +420,16 @@ def test_training_loop_trains_a_moe_preset(tmp_path):
     assert all(0 < m["router_loss"] < 0.01 for m in lines)  # 0.001 x aux, aux between k=2 and E=8
     model = load_model(tmp_path / "final", dtype="fp32")
     assert model.config.model_type == "qwen2_moe" and len(sparse_blocks(model)) == 2
+
+
+def test_serving_engine_equals_generate(hf_checkpoints):
+    from qwen25.generation import SamplingParams, generate
+    from qwen25.serve.engine import Engine
+
+    _, path = hf_checkpoints["e6-k3-step2"]
+    model = load_model(path, dtype="fp32")
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6, 5, 4, 3], [100]]
+    params = SamplingParams(max_new_tokens=6)
+    batched = Engine(model, max_batch=2).generate(prompts, params)  # continuous batching over 2 slots
+    assert batched == [generate(model, [p], params)[0] for p in prompts]
+    assert len({tuple(t) for t in batched}) == 3

@@ -170,6 +170,8 @@ def test_config_errors_name_the_problem(tmp_path):
     DataPipeline(load_config(write_config(tmp_path, steps=["domains"]))).run()
     with pytest.raises(PipelineError, match="different config"):
         DataPipeline(load_config(write_config(tmp_path, steps=[{"domains": {"min_hits_per_100": 2.0}}]))).run()
+    with pytest.raises(PipelineError, match="different config"):  # another task count shards differently
+        DataPipeline(load_config(write_config(tmp_path, tasks=3, steps=["domains"]))).run()
 
 
 def test_cli_run_and_stats(tmp_path, capsys):

@@ -214,7 +214,7 @@ def test_minhash_removes_planted_near_duplicates(tmp_path):
     with open(tmp_path / "corpus" / "docs.jsonl", "w") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
     config = {"output": str(tmp_path / "out"), "input": {"kind": "jsonl", "path": str(tmp_path / "corpus")},
-              "steps": [{"minhash": {"num_buckets": 14, "hashes_per_bucket": 8}}]}
+              "steps": [{"minhash": {"num_buckets": 8, "hashes_per_bucket": 5}}]}
     report = DataPipeline(config).run()
     with gzip.open(next((tmp_path / "out" / "stages" / "00_minhash").glob("*.jsonl.gz")), "rt") as f:
         kept = {json.loads(line)["id"] for line in f}

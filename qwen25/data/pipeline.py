@@ -164,6 +164,7 @@ class DataPipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         record = self.out / "config.json"
         mine = {k: v for k, v in self.config.items() if k not in ("base_dir", "executor")}
+        mine["tasks"] = self.tasks  # completion markers are per task: another task count would skip wrong work
         mine = json.loads(json.dumps(mine, default=str))
         if record.is_file() and json.loads(record.read_text()) != mine:
             raise PipelineError(f"{self.out} holds the output of a different config ({record}); "

@@ -140,8 +140,9 @@ def test_cli_chat_stages_with_the_checkpoints_tokenizer_and_a_task(tmp_path, tin
     train_tokenizer([json.dumps(c) for c in chats] * 4, vocab_size=300, out_dir=tiny_checkpoint)
     data = tmp_path / "chats.jsonl"
     write_jsonl(data, [{"messages": c["messages"]} for c in chats])
-    assert main(["sft", _config(tmp_path, "sft", model=str(tiny_checkpoint), data=str(data), out_dir=str(tmp_path / "sft"),
-                                steps=2, batch_size=2, seq_len=256, lr=1e-3), "--no-progress"]) == 0
+    assert main(["sft", _config(tmp_path, "sft", model=str(tiny_checkpoint), data=str(data),
+                                out_dir=str(tmp_path / "sft"), steps=2, batch_size=2, seq_len=256, lr=1e-3),
+                 "--no-progress"]) == 0
     assert read_jsonl(tmp_path / "sft" / "metrics.jsonl")[-1]["assistant_tokens"] > 0
 
     write_jsonl(tmp_path / "math.jsonl", [{"question": "1+2", "answer": "3"}, {"question": "2+2", "answer": "4"}])
@@ -152,8 +153,8 @@ def test_cli_chat_stages_with_the_checkpoints_tokenizer_and_a_task(tmp_path, tin
                                              out_dir=str(tmp_path / "rs"), samples_per_prompt=3,
                                              max_new_tokens=4)]) == 0
     assert json.loads((tmp_path / "rs" / "stats.json").read_text())["samples"] == 6
-    assert main(["grpo", _config(tmp_path, "grpo", model=str(tiny_checkpoint), reward=reward, out_dir=str(tmp_path / "g"),
-                                 steps=1, queries_per_step=2, group_size=2, max_new_tokens=4, lr=1e-3),
-                 "--no-progress"]) == 0
+    assert main(["grpo", _config(tmp_path, "grpo", model=str(tiny_checkpoint), reward=reward,
+                                 out_dir=str(tmp_path / "g"), steps=1, queries_per_step=2, group_size=2,
+                                 max_new_tokens=4, lr=1e-3), "--no-progress"]) == 0
     assert read_jsonl(tmp_path / "g" / "metrics.jsonl")[0]["completion_length"] > 0
     capsys.readouterr()

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from post_fixtures import one_thread  # noqa: F401
 
 from qwen25.config import ModelConfig

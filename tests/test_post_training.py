@@ -179,7 +179,8 @@ def _resume_equals_uninterrupted(tmp_path, name, run):
         [{k: v for k, v in r.items() if k not in drop} for r in metrics(full)]
     from safetensors.torch import load_file
 
-    a, b = load_file(full / "step-00000006" / "model.safetensors"), load_file(part / "step-00000006" / "model.safetensors")
+    a = load_file(full / "step-00000006" / "model.safetensors")
+    b = load_file(part / "step-00000006" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -128,6 +128,11 @@ def test_end_to_end(finished_run):
     for domain, row in report["mixture"]["domains"].items():
         assert abs(row["weight_out"] - row["target_weight"]) < 0.08, (domain, row)
     assert (out / "stats.json").is_file() and (out / "stats.png").stat().st_size > 10_000
+    # the hand-over: the trainer's batch reader takes the shards as they are
+    from qwen25.train.data import ShardBatches, target_mask
+
+    tokens, doc_ids = ShardBatches(out / "shards", batch_size=4).batch(0)
+    assert tokens.shape == (4, 129) and bool(target_mask(doc_ids).any())
 
 
 def test_rerun_skips_finished_work(finished_run):

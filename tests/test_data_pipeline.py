@@ -164,6 +164,16 @@ def test_failed_step_resumes_without_redoing_earlier_steps(tmp_path, monkeypatch
     assert report["stages"][1]["docs_out"] > 0
 
 
+def test_toml_config_equals_yaml(tmp_path):
+    yaml_path = write_config(tmp_path, steps=[{"mixture": {"weights": {"code": 1.0}, "unit": "chars"}}])
+    config = yaml.safe_load(yaml_path.read_text())
+    toml = (f'output = "out"\ntokenizer = "{config["tokenizer"]}"\n'
+            '[input]\nkind = "jsonl"\npath = "corpus"\n[executor]\nkind = "local"\ntasks = 2\n'
+            '[[steps]]\n[steps.mixture]\nunit = "chars"\nweights = {code = 1.0}\n')
+    (tmp_path / "pipeline.toml").write_text(toml)
+    assert load_config(tmp_path / "pipeline.toml") == load_config(yaml_path)
+
+
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(PipelineError, match="unknown step 'dedupe'"):
         DataPipeline({"output": "o", "input": {"path": "x"}, "steps": [{"dedupe": {}}]})
@@ -182,10 +192,13 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_cli_run_and_stats(tmp_path, capsys):
     from qwen25.cli import main
 
-    build_corpus(tmp_path / "corpus")
-    path = write_config(tmp_path, steps=["domains", {"pack": {"seq_len": 64, "method": "concat"}}])
+    # the standard library's json package read in place, one document per file
+    path = write_config(tmp_path, input={"kind": "text", "path": str(STDLIB / "json"), "glob": "*.py"},
+                        steps=["domains", {"pack": {"seq_len": 64, "method": "concat"}}])
     assert main(["data", "run", str(path), "--tasks", "1"]) == 0
     assert "packed" in capsys.readouterr().out
+    meta_docs, _ = read_document_map(tmp_path / "out" / "shards")
+    assert sorted(d["id"] for d in meta_docs) == sorted(p.name for p in (STDLIB / "json").glob("*.py"))
     assert main(["data", "stats", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "00_domains" in text and "01_pack" in text

@@ -189,14 +189,19 @@ def test_api_key_and_models(model_dir):
 
 
 def test_metrics(served):
+    """/metrics parses with the Prometheus client's own text parser, and its values move with the traffic."""
+    parser = pytest.importorskip("prometheus_client.parser")
     client = served[0]
     chat(client, max_tokens=4)
-    text = client.get("/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
-    assert values['qwen25_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
-    assert values["qwen25_generation_tokens_total"] >= 4 and values["qwen25_generation_tokens_per_second"] > 0
-    assert values["qwen25_requests_waiting"] == 0 and values["qwen25_requests_in_flight"] == 0
-    assert "# TYPE qwen25_requests_waiting gauge" in text
+    families = {f.name: f for f in parser.text_string_to_metric_families(client.get("/metrics").text)}
+    value = {s.name + json.dumps(s.labels, sort_keys=True): s.value for f in families.values() for s in f.samples}
+    assert value['qwen25_requests_total{"endpoint": "/v1/chat/completions", "status": "200"}'] >= 1
+    assert value["qwen25_generation_tokens_total{}"] >= 4 and value["qwen25_generation_tokens_per_second{}"] > 0
+    assert value["qwen25_requests_waiting{}"] == 0 and value["qwen25_requests_in_flight{}"] == 0
+    assert families["qwen25_requests_waiting"].type == "gauge"
+    assert families["qwen25_time_to_first_token_seconds"].type == "summary"
+    assert value["qwen25_time_to_first_token_seconds_count{}"] >= 1
+    assert value["qwen25_request_duration_seconds_sum{}"] > 0
 
 
 # ---- tool calls, from a scripted engine -------------------------------------------------------------------------

@@ -130,7 +130,8 @@ class AsyncEngine:
         self.handles: dict[str, _Handle] = {}
         self.counters = {"generated_tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0}
         self.throughput = ThroughputMeter()
-        self.pending = 0  # submitted by handlers, not yet taken by the engine thread
+        self.pending = 0  # submitted by handlers, not yet taken by the engine thread (both threads change it)
+        self._pending_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -170,7 +171,8 @@ class AsyncEngine:
 
         handles = [_Handle(f"gen-{next(self._ids)}", i, r, self.tokenizer, sink) for i, r in enumerate(requests)]
         open_ids = {h.index: h.id for h in handles}
-        self.pending += len(handles)
+        with self._pending_lock:
+            self.pending += len(handles)
         for handle in handles:
             self.inbox.put(("submit", handle))
         try:
@@ -213,7 +215,8 @@ class AsyncEngine:
     def _command(self, kind: str, value) -> None:
         if kind == "submit":
             handle: _Handle = value
-            self.pending -= 1
+            with self._pending_lock:
+                self.pending -= 1
             try:
                 self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id))
             except ValueError as e:

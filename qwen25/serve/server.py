@@ -72,13 +72,14 @@ class Metrics:
             ("engine_steps_total", "counter", "Engine steps (prefill and/or one decode for the batch).", c["steps"]),
             ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
              stats.get("reused_tokens", 0)),
-            ("time_to_first_token_seconds_sum", "counter", "Sum of times to the first token.", round(self.ttft_sum, 6)),
-            ("time_to_first_token_seconds_count", "counter", "Requests timed to the first token.", int(self.ttft_count)),
-            ("request_duration_seconds_sum", "counter", "Sum of generation request durations.", round(self.latency_sum, 6)),
-            ("request_duration_seconds_count", "counter", "Generation requests timed.", int(self.latency_count)),
         ]
         for name, kind, text, value in values:
             lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} {kind}", f"qwen25_{name} {value}"]
+        for name, text, total, count in [
+                ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft_sum, self.ttft_count),
+                ("request_duration_seconds", "Duration of generation requests.", self.latency_sum, self.latency_count)]:
+            lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} summary",
+                      f"qwen25_{name}_sum {round(total, 6)}", f"qwen25_{name}_count {int(count)}"]
         return "\n".join(lines) + "\n"
 
 
@@ -114,12 +115,12 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(req, prompt_len: int, max_tokens: int | None, prompt_field: str) -> SamplingParams:
         """The request's settings over the checkpoint's defaults, after the limits."""
         limit = config.max_prompt_tokens or max_len - 1
         if prompt_len > limit:
             raise APIError(400, f"the prompt has {prompt_len} tokens, more than the limit of {limit}",
-                           param="messages", code="context_length_exceeded")
+                           param=prompt_field, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > config.max_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
                                 f"{config.max_tokens_limit}", param="max_tokens")
@@ -172,7 +173,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             prompt = encode_chat(tokenizer, req.chat_messages(), tools, add_generation_prompt=True, sanitize=True).ids
         except TokenizerError as e:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
-        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens)
+        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
         admit()
         rid, created = new_id("chatcmpl"), int(time.time())
         streams = [ChatDeltaStream(req.parse_tools) for _ in range(req.n)]
@@ -195,7 +196,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, "echo is not supported with stream", param="echo")
         requests, texts = [], []
         for prompt in prompts:
-            params = sampling(req, len(prompt), req.max_tokens or 16)  # OpenAI's default max_tokens here is 16
+            params = sampling(req, len(prompt), req.max_tokens or 16, "prompt")  # OpenAI's default max_tokens here is 16
             requests += choices_for(req, prompt, params)
             texts += [tokenizer.decode(prompt) if req.echo else ""] * req.n
         admit()

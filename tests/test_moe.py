@@ -53,16 +53,24 @@ def random_ours(cfg: ModelConfig, seed: int = 0) -> CausalLM:
     return model
 
 
+class _Checkpoints(dict):
+    """name -> (transformers model, its save_pretrained directory), each written on first use."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp = tmp_path_factory
+
+    def __missing__(self, name):
+        model = hf_moe_model(seed=10 + list(CONFIGS).index(name), **CONFIGS[name])
+        path = self.tmp.mktemp(name)
+        model.save_pretrained(path)
+        self[name] = (model, path)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
-    """name -> (transformers model, its save_pretrained directory); written once per module."""
-    out = {}
-    for i, (name, overrides) in enumerate(CONFIGS.items()):
-        model = hf_moe_model(seed=10 + i, **overrides)
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out[name] = (model, path)
-    return out
+    return _Checkpoints(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -242,3 +242,29 @@ def test_ray_executor_gives_the_local_output(tmp_path):
 
 def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_lm_rating_in_the_pipeline_reports_unparsed_answers(tmp_path):
+    """The quality step with a real (random, tiny) qwen25 model as rater: it runs inside the executor's tasks,
+    and when no answer parses the classifier step says so instead of training on nothing."""
+    from qwen25.config import ModelConfig
+    from qwen25.model import CausalLM, save_model
+    from qwen25.tokenizer import Tokenizer
+
+    quiet_datatrove_logs()
+    build_corpus(tmp_path / "corpus")
+    tok_dir = small_tokenizer(tmp_path.parent / "tokenizer")
+    model = CausalLM(ModelConfig.from_preset("tiny", vocab_size=len(Tokenizer.from_dir(tok_dir))))
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "model")
+    rate = {"kind": "lm", "model": str(tmp_path / "model"), "tokenizer": str(tok_dir), "max_new_tokens": 2,
+            "max_doc_chars": 200}
+    path = write_config(tmp_path, steps=[{"quality": {"rate": rate, "sample_rate": 0.15}}])
+    with pytest.raises(ValueError, match="0 rated documents"):
+        DataPipeline(load_config(path)).run()
+    ratings = list((tmp_path / "out" / "quality" / "00_quality" / "ratings").glob("*.jsonl"))
+    assert len(ratings) == 2 and all(p.read_text() == "" for p in ratings)  # both tasks rated, nothing parsed
+    from qwen25.data.pipeline import read_task_stats
+
+    rater_stats = read_task_stats(tmp_path / "out" / "logs" / "00_quality_rate")[1]["stats"]
+    assert rater_stats["unparsed"] >= 2 and "rated" not in rater_stats

@@ -208,8 +208,8 @@ def test_metrics(served):
 class ScriptedEngine:
     """An Engine stand-in: every request generates `script` (then <|im_end|>), `delay` seconds a step."""
 
-    def __init__(self, script: list[int], delay: float = 0.0, max_len: int = 4096):
-        self.script, self.delay, self.max_len = script, delay, max_len
+    def __init__(self, script: list[int], delay: float = 0.0, max_len: int = 4096, fail_at_step: int | None = None):
+        self.script, self.delay, self.max_len, self.fail_at_step, self.steps = script, delay, max_len, fail_at_step, 0
         self.waiting, self.running, self.cancelled, self.stats = deque(), {}, set(), {}
         self.cache = SimpleNamespace(lengths=torch.zeros(1))
 
@@ -225,6 +225,9 @@ class ScriptedEngine:
 
     def step(self):
         time.sleep(self.delay)
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            raise RuntimeError("scripted failure")
         while self.waiting:
             request = self.waiting.popleft()
             self.running[request.id] = [request, 0]
@@ -250,9 +253,9 @@ def tokenizer(model_dir):
     return Tokenizer.from_dir(model_dir)
 
 
-def scripted_app(tokenizer, text: str, delay: float = 0.0, **limits):
+def scripted_app(tokenizer, text: str, delay: float = 0.0, fail_at_step: int | None = None, **limits):
     script = tokenizer.encode(text) + [tokenizer.im_end_id]
-    engine = AsyncEngine(ScriptedEngine(script, delay), tokenizer)
+    engine = AsyncEngine(ScriptedEngine(script, delay, fail_at_step=fail_at_step), tokenizer)
     config = ServerConfig(model_name="tiny", defaults=SamplingParams(), **limits)
     return create_app(engine, tokenizer, config), engine
 
@@ -299,6 +302,29 @@ def test_tool_markup_is_content_without_tools_or_when_malformed(tokenizer):
         choice = chat(client, tools=TOOLS).json()["choices"][0]
     assert choice["message"]["content"] == 'Hi <tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>'
     assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "stop"
+
+
+def test_streamed_choices_each_open_and_close(tokenizer):
+    app, _ = scripted_app(tokenizer, "Paris is sunny.")
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "n": 3,
+                                                                 "stream": True}) as r:
+            chunks = sse(r)[:-1]
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[-1]["finish_reason"] == "stop"
+        assert "".join(c["delta"].get("content", "") for c in mine) == "Paris is sunny."
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
+def test_engine_failure_is_a_500_and_the_server_recovers(tokenizer):
+    app, engine = scripted_app(tokenizer, "Paris is sunny.", fail_at_step=2)
+    with TestClient(app) as client:
+        failed = chat(client)
+        assert failed.status_code == 500 and "scripted failure" in failed.json()["error"]["message"]
+        ok = chat(client)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "Paris is sunny."
+        assert engine.counters["errors"] == 1 and 'status="500"' in client.get("/metrics").text
 
 
 def test_concurrency_limit_and_disconnect_cancels(tokenizer):

@@ -242,6 +242,9 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     if data is None:
         data = make_data(cfg, rank, world)
+    if getattr(data, "world", 1) != world:  # every process would otherwise train on the whole batch
+        raise ValueError(f"{world} processes, but the data object is not sliced for them (give `data:` shards, "
+                         f"or an object with rank/world attributes)")
     mcfg = model_config(cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

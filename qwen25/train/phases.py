@@ -64,7 +64,7 @@ class ProgressiveMix:
                              f"got {short_lengths}")
         self.data, self.short_lengths = data, list(short_lengths)
         self.long_fraction = Fraction(long_fraction).limit_denominator(1000)
-        self.seq_len, self.batch_size = data.seq_len, data.batch_size
+        self.seq_len, self.batch_size, self.world = data.seq_len, data.batch_size, data.world
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (tokens, doc_ids) at `step`, shorter rows cut into independent pieces."""

@@ -303,3 +303,13 @@ def test_softmax_gradient_equals_autograd():
     torch.nn.functional.cross_entropy(x @ wt + bt, torch.from_numpy(y)).backward()
     assert np.allclose(grad, wt.grad.numpy()[rows]) and np.allclose(gb, bt.grad.numpy())
     assert np.allclose(np.delete(wt.grad.numpy(), rows, axis=0), 0)
+
+
+def test_downsampled_domain_is_spread_over_the_packing_order():
+    # the keep decision and the packing order must be independent draws, or a down-sampled domain's
+    # surviving documents (all with a low mixture hash) would be packed first
+    plan = {"a": {"copies": 0, "cutoff": 0.3}, "b": {"copies": 1, "cutoff": 0.0}}
+    kept = [(f"d{i}", "ab"[i % 2]) for i in range(4000) if mixture_copies(f"d{i}", "ab"[i % 2], plan)]
+    order = sorted(kept, key=lambda d: hash01(d[0], 0, "shuffle"))
+    positions = [k / len(order) for k, (_, domain) in enumerate(order) if domain == "a"]
+    assert 500 < len(positions) < 700 and abs(np.mean(positions) - 0.5) < 0.05

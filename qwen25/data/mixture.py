@@ -26,9 +26,11 @@ from datatrove.pipeline.base import PipelineStep
 BINS = 1 << 16
 
 
-def hash01(key: str, seed: int = 0) -> float:
-    """A uniform number in [0, 1) from a string, the same on every machine and process (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def hash01(key: str, seed: int = 0, purpose: str = "mixture") -> float:
+    """A uniform number in [0, 1) from a string, the same on every machine and process (unlike hash()).
+    Each use has its own `purpose` so the draws are independent: were the mixture's keep decision and the
+    packing order the same hash, the documents a down-sampled domain keeps would all be packed first."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 

@@ -146,7 +146,7 @@ def pack_folder(reader, tokenizer_dir: str | Path, out_dir: str | Path, seq_len:
     from ..tokenizer import Tokenizer
     from .mixture import hash01
 
-    docs = sorted(((hash01(d.id, seed), d.id, d.text) for d in reader()), key=lambda x: (x[0], x[1]))
+    docs = sorted(((hash01(d.id, seed, "shuffle"), d.id, d.text) for d in reader()), key=lambda x: (x[0], x[1]))
     tok = Tokenizer.from_dir(tokenizer_dir)
     token_lists = []
     for i in tqdm(range(0, len(docs), 1024), desc="tokenize", unit="batch", leave=False):

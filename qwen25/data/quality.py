@@ -144,7 +144,7 @@ class RatingSampler(PipelineStep):
                 batch.clear()
             for doc in data:
                 quota = self.max_docs is None or taken < self.max_docs
-                if quota and hash01(doc.id, self.seed) < self.sample_rate:
+                if quota and hash01(doc.id, self.seed, "rate") < self.sample_rate:
                     batch.append(doc)
                     taken += 1
                     if len(batch) == self.batch_size:

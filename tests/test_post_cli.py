@@ -65,7 +65,7 @@ def test_rejection_sampling_with_a_math_task_as_verifier(tmp_path):
 
     stats = rejection_sample(load_causal_lm("tiny", 0), task.rl_examples(), verifier, cfg, tok)
     assert stats["samples"] == 18 and len(seen) == 18
-    assert all(task.evaluate(e, c) == (r >= 1.0) for c, e, r in seen)
+    assert all(task.evaluate(e["example"], c) == (r >= 1.0) for c, e, r in seen)
     assert all(isinstance(c, str) and "<|im_end|>" not in c for c, _, _ in seen)
     for row in read_jsonl(tmp_path / "sft.jsonl"):  # anything kept is a correct chat, ready for SFT
         assert row["messages"][-1]["role"] == "assistant" and row["reward"] == 1.0
@@ -119,6 +119,12 @@ def test_cli_stages_run_from_yaml(tmp_path, tiny_checkpoint, capsys):
                                              max_new_tokens=3, vocab_limit=8, threshold=0.3)]) == 0
     stats = json.loads((tmp_path / "rs" / "stats.json").read_text())
     assert stats["samples"] == 16
+    # A list of rewards is their weighted sum: 2 * r - r = r gives the same run.
+    twice = [{**reward, "weight": 2.0}, {**reward, "weight": -1.0}]
+    assert main(["rejection-sample", _config(tmp_path, "rs2", out_dir=str(tmp_path / "rs2"), data=str(prompts),
+                                             model=str(tiny_checkpoint), reward=twice, samples_per_prompt=4,
+                                             max_new_tokens=3, vocab_limit=8, threshold=0.3)]) == 0
+    assert json.loads((tmp_path / "rs2" / "stats.json").read_text()) == stats
     capsys.readouterr()
 
 

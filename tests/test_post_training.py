@@ -264,3 +264,14 @@ def test_prioritise_prefers_unseen_then_high_variance_queries():
     seen = {0: 0.0, 1: 0.25, 2: 0.01, 3: 0.0}
     assert prioritise(seen, 5, 3, step=1) == [4, 1, 2]
     assert prioritise(seen, 5, 2, step=7) == prioritise(seen, 5, 2, step=7)  # pure
+    mixed = prioritise(seen, 5, 4, step=1, explore=0.5)
+    assert mixed[:2] == [4, 1] and set(mixed[2:]) <= {0, 2, 3} and len(set(mixed)) == 4
+    # Over many steps, exploration revisits the zero-variance queries the ranking alone would starve.
+    assert {q for s in range(20) for q in prioritise(seen, 5, 2, step=s, explore=0.5)} == {0, 1, 2, 3, 4}
+
+
+def test_weighted_rewards_sum_several_reward_functions():
+    from qwen25.post.grpo import weighted_rewards
+
+    f = weighted_rewards([_digit7, lambda p, c, e: [len(x) for x in c]], [2.0, 0.5])
+    assert f(None, [[7, 7, 1, 2], [3]], None) == [2.0 * 0.5 + 0.5 * 4, 0.5 * 1]

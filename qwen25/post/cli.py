@@ -6,6 +6,7 @@ unknown keys are an error) and `--set key=value` overrides them. GRPO and reject
     {type: task, task: humaneval | path/to/spec.json}     the Task's own check (qwen25.evals.task)
     {type: reward_model, path: runs/rm/final, threshold?}  a trained reward model (threshold: 1 above it, else 0)
     {type: python, function: "package.module:function"}   any reward_fn(prompts, completions, examples)
+A list of such mappings, each with an optional `weight:`, sums the weighted rewards (verifier + reward model).
 With a task, `data:` may be left out: the task's examples (with their rendered prompts) are used.
 """
 
@@ -52,8 +53,16 @@ def load_tokenizer(path: str, model: str):
     return None
 
 
-def build_reward(spec: dict, tokenizer=None):
-    """(reward_fn, task or None) from a `reward:` mapping (see the module docstring)."""
+def build_reward(spec: dict | list, tokenizer=None):
+    """(reward_fn, task or None) from a `reward:` mapping, or a list of them each with an optional `weight`
+    (their weighted sum; the first task found supplies the examples)."""
+    if isinstance(spec, list):
+        from .grpo import weighted_rewards
+
+        built = [build_reward({k: v for k, v in s.items() if k != "weight"}, tokenizer) for s in spec]
+        tasks = [t for _, t in built if t is not None]
+        return (weighted_rewards([f for f, _ in built], [float(s.get("weight", 1.0)) for s in spec]),
+                tasks[0] if tasks else None)
     kind = spec.get("type")
     if kind == "task":
         from ..evals.task import load_task

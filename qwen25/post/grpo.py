@@ -50,9 +50,10 @@ class GRPOConfig(StageConfig):
     updates_per_rollout: int = 1  # policy updates on each rollout batch (TRL's num_iterations; >1: PPO-style reuse)
     reward_eps: float = 1e-4
     prioritise: bool = True  # queries with higher reward variance first (the report)
+    explore: float = 0.25  # share of each step's queries drawn at random when prioritising
     pad_id: int = 0
     chat: bool = True  # text prompts are user turns (False: encoded as they are, for base-model tasks)
-    reward: dict = field(default_factory=dict)  # CLI only: which reward function (see post/cli.py)
+    reward: dict | list = field(default_factory=dict)  # CLI only: which reward function(s) (see post/cli.py)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
@@ -100,12 +101,32 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str = "to
     raise ValueError(f"loss_type must be 'sequence', 'token' or 'dr_grpo', got {loss_type!r}")
 
 
-def prioritise(variances: dict[int, float], num_queries: int, k: int, step: int, seed: int = 0) -> list[int]:
+def prioritise(variances: dict[int, float], num_queries: int, k: int, step: int, seed: int = 0,
+               explore: float = 0.0) -> list[int]:
     """The k queries to sample next: never-seen ones first (in a seeded random order), then by the reward
-    variance their last group showed, highest first (the report's prioritisation). Pure in its inputs."""
+    variance their last group showed, highest first (the report's prioritisation). A share `explore` of the k
+    is drawn at random from the rest, so a query whose group once agreed is revisited. Pure in its inputs."""
     order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).tolist()
     rank = {q: i for i, q in enumerate(order)}
-    return sorted(order, key=lambda q: (q in variances, -variances.get(q, 0.0), rank[q]))[:k]
+    ranked = sorted(order, key=lambda q: (q in variances, -variances.get(q, 0.0), rank[q]))
+    n_random = min(int(round(explore * k)), k)
+    chosen = ranked[:k - n_random]
+    rest = [q for q in order if q not in set(chosen)]  # `order` is already a seeded shuffle
+    return chosen + rest[:n_random]
+
+
+def weighted_rewards(functions: list, weights: list[float] | None = None):
+    """One reward function from several (verifiers and/or a reward model): the weighted sum of their rewards."""
+    weights = weights or [1.0] * len(functions)
+    if len(weights) != len(functions):
+        raise ValueError(f"{len(functions)} reward functions but {len(weights)} weights")
+
+    def f(prompts, completions, examples) -> list[float]:
+        total = [0.0] * len(completions)
+        for fn, w in zip(functions, weights):
+            total = [t + w * float(r) for t, r in zip(total, fn(prompts, completions, examples))]
+        return total
+    return f
 
 
 def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list[list[int]]:
@@ -145,7 +166,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     def sample_and_score(step: int) -> dict:
         """A rollout for step `step`: queries, completions, rewards, advantages (and pi_old when reused)."""
         if cfg.prioritise:
-            queries = prioritise(variances, len(prompts), cfg.queries_per_step, step, cfg.seed)
+            queries = prioritise(variances, len(prompts), cfg.queries_per_step, step, cfg.seed, cfg.explore)
         else:
             order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
             queries = order[:cfg.queries_per_step].tolist()

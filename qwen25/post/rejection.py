@@ -42,7 +42,7 @@ class RejectionConfig:
     device: str = "cpu"
     seed: int = 0
     chat: bool = True  # text prompts are user turns (False: encoded as they are, for base-model tasks)
-    reward: dict = field(default_factory=dict)  # CLI only: which reward function (see post/cli.py)
+    reward: dict | list = field(default_factory=dict)  # CLI only: which reward function(s) (see post/cli.py)
 
     @classmethod
     def from_dict(cls, raw: dict) -> RejectionConfig:
@@ -117,12 +117,4 @@ def rejection_sample(model, examples: list[dict], reward_fn, cfg: RejectionConfi
              "mean_completion_tokens": sum(map(len, completions)) / max(1, len(completions))}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
-
-
-def task_reward_fn(task):
-    """Adapt an evaluation Task (anything with reward(example, completion) -> float) to the reward-function
-    interface, so a benchmark and its reward cannot drift apart."""
-    def f(prompts, completions, examples) -> list[float]:
-        return [float(task.reward(example, completion)) for example, completion in zip(examples, completions)]
-    return f
 

@@ -238,7 +238,8 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
         cfg = {
             "argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), str(program)],
             "env": {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
-                    "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"},
+                    "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+                    "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},  # threads count against the pids limit
             "cwd": str(work), "stdout": str(root / "stdout.txt"), "stderr": str(root / "stderr.txt"),
             "stdin": str(root / "stdin.txt") if stdin is not None else None, "report": str(root / "report.json"),
             "timeout": float(limits.timeout),

@@ -313,3 +313,25 @@ def test_downsampled_domain_is_spread_over_the_packing_order():
     order = sorted(kept, key=lambda d: hash01(d[0], 0, "shuffle"))
     positions = [k / len(order) for k, (_, domain) in enumerate(order) if domain == "a"]
     assert 500 < len(positions) < 700 and abs(np.mean(positions) - 0.5) < 0.05
+
+
+def test_datatrove_heuristic_filters_run_offline():
+    from datatrove.data import Document
+
+    from qwen25.data.steps import make_filters
+
+    filters = dict(zip(["gopher_quality", "gopher_repetition", "c4", "fineweb"],
+                       make_filters({"gopher_quality": {}, "gopher_repetition": {}, "c4": {}, "fineweb": {}},
+                                    lambda name: None)))
+    rng = random.Random(0)
+    subjects = ["The committee", "Our library", "The new museum", "A local school", "The city council"]
+    verbs = ["opened a reading room", "hired two teachers", "published a report", "planned a garden"]
+    prose = "\n".join(f"{rng.choice(subjects)} {rng.choice(verbs)} on day {i} of the month, and the members "
+                      f"agreed that it was {rng.choice(['useful', 'late', 'welcome', 'costly'])}." for i in range(30))
+    repeated = "\n".join(["Click here to buy the best deal today."] * 30)
+    assert filters["gopher_quality"].filter(Document(text=prose, id="p")) is True
+    assert filters["c4"].filter(Document(text=prose, id="p")) is True
+    assert filters["fineweb"].filter(Document(text=prose, id="p")) is True
+    assert filters["gopher_repetition"].filter(Document(text=repeated, id="r")) == (False, "dup_line_frac")
+    with pytest.raises(ValueError, match="unknown filters \\['bloom'\\]"):
+        make_filters({"bloom": {}}, lambda name: None)

@@ -188,12 +188,16 @@ def test_cli_runs_a_spec_file_end_to_end(tmp_path, capsys):
     spec = {"name": "sums", "kind": "multiple_choice", "data": "data.jsonl",
             "fields": {"question": "q", "choices": "options", "answer": "label"}}
     (tmp_path / "sums.json").write_text(json.dumps(spec))
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": rows[0]["q"]}) + "\n")
+    (tmp_path / "ppl.json").write_text(json.dumps({"name": "ppl", "kind": "perplexity", "data": "text.jsonl"}))
     out = tmp_path / "out"
-    assert main(["eval", str(tmp_path / "sums.json"), "--model", str(model_dir), "--out", str(out), "--quiet"]) == 0
+    both = f"{tmp_path / 'sums.json'},{tmp_path / 'ppl.json'}"
+    assert main(["eval", both, "--model", str(model_dir), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| sums | multiple_choice |" in printed
-    saved = json.loads((out / "results.json").read_text())[0]
+    assert "| sums | multiple_choice |" in printed and "| ppl | perplexity |" in printed
+    saved, ppl = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["examples"] == 4 and len(saved["records"]) == 4
+    assert ppl["metrics"]["bits_per_byte"] > 0
     assert (out / "results.png").stat().st_size > 0 and (out / "results.md").is_file()
 
 

@@ -63,37 +63,43 @@ def cmd_eval_passkey(args) -> int:
 
 
 def cmd_eval_task(args) -> int:
-    """Run one task on a checkpoint and print the Markdown table; --out writes results.json/.md/.png."""
+    """Run one task, or several (TASK = a,b,c), on a checkpoint and print the Markdown table; --out writes
+    results.json/.md/.png for all of them together."""
     import torch
 
     from .harness import ModelLM, reward_model_scorer, run_task
     from .report import markdown_table, write_report
     from .task import load_task
 
-    task = load_task(args.task)
-    if args.limit:
-        task.spec.limit = args.limit
-    if args.max_new_tokens:
-        task.spec.generation = {**task.spec.generation, "max_new_tokens": args.max_new_tokens}
-    if args.timeout:
-        task.spec.timeout = args.timeout
+    tasks = [load_task(name) for name in args.task.split(",") if name]
+    for task in tasks:
+        if args.limit:
+            task.spec.limit = args.limit
+        if args.max_new_tokens:
+            task.spec.generation = {**task.spec.generation, "max_new_tokens": args.max_new_tokens}
+        if args.timeout:
+            task.spec.timeout = args.timeout
     if args.threads:
         torch.set_num_threads(args.threads)
     lm, scorer = None, None
-    if task.kind == "preference":
+    if any(t.kind == "preference" for t in tasks):  # a reward-model directory
         from ..post.reward import load_reward_model
         from ..tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
         scorer = reward_model_scorer(load_reward_model(args.model), tokenizer)
-    else:
+    if any(t.kind != "preference" for t in tasks):
         lm = ModelLM.from_dir(args.model, dtype=args.dtype, batch_size=args.batch_size)
-    result = run_task(task, lm, progress=not args.quiet, samples=args.samples, temperature=args.temperature,
-                      seed=args.seed, workers=args.workers, scorer=scorer)
-    result.model = str(args.model)
-    print(markdown_table([result]))
+    results = []
+    for task in tasks:
+        result = run_task(task, lm, progress=not args.quiet, samples=args.samples, temperature=args.temperature,
+                          seed=args.seed, workers=args.workers, scorer=scorer)
+        result.model = str(args.model)
+        results.append(result)
+    print(markdown_table(results))
     if args.out:
-        paths = write_report([result], args.out, title=f"{task.name}: {Path(args.model).name}")
+        names = ", ".join(t.name for t in tasks)
+        paths = write_report(results, args.out, title=f"{names}: {Path(args.model).name}")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -103,8 +109,8 @@ def _task_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="qwen25 eval TASK", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description=f"Run a task on a checkpoint. TASK is a built-in name ({', '.join(builtin_tasks())}) or a "
-                    "task spec file (.json/.yaml: kind, data jsonl, fields, template; see docs/evals.md).")
+        description=f"Run a task on a checkpoint. TASK is a built-in name ({', '.join(builtin_tasks())}), a "
+                    "comma-separated list of tasks (one report for all), or a task spec file (.json/.yaml: kind, data jsonl, fields, template; see docs/evals.md).")
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (with tokenizer files), or a "
                    "reward-model directory for preference tasks")
     p.add_argument("--out", type=Path, help="directory for results.json, results.md and results.png")

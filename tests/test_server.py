@@ -253,8 +253,10 @@ def tokenizer(model_dir):
     return Tokenizer.from_dir(model_dir)
 
 
-def scripted_app(tokenizer, text: str, delay: float = 0.0, fail_at_step: int | None = None, **limits):
-    script = tokenizer.encode(text) + [tokenizer.im_end_id]
+def scripted_app(tokenizer, text: str, delay: float = 0.0, fail_at_step: int | None = None, eos: bool = True,
+                 **limits):
+    """A server over a ScriptedEngine; eos=False repeats the text until max_tokens."""
+    script = tokenizer.encode(text) + ([tokenizer.im_end_id] if eos else [])
     engine = AsyncEngine(ScriptedEngine(script, delay, fail_at_step=fail_at_step), tokenizer)
     config = ServerConfig(model_name="tiny", defaults=SamplingParams(), **limits)
     return create_app(engine, tokenizer, config), engine
@@ -328,7 +330,7 @@ def test_engine_failure_is_a_500_and_the_server_recovers(tokenizer):
 
 
 def test_concurrency_limit_and_disconnect_cancels(tokenizer):
-    app, engine = scripted_app(tokenizer, "one two three four five six", delay=0.01, max_concurrent=1)
+    app, engine = scripted_app(tokenizer, "one two three", delay=0.01, eos=False, max_concurrent=1)
     server, url = run_in_thread(app)
     try:
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -343,6 +345,12 @@ def test_concurrency_limit_and_disconnect_cancels(tokenizer):
                 time.sleep(0.02)
             assert engine.counters["cancelled"] == 1 and not engine.engine.has_work()
             assert engine.counters["generated_tokens"] < 1000
+            with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+                client.post("/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+            deadline = time.monotonic() + 10
+            while engine.counters["cancelled"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.counters["cancelled"] == 2 and not engine.engine.has_work()
             ok = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
             assert 'status="499"' in client.get("/metrics").text

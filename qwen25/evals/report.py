@@ -51,7 +51,8 @@ def bar_chart(results: Sequence[EvalResult], path: str | Path, title: str = "Eva
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.task}\n{headline(r)[0]}" for r in results]
+    labels = [f"{r.task}\n{headline(r)[0]}" + ("\n(lower is better)" if r.kind == "perplexity" else "")
+              for r in results]
     values = [headline(r)[1] for r in results]
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(results), 3.6))
     bars = ax.bar(range(len(values)), values, color=["tab:orange" if r.kind == "perplexity" else "tab:blue"

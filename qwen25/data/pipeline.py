@@ -186,6 +186,14 @@ class DataPipeline:
 
         return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")
 
+    def tail(self, folder: Path) -> list:
+        """The end of a step's pipeline: count tokens (once: later steps find metadata token_count, and datatrove's
+        readers and writers report it as doc_len_tokens) when there is a tokenizer, then write the documents."""
+        from .steps import TokenCounter
+
+        counter = [TokenCounter(self.tokenizer_dir)] if self.tokenizer_dir else []
+        return [*counter, self.writer(folder)]
+
     def exclusion(self, name: str):
         return self.writer(self.out / "dropped" / name)
 
@@ -218,7 +226,7 @@ class DataPipeline:
         from .steps import make_filters
 
         filters = make_filters(opts, lambda f: self.exclusion(f"{label}/{f}"))
-        return self.execute(label, [self.reader(previous), *filters, self.writer(out)])
+        return self.execute(label, [self.reader(previous), *filters, *self.tail(out)])
 
     def step_minhash(self, label, previous, out, opts):
         from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
@@ -233,7 +241,7 @@ class DataPipeline:
         self.execute(f"{label}_clusters", [MinhashDedupCluster(buckets, remove, config=cfg)], tasks=1)
         return self.execute(label, [self.reader(previous),
                                     MinhashDedupFilter(remove, exclusion_writer=self.exclusion(label)),
-                                    self.writer(out)])
+                                    *self.tail(out)])
 
     def step_quality(self, label, previous, out, opts):
         from .quality import QualityFilter, RatingSampler, train_from_ratings
@@ -258,14 +266,14 @@ class DataPipeline:
                                                                      **opts.get("fit", {}))
         return self.execute(label, [self.reader(previous),
                                     QualityFilter(classifier, opts.get("threshold", 0.5), self.exclusion(label)),
-                                    self.writer(out)])
+                                    *self.tail(out)])
 
     def step_domains(self, label, previous, out, opts):
         from .domains import DomainTagger
 
         if opts.get("classifier"):
             opts["classifier"] = str(self._path(opts["classifier"]))
-        return self.execute(label, [self.reader(previous), DomainTagger(**opts), self.writer(out)])
+        return self.execute(label, [self.reader(previous), DomainTagger(**opts), *self.tail(out)])
 
     def step_decontaminate(self, label, previous, out, opts):
         from .decontam import humaneval_path
@@ -280,7 +288,7 @@ class DataPipeline:
             raise PipelineError("decontaminate needs test_sets: [{path: FILE.jsonl, fields: [...]}]")
         step = DecontaminationFilter(self.tokenizer_dir, sets, opts.get("window", 512), opts.get("stride", 128),
                                      self.exclusion(label))
-        return self.execute(label, [self.reader(previous), step, self.writer(out)])
+        return self.execute(label, [self.reader(previous), step, *self.tail(out)])
 
     def step_mixture(self, label, previous, out, opts):
         from .mixture import DomainHistogram, MixtureSampler, merge_histograms, plan_mixture
@@ -301,7 +309,7 @@ class DataPipeline:
                                  "output_counts": str(work / "output_counts")}
         return self.execute(label, [self.reader(previous), *count,
                                     MixtureSampler(plan_file, seed, exclusion_writer=self.exclusion(label)),
-                                    DomainHistogram(work / "output_counts", unit, seed), self.writer(out)])
+                                    DomainHistogram(work / "output_counts", unit, seed), *self.tail(out)])
 
     def step_pack(self, label, previous, out, opts):
         from .pack import is_packed, pack_folder

@@ -31,6 +31,8 @@ def summarize_stage(label: str, step_stats: list[dict], seconds: float) -> dict:
             dropped[name] = step["stats"]["dropped"]
     out = {"step": label, "docs_in": int(docs_in), "docs_out": int(last.get("total", 0)), "dropped": dropped,
            "seconds": round(seconds, 3)}
+    if "doc_len_tokens" in first:
+        out["tokens_in"] = int(first["doc_len_tokens"])
     if "doc_len_tokens" in last or "tokens" in last:
         out["tokens_out"] = int(last.get("doc_len_tokens", last.get("tokens", 0)))
     domains = {k[len("domain_"):]: v for s in step_stats for k, v in s["stats"].items() if k.startswith("domain_")}
@@ -109,12 +111,13 @@ def plot_report(report: dict, path: Path) -> Path:
 
 def format_report(report: dict) -> str:
     """The statistics as a plain-text table (for `qwen25 data stats DIR`)."""
-    lines = [f"{'step':<24} {'docs in':>9} {'docs out':>9} {'tokens out':>11} {'seconds':>8}  dropped"]
+    lines = [f"{'step':<20} {'docs in':>8} {'docs out':>8} {'tokens in':>10} {'tokens out':>10} {'seconds':>8}  "
+             "dropped"]
     for s in report["stages"]:
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "-"
-        tokens = str(s.get("tokens_out", "-"))
-        lines.append(f"{s['step']:<24} {s['docs_in']:>9} {s['docs_out']:>9} {tokens:>11} {s['seconds']:>8.2f}  "
-                     f"{dropped}")
+        t_in, t_out = str(s.get("tokens_in", "-")), str(s.get("tokens_out", "-"))
+        lines.append(f"{s['step']:<20} {s['docs_in']:>8} {s['docs_out']:>8} {t_in:>10} {t_out:>10} "
+                     f"{s['seconds']:>8.2f}  {dropped}")
     if "mixture" in report:
         lines.append(f"\nmixture ({report['mixture']['unit']}): {'domain':<14} {'in':>7} {'target':>7} {'out':>7}")
         for d, row in report["mixture"]["domains"].items():

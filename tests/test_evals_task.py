@@ -87,3 +87,16 @@ def test_users_can_register_a_kind():
         assert task.evaluate(task.examples()[0], " yes ") and task.reward(task.examples()[0], "no") == 0.0
     finally:
         KINDS.pop("exact_test")
+
+
+def test_perplexity_tasks_read_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha text")
+    (tmp_path / "b.md").write_text("beta")
+    task = load_task(tmp_path / "a.txt")
+    assert task.kind == "perplexity" and [e["text"] for e in task.examples()] == ["alpha text"]
+    folder = make_task(TaskSpec(name="docs", kind="perplexity", data=str(tmp_path)))
+    assert [e["text"] for e in folder.examples()] == ["alpha text", "beta"]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "gamma"}) + "\n")
+    mapped = make_task(TaskSpec(name="j", kind="perplexity", data=str(tmp_path / "rows.jsonl"),
+                                fields={"text": "body"}))
+    assert mapped.examples()[0]["text"] == "gamma"

@@ -322,9 +322,23 @@ class CodeTask(Task):
 
 
 class PerplexityTask(Task):
+    """Bits per byte over texts: a jsonl with a text field, or plain text files (data: a .txt/.md file, a folder
+    of them, or a glob; each file is one example)."""
+
     kind = "perplexity"
     required = ("text",)
     default_template = "{text}"
+
+    def load_rows(self) -> list[dict]:
+        data = self.spec.data or ""
+        if data.endswith((".jsonl", ".jsonl.gz")) or data.startswith("pkg:"):
+            return super().load_rows()
+        path = self.spec.resolve(data)
+        files = sorted(path.glob("*.txt")) + sorted(path.glob("*.md")) if path.is_dir() else \
+            sorted(Path(path.parent).glob(path.name))
+        if not files:
+            raise ValueError(f"task {self.name!r}: no text files at {path}")
+        return [{"text": f.read_text(encoding="utf-8"), "file": str(f)} for f in files]
 
     def check(self, example: dict, completion) -> float:
         raise TypeError("perplexity tasks have no completion to check: the harness reports bits per byte")
@@ -406,10 +420,13 @@ def builtin_tasks() -> list[str]:
 
 
 def load_task(name_or_path: str | Path) -> Task:
-    """A task from a spec file path (.json/.yaml) or a built-in name (humaneval, passkey, ...)."""
+    """A task from a spec file path (.json/.yaml), a built-in name (humaneval, passkey, ...), or a plain text
+    file (.txt/.md: a perplexity task over it)."""
     path = Path(name_or_path)
     if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
         return make_task(TaskSpec.from_file(path))
+    if path.suffix in (".txt", ".md") and path.is_file():
+        return make_task(TaskSpec(name=path.stem, kind="perplexity", data=str(path.resolve())))
     builtin = BUILTIN_DIR / f"{name_or_path}.json"
     if builtin.is_file():
         return make_task(TaskSpec.from_file(builtin))

@@ -24,7 +24,7 @@ from .harness import ModelLM
 def _base():
     try:
         from lm_eval.api.model import LM
-    except ImportError as e:  # noqa: F841
+    except ImportError as e:
         raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval") from e
     return LM
 

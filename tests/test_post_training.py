@@ -275,3 +275,12 @@ def test_weighted_rewards_sum_several_reward_functions():
 
     f = weighted_rewards([_digit7, lambda p, c, e: [len(x) for x in c]], [2.0, 0.5])
     assert f(None, [[7, 7, 1, 2], [3]], None) == [2.0 * 0.5 + 0.5 * 4, 0.5 * 1]
+
+
+def test_stages_run_under_bf16_autocast(tmp_path):
+    """dtype: bf16 autocasts the forward passes; losses stay finite and log-probs are computed in fp32."""
+    dpo = train_dpo(DPOConfig(out_dir=str(tmp_path / "dpo"), model="tiny", lr=1e-3, steps=2, batch_size=4,
+                              dtype="bf16"), separable_pairs(8, 1), progress=False)
+    grpo = train_grpo(_grpo_cfg(tmp_path / "grpo", steps=2, dtype="bf16", beta=0.1, updates_per_rollout=2),
+                      [{"prompt_ids": [50, 51, 52]}] * 4, _digit7, progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in (dpo["loss"], grpo["loss"], grpo["kl"]))

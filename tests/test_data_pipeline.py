@@ -268,3 +268,30 @@ def test_lm_rating_in_the_pipeline_reports_unparsed_answers(tmp_path):
 
     rater_stats = read_task_stats(tmp_path / "out" / "logs" / "00_quality_rate")[1]["stats"]
     assert rater_stats["unparsed"] >= 2 and "rated" not in rater_stats
+
+
+def test_pack_in_parts_holds_every_token_once(tmp_path):
+    """pack with tasks > 1: one shard directory per task, merged under one index and one document map."""
+    from qwen25.tokenizer import Tokenizer
+
+    quiet_datatrove_logs()
+    docs = build_corpus(tmp_path / "corpus")
+    path = write_config(tmp_path, steps=[{"pack": {"seq_len": 64, "method": "best_fit", "tasks": 3}}])
+    DataPipeline(load_config(path)).run()
+    out = tmp_path / "out" / "shards"
+    shards = TokenShards(out, verify=True)
+    assert len(list(out.glob("part-*/index.json"))) == 3 and shards.index["meta"]["parts"] == 3
+    meta_docs, segments = read_document_map(out)
+    assert sorted(d["id"] for d in meta_docs) == sorted(docs)
+    tokens, doc_ids = shards.rows(range(len(shards)))
+    tok = Tokenizer.from_dir(tmp_path.parent / "tokenizer")
+    rebuilt: dict[int, list] = {}
+    for row in range(len(shards)):
+        at = 0
+        for _, local, doc, offset, length in segments[segments[:, 0] == row]:
+            assert (doc_ids[row, at:at + length] == local).all()
+            rebuilt.setdefault(int(doc), []).append((int(offset), tokens[row, at:at + length].tolist()))
+            at += length
+    for k, meta in enumerate(meta_docs):
+        pieces = [t for _, piece in sorted(rebuilt[k]) for t in piece]
+        assert pieces == tok.encode(docs[meta["id"]]["text"], allowed_special="none") + [tok.endoftext_id]

@@ -17,11 +17,14 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 
 from .shards import INDEX, ShardWriter
 
@@ -137,16 +140,16 @@ def read_document_map(out_dir: str | Path) -> tuple[list[dict], np.ndarray]:
     return docs, np.load(out_dir / SEGMENTS)
 
 
-def pack_folder(reader, tokenizer_dir: str | Path, out_dir: str | Path, seq_len: int = 2048, method: str = "concat",
-                seed: int = 0, rows_per_shard: int = 4096, buffer_docs: int = 8192) -> dict:
-    """Read every document of a datatrove reader, shuffle by a hash of the id (the same order for any number of
-    input files or workers), tokenise (text as plain text) and pack into a token-shard directory."""
+def pack_stream(documents, tokenizer_dir: str | Path, out_dir: str | Path, seq_len: int = 2048,
+                method: str = "concat", seed: int = 0, rows_per_shard: int = 4096, buffer_docs: int = 8192) -> dict:
+    """Shuffle datatrove Documents by a hash of the id (the same order for any number of input files or workers),
+    tokenise them (text as plain text) and pack them into a token-shard directory; returns the packing stats."""
     from tqdm import tqdm
 
     from ..tokenizer import Tokenizer
     from .mixture import hash01
 
-    docs = sorted(((hash01(d.id, seed, "shuffle"), d.id, d.text) for d in reader()), key=lambda x: (x[0], x[1]))
+    docs = sorted(((hash01(d.id, seed, "shuffle"), d.id, d.text) for d in documents), key=lambda x: (x[0], x[1]))
     tok = Tokenizer.from_dir(tokenizer_dir)
     token_lists = []
     for i in tqdm(range(0, len(docs), 1024), desc="tokenize", unit="batch", leave=False):
@@ -154,3 +157,63 @@ def pack_folder(reader, tokenizer_dir: str | Path, out_dir: str | Path, seq_len:
     eos = tok.endoftext_id
     return pack_documents(token_lists, [d[1] for d in docs], out_dir, seq_len, eos, eos, len(tok), method,
                           rows_per_shard, buffer_docs, meta={"seed": seed, "tokenizer": str(tokenizer_dir)})
+
+
+def pack_folder(reader, tokenizer_dir: str | Path, out_dir: str | Path, **options) -> dict:
+    """pack_stream() over every document of a datatrove reader, in one process."""
+    return pack_stream(reader(), tokenizer_dir, out_dir, **options)
+
+
+class PackStep(PipelineStep):
+    """Packs one task's documents into `out_dir/part-RANK/` (a complete shard directory of its own); after all
+    tasks, merge_parts() writes the index that makes `out_dir` one shard set. For corpora too large for one
+    process: each task holds only its share in memory, and rows are shuffled within a task only."""
+
+    name = "pack"
+    type = "📦 - PACKER"
+
+    def __init__(self, tokenizer_dir: str | Path, out_dir: str | Path, **options):
+        super().__init__()
+        self.tokenizer_dir, self.out_dir, self.options = str(tokenizer_dir), str(out_dir), options
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        part = Path(self.out_dir) / f"part-{rank:05d}"
+        if part.exists():  # an unfinished earlier attempt: start this part again
+            shutil.rmtree(part)
+        stats = pack_stream(data or [], self.tokenizer_dir, part, **self.options)
+        self.stat_update("total", "forwarded", value=stats["documents"])
+        self.stat_update("doc_len_tokens", value=stats["tokens"])
+        yield from ()
+
+
+def merge_parts(out_dir: str | Path) -> Path:
+    """One shard set over the part-*/ directories of PackStep: index.json listing every part's shard files,
+    and the document map with rows and documents renumbered in part order; index.json is written last."""
+    out_dir = Path(out_dir)
+    parts = sorted(p for p in out_dir.glob("part-*") if (p / INDEX).is_file())
+    if not parts:
+        raise FileNotFoundError(f"{out_dir}: no finished part-*/ shard directories to merge")
+    indexes = [json.loads((p / INDEX).read_text()) for p in parts]
+    first = indexes[0]
+    shards, segments, documents, rows, docs = [], [], [], 0, 0
+    for part, index in zip(parts, indexes):
+        if (index["seq_len"], index["vocab_size"]) != (first["seq_len"], first["vocab_size"]):
+            raise ValueError(f"{part}: seq_len/vocab_size differ from {parts[0]}")
+        shards += [{**s, "file": f"{part.name}/{s['file']}"} for s in index["shards"]]
+        part_docs, part_segments = read_document_map(part)
+        segments.append(part_segments + np.array([rows, 0, docs, 0, 0]))
+        documents += part_docs
+        rows, docs = rows + index["num_rows"], docs + len(part_docs)
+    np.save(out_dir / (SEGMENTS + ".tmp.npy"), np.concatenate(segments) if segments else np.zeros((0, 5)))
+    os.replace(out_dir / (SEGMENTS + ".tmp.npy"), out_dir / SEGMENTS)
+    (out_dir / (DOCUMENTS + ".tmp")).write_text("".join(json.dumps(d) + "\n" for d in documents))
+    os.replace(out_dir / (DOCUMENTS + ".tmp"), out_dir / DOCUMENTS)
+    metas = [i["meta"] for i in indexes]
+    tokens, padding = sum(m["tokens"] for m in metas), sum(m["padding"] for m in metas)
+    meta = {**first["meta"], "documents": docs, "tokens": tokens, "rows": rows, "padding": padding,
+            "padding_fraction": padding / (rows * first["row_len"]) if rows else 0.0, "parts": len(parts)}
+    index = {**first, "num_rows": rows, "num_tokens": sum(i["num_tokens"] for i in indexes), "shards": shards,
+             "meta": meta}
+    (out_dir / (INDEX + ".tmp")).write_text(json.dumps(index, indent=1))
+    os.replace(out_dir / (INDEX + ".tmp"), out_dir / INDEX)
+    return out_dir / INDEX

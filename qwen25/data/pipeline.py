@@ -312,11 +312,16 @@ class DataPipeline:
                                     DomainHistogram(work / "output_counts", unit, seed), *self.tail(out)])
 
     def step_pack(self, label, previous, out, opts):
-        from .pack import is_packed, pack_folder
+        from .pack import PackStep, is_packed, merge_parts, pack_folder
 
-        shards = self.out / "shards"
+        shards, tasks = self.out / "shards", int(opts.pop("tasks", 1))
         if not is_packed(shards):
-            pack_folder(self.reader(previous), self.tokenizer_dir, shards, **opts)
+            if tasks == 1:  # one process: one shuffle over every document, the same for any earlier task count
+                pack_folder(self.reader(previous), self.tokenizer_dir, shards, **opts)
+            else:  # one part per task, shuffled within the task; then one index over the parts
+                self.execute(label, [self.reader(previous), PackStep(self.tokenizer_dir, shards, **opts)],
+                             tasks=tasks)
+                merge_parts(shards)
         index = json.loads((shards / "index.json").read_text())
         self.extra["pack"] = {k: index["meta"][k] for k in ("method", "documents", "tokens", "rows", "padding",
                                                             "padding_fraction")}

@@ -100,3 +100,16 @@ def test_perplexity_tasks_read_text_files(tmp_path):
     mapped = make_task(TaskSpec(name="j", kind="perplexity", data=str(tmp_path / "rows.jsonl"),
                                 fields={"text": "body"}))
     assert mapped.examples()[0]["text"] == "gamma"
+
+
+def test_mbpp_format_code_task():
+    rows = [{"text": "Write a function add(a, b) that returns the sum.", "code": "def add(a, b):\n    return a + b",
+             "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}]
+    task = make_task({"name": "mbpp", "kind": "code", "fields": {"prompt": "text"},
+                      "template": "{prompt} Your code should pass these tests:\n{tests}\n"}, rows)
+    ex = task.examples()[0]
+    assert task.prompt(ex).endswith("assert add(-1, 1) == 0\n")
+    assert task.evaluate(ex, ex["code"]) and task.evaluate(ex, "```python\n" + ex["code"] + "\n```")
+    assert not task.evaluate(ex, "def add(a, b):\n    return a - b") and task.reward(ex, "def add(") == 0.0
+    with pytest.raises(ValueError, match="test_list"):
+        make_task({"name": "bad", "kind": "code"}, [{"prompt": "x"}])

@@ -305,15 +305,27 @@ class MathTask(Task):
 
 
 class CodeTask(Task):
+    """HumanEval rows (prompt, test, entry_point) or MBPP rows (prompt = the description, test_list)."""
+
     kind = "code"
-    required = ("prompt", "test", "entry_point")
+    required = ("prompt",)
     default_template = "{prompt}"
     default_chat_template = "Complete the following Python function. Answer with the whole function in a " \
                             "```python code block.\n\n```python\n{prompt}```"
     answer_field = "canonical_solution"
 
+    def canonical(self, row: dict) -> dict:
+        out = super().canonical(row)
+        if "test_list" not in out and not {"test", "entry_point"} <= set(out):
+            raise ValueError(f"task {self.name!r} (code): a row needs test + entry_point (HumanEval) or test_list "
+                             f"(MBPP); map them with 'fields': {sorted(row)}")
+        return out
+
+    def fill(self, example: dict) -> dict:
+        return {**example, "tests": "\n".join(example.get("test_list", []))}  # MBPP prompts show the asserts
+
     def solution_text(self, example: dict) -> str:
-        return example.get("canonical_solution", "")
+        return example.get("canonical_solution", example.get("code", ""))
 
     def check(self, example: dict, completion) -> float:
         from ..verifiers.code import check_program

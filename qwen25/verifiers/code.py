@@ -1,8 +1,10 @@
-"""Code verification by unit tests (HumanEval format) in the sandbox, and the unbiased pass@k estimator.
+"""Code verification by unit tests (HumanEval and MBPP formats) in the sandbox, and the unbiased pass@k estimator.
 
 A HumanEval problem has `prompt` (signature + docstring), `test` (defines check(candidate)) and `entry_point`.
 The program run is prompt + completion + test + `check(entry_point)`; it passes when it exits cleanly within
 the limits. A completion that repeats the prompt (chat models often do) is accepted as well.
+An MBPP problem has `test_list` (assert statements) and optional `test_setup_code`; the prompt is prose, so the
+program is the completion's code + setup + asserts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,13 @@ import math
 from collections.abc import Sequence
 
 from .sandbox import Limits, SandboxResult, run_many, run_python
+
+
+def test_program(problem: dict, completion: str) -> str:
+    """The program that tests a completion: MBPP format when the problem has `test_list`, else HumanEval."""
+    if "test_list" in problem:
+        return "\n".join([completion, problem.get("test_setup_code") or "", *problem["test_list"]]) + "\n"
+    return humaneval_program(problem, completion)
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
@@ -33,13 +42,13 @@ def check_program(problem: dict, completion: str, timeout: float = 10.0,
                   limits: Limits | None = None) -> SandboxResult:
     """Run a completion's tests in the sandbox: the result's status is passed/failed/timeout/error."""
     limits = limits or Limits(timeout=timeout)
-    return run_python(humaneval_program(problem, extract_code(completion)), limits)
+    return run_python(test_program(problem, extract_code(completion)), limits)
 
 
 def check_many(problems: Sequence[dict], completions: Sequence[str], limits: Limits | None = None,
                workers: int | None = None, progress: bool = False) -> list[SandboxResult]:
     """check_program for many (problem, completion) pairs in parallel sandbox processes."""
-    programs = [humaneval_program(p, extract_code(c)) for p, c in zip(problems, completions)]
+    programs = [test_program(p, extract_code(c)) for p, c in zip(problems, completions)]
     return run_many(programs, limits or Limits(), workers=workers, progress=progress, desc="tests")
 
 

@@ -150,6 +150,11 @@ class AsyncEngine:
             self._thread = None
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_length(self) -> int:
         """Requests waiting for a slot (not yet prefilled)."""
         return self.pending + len(self.engine.waiting)
@@ -219,9 +224,10 @@ class AsyncEngine:
                 self.pending -= 1
             try:
                 self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id))
-            except ValueError as e:
+            except Exception as e:  # a request the engine refuses (ValueError: a 400) must not end the thread
                 self.counters["errors"] += 1
-                handle.emit(Event(handle.index, finish_reason="error", error=str(e)))
+                message = str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}: {e}"
+                handle.emit(Event(handle.index, finish_reason="error", error=message))
                 return
             self.handles[handle.id] = handle
         elif kind == "cancel" and value in self.handles:

@@ -151,6 +151,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
         return {"status": "ok", "running": engine.running, "waiting": engine.queue_length}
 
     @app.get("/metrics")

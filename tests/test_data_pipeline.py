@@ -179,6 +179,8 @@ def test_config_errors_name_the_problem(tmp_path):
         DataPipeline({"output": "o", "input": {"path": "x"}, "steps": [{"dedupe": {}}]})
     with pytest.raises(PipelineError, match="need `tokenizer`"):
         DataPipeline({"output": "o", "input": {"path": "x"}, "steps": ["pack"]})
+    with pytest.raises(PipelineError, match="mixture in tokens"):
+        DataPipeline({"output": "o", "input": {"path": "x"}, "steps": [{"mixture": {"weights": {"a": 1}}}]})
     with pytest.raises(PipelineError, match="pack must be the last step"):
         DataPipeline({"output": "o", "tokenizer": "t", "input": {"path": "x"}, "steps": ["pack", "domains"]})
     build_corpus(tmp_path / "corpus")

@@ -148,6 +148,8 @@ class DataPipeline:
         tok = self.config.get("tokenizer")
         self.tokenizer_dir = str(self._path(tok)) if tok else None
         needs_tok = {"decontaminate", "pack"} & {n for n, _ in self.steps}
+        if any(n == "mixture" and o.get("unit", "tokens") == "tokens" for n, o in self.steps):
+            needs_tok.add("mixture in tokens")
         if needs_tok and not self.tokenizer_dir:
             raise PipelineError(f"steps {sorted(needs_tok)} need `tokenizer` (a tokenizer directory)")
         if "input" not in self.config or "path" not in self.config["input"]:

@@ -175,6 +175,8 @@ def test_toml_config_equals_yaml(tmp_path):
 
 
 def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(PipelineError, match="input.path: .*nowhere does not exist"):
+        DataPipeline({"output": "o", "input": {"path": str(tmp_path / "nowhere")}, "steps": ["domains"]})
     with pytest.raises(PipelineError, match="unknown step 'dedupe'"):
         DataPipeline({"output": "o", "input": {"path": "x"}, "steps": [{"dedupe": {}}]})
     with pytest.raises(PipelineError, match="need `tokenizer`"):

@@ -154,6 +154,9 @@ class DataPipeline:
             raise PipelineError(f"steps {sorted(needs_tok)} need `tokenizer` (a tokenizer directory)")
         if "input" not in self.config or "path" not in self.config["input"]:
             raise PipelineError("the config needs `input: {kind: jsonl|text, path: ...}`")
+        for what, path in (("input.path", self.config["input"]["path"]), ("tokenizer", tok)):
+            if path and "://" not in str(path) and not self._path(path).exists():
+                raise PipelineError(f"{what}: {self._path(path)} does not exist")
         self.stage_stats: list[dict] = []
         self.extra: dict = {}
 

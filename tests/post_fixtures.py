@@ -1,14 +1,14 @@
-"""Helpers for the post-training tests: a byte-level stand-in tokenizer with the ChatML control tokens (fits the
-tiny preset's 512-entry vocabulary), and generated tasks (arithmetic chats, separable preference pairs)."""
+"""Helpers for the post-training tests: a byte-level tokenizer with the ChatML control tokens (fits the tiny
+preset's 512-entry vocabulary), and generated tasks (arithmetic chats, separable preference pairs)."""
 
 from __future__ import annotations
 
-import re
+from functools import lru_cache
 
 import pytest
 import torch
 
-CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from qwen25.tokenizer import train_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -20,36 +20,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class ByteTokenizer:
-    """UTF-8 bytes are ids 0-255; the three ChatML control tokens are 256-258."""
-
-    def __init__(self):
-        self.ids = {t: 256 + i for i, t in enumerate(CONTROL)}
-        self.pattern = re.compile("|".join(re.escape(t) for t in CONTROL))
-
-    @property
-    def im_end_id(self) -> int:
-        return self.ids["<|im_end|>"]
-
-    def encode(self, text: str) -> list[int]:
-        out, at = [], 0
-        for m in self.pattern.finditer(text):
-            out += list(text[at:m.start()].encode())
-            out.append(self.ids[m.group()])
-            at = m.end()
-        return out + list(text[at:].encode())
-
-    def decode(self, ids) -> str:
-        names = {v: k for k, v in self.ids.items()}
-        out, pending = [], []
-        for i in ids:
-            if i < 256:
-                pending.append(i)
-                continue
-            out.append(bytes(pending).decode(errors="replace"))
-            pending = []
-            out.append(names.get(i, ""))
-        return "".join(out) + bytes(pending).decode(errors="replace")
+@lru_cache(maxsize=None)
+def byte_tokenizer():
+    """A real qwen25 Tokenizer with no merges: the 256 byte tokens and Qwen's 22 control tokens (ids 256-277),
+    so chats fit the tiny preset's 512-entry vocabulary."""
+    return train_tokenizer(["0123456789+"], vocab_size=256)
 
 
 def arithmetic_chats(n: int, seed: int, max_b: int = 9) -> list[dict]:

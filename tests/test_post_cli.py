@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from post_fixtures import ByteTokenizer, arithmetic_chats, one_thread, separable_pairs  # noqa: F401
+from post_fixtures import arithmetic_chats, byte_tokenizer, one_thread, separable_pairs  # noqa: F401
 
 from qwen25.cli import main
 from qwen25.model import save_model
@@ -53,7 +53,7 @@ def test_rejection_sampling_with_a_math_task_as_verifier(tmp_path):
 
     task = make_task({"name": "digits", "kind": "math", "chat": True, "template": "{question}"},
                      examples=[{"question": f"{a}+{b}", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2)]])
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     cfg = RejectionConfig(out_dir=str(tmp_path), samples_per_prompt=6, max_new_tokens=3, vocab_limit=64,
                           temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.im_end_id])
     seen = []

@@ -75,6 +75,15 @@ def test_sft_raises_arithmetic_accuracy(tmp_path):
     assert before <= 0.2 and after >= 0.35, (before, after)
 
 
+def test_packing_drops_examples_cut_before_their_reply():
+    kept, cut = ([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 0, 1])
+    with pytest.warns(UserWarning, match="1 example"):
+        tokens, masks, docs = pack([kept, cut], seq_len=5)
+    assert tokens.tolist() == [[1, 2, 3, 4, 0]] and masks.sum() == 2
+    with pytest.raises(ValueError, match="no SFT example"):
+        pack([cut], seq_len=5)
+
+
 def test_long_context_sft_is_two_phases(tmp_path):
     """Phase 1 on short rows; phase 2 starts from phase 1's final/ with longer rows mixing short and long chats."""
     tok = byte_tokenizer()

@@ -26,7 +26,9 @@ from .runner import StageConfig, adamw, autocast, example_indices, load_causal_l
 
 
 class RewardModel(nn.Module):
-    """A Qwen2.5 decoder and a bias-free linear `score` head read at each sequence's last token."""
+    """A Qwen2.5 decoder and a bias-free linear `score` head read at each sequence's last token.
+
+    Built from a CausalLM, whose lm_head it removes (the decoder is shared, not copied)."""
 
     def __init__(self, lm: CausalLM):
         super().__init__()

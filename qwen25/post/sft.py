@@ -12,6 +12,7 @@ short and long data up to 262,144, starting from phase 1's `final/`), see docs/p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +49,19 @@ def encode_sft_example(example: dict, tokenizer=None) -> tuple[list[int], list[i
 
 
 def pack(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0):
-    """Greedily pack (ids, mask) examples into rows of seq_len tokens (longer ones are cut to seq_len).
+    """Greedily pack (ids, mask) examples into rows of seq_len tokens (longer ones are cut to seq_len; one left
+    with no assistant token after the cut is dropped, with a warning).
 
     Returns (tokens, assistant_mask, doc_ids), each (rows, seq_len); padding has mask 0 and its own doc id.
     """
     rows: list[list[tuple[list[int], list[int]]]] = []
     used: list[int] = []
+    dropped = 0
     for ids, mask in encoded:
         ids, mask = ids[:seq_len], mask[:seq_len]
+        if not any(mask[1:]):  # nothing left to predict: the assistant's reply lay past seq_len
+            dropped += 1
+            continue
         for r, n in enumerate(used):  # first row with room: keeps rows full without reordering much
             if n + len(ids) <= seq_len:
                 rows[r].append((ids, mask))
@@ -64,6 +70,10 @@ def pack(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int =
         else:
             rows.append([(ids, mask)])
             used.append(len(ids))
+    if not rows:
+        raise ValueError(f"no SFT example has an assistant token within seq_len={seq_len}")
+    if dropped:
+        warnings.warn(f"SFT packing: {dropped} example(s) have no assistant token within seq_len={seq_len}; dropped")
     tokens = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     masks = torch.zeros(len(rows), seq_len)
     docs = torch.zeros(len(rows), seq_len, dtype=torch.long)

@@ -96,6 +96,20 @@ def test_long_context_sft_is_two_phases(tmp_path):
     train_sft(two, short + long, tok, progress=False)
     assert json.loads((tmp_path / "p2" / "stage_config.json").read_text())["model"].endswith("p1/final")
     assert metrics(tmp_path / "p2")[-1]["tokens"] == 2 * 256
+    # Unpacked rows (no dense document mask, for very long rows) give each example the same loss as packing.
+    encoded = [encode_sft_example(e, tok) for e in short[:3]]
+    model = load_causal_lm("tiny", 0)
+    from qwen25.post.logprobs import pad_batch
+    from qwen25.post.sft import unpacked_loss
+
+    with torch.no_grad():
+        packed, n = packed_loss(model, *pack(encoded, 256))
+        alone, m = unpacked_loss(model, pad_batch([e[0] for e in encoded], [e[1] for e in encoded]))
+    assert n == m and alone.item() == pytest.approx(packed.item(), rel=1e-5)
+    three = SFTConfig(out_dir=str(tmp_path / "p3"), model="tiny", lr=1e-3, steps=2, batch_size=2, seq_len=256,
+                      pack=False)
+    train_sft(three, short + long, tok, progress=False)
+    assert metrics(tmp_path / "p3")[-1]["tokens"] < 2 * 256
 
 
 def test_sft_recipe_defaults_are_the_reports():

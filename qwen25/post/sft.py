@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..tokenizer.chat import encode_chat
 from ..train.packing import document_mask, document_positions
+from .logprobs import Batch, pad_batch
 from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_steps
 
 
@@ -29,6 +30,9 @@ class SFTConfig(StageConfig):
 
     seq_len: int = 32768
     pad_id: int = 0
+    # False: one example per row, padded per batch and plain causal attention (no (T, T) document mask), for
+    # long-context SFT where a dense mask over 262k tokens cannot be held in memory.
+    pack: bool = True
 
 
 def encode_sft_example(example: dict, tokenizer=None) -> tuple[list[int], list[int]]:
@@ -119,19 +123,39 @@ def packed_loss(model, tokens: torch.Tensor, assistant_mask: torch.Tensor, doc_i
     return sft_loss(logits, tokens, target_mask), int(target_mask.sum())
 
 
+def unpacked_loss(model, batch: Batch):
+    """(loss, number of target tokens) of right-padded single-example rows (causal attention is enough)."""
+    batch = batch.to(next(model.parameters()).device)
+    logits = model(batch.input_ids[:, :-1])
+    return sft_loss(logits, batch.input_ids, batch.target_mask), int(batch.target_mask.sum())
+
+
 def train_sft(cfg: SFTConfig, examples: list[dict], tokenizer=None, model=None, progress: bool = True) -> dict:
-    """Fine-tune on chat examples; writes metrics.jsonl (loss, assistant tokens, tokens/s) and checkpoints."""
+    """Fine-tune on chat examples; writes metrics.jsonl (loss, assistant tokens, tokens/s) and checkpoints.
+    batch_size counts rows: packed rows of seq_len tokens, or single examples when cfg.pack is False."""
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
-    tokens, masks, docs = pack([encode_sft_example(e, tokenizer) for e in examples], cfg.seq_len, cfg.pad_id)
+    encoded = [encode_sft_example(e, tokenizer) for e in examples]
+    if cfg.pack:
+        tokens, masks, docs = pack(encoded, cfg.seq_len, cfg.pad_id)
+        num_rows = len(tokens)
+    else:
+        encoded = [(ids[:cfg.seq_len], mask[:cfg.seq_len]) for ids, mask in encoded if any(mask[1:cfg.seq_len])]
+        num_rows = len(encoded)
     optimizer = adamw(model, cfg)
-    total = cfg.total_steps(len(tokens))
+    total = cfg.total_steps(num_rows)
 
     def step_fn(step: int) -> dict:
-        rows = example_indices(step, cfg.batch_size, len(tokens), cfg.seed)
+        rows = example_indices(step, cfg.batch_size, num_rows, cfg.seed)
         with autocast(cfg):
-            loss, n_targets = packed_loss(model, tokens[rows], masks[rows], docs[rows])
+            if cfg.pack:
+                loss, n_targets = packed_loss(model, tokens[rows], masks[rows], docs[rows])
+                n_tokens = len(rows) * cfg.seq_len
+            else:
+                batch = pad_batch([encoded[r][0] for r in rows], [encoded[r][1] for r in rows], cfg.pad_id)
+                loss, n_targets = unpacked_loss(model, batch)
+                n_tokens = int(batch.lengths.sum())
         loss.backward()
-        return {"loss": loss.item(), "assistant_tokens": n_targets, "tokens": len(rows) * cfg.seq_len}
+        return {"loss": loss.item(), "assistant_tokens": n_targets, "tokens": n_tokens}
 
     return run_steps(cfg, model, optimizer, step_fn, total, "sft", progress=progress)

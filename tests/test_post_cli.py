@@ -132,6 +132,8 @@ def test_cli_errors_name_the_problem(tmp_path, tiny_checkpoint, capsys):
     bad = _config(tmp_path, "bad", model=str(tiny_checkpoint), learning_rate=1)
     assert main(["dpo", bad]) != 0
     assert "unknown DPOConfig option(s): learning_rate" in capsys.readouterr().err
+    assert main(["sft", _config(tmp_path, "nomodel", data="x.jsonl")]) != 0
+    assert "model: a checkpoint directory" in capsys.readouterr().err
     no_reward = _config(tmp_path, "nr", model=str(tiny_checkpoint), data="x.jsonl", reward={"type": "oracle"})
     assert main(["grpo", no_reward]) != 0
     assert "reward: type must be task, reward_model or python" in capsys.readouterr().err

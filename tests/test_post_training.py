@@ -136,6 +136,18 @@ def test_reward_model_accuracy_rises_on_separable_pairs(tmp_path):
     assert scores[0] > scores[1]
 
 
+def test_reward_model_margins_enter_the_loss(tmp_path):
+    """Pairs with a "margin" train on -log sigmoid(r_w - r_l - margin): a larger first-step loss than without."""
+    plain = separable_pairs(16, 1)
+    with_margin = [{**p, "margin": 2.0} for p in plain]
+    cfg = dict(model="tiny", lr=1e-3, steps=1, batch_size=8)
+    train_reward_model(RMConfig(out_dir=str(tmp_path / "a"), **cfg), plain, progress=False)
+    train_reward_model(RMConfig(out_dir=str(tmp_path / "b"), **cfg), with_margin, progress=False)
+    a, b = metrics(tmp_path / "a")[0], metrics(tmp_path / "b")[0]
+    assert a["margin"] == pytest.approx(b["margin"])  # same model, same pairs: the margin only shifts the loss
+    assert b["loss"] > a["loss"] + 0.5
+
+
 def test_reward_model_equals_transformers_sequence_classification(tmp_path):
     """Our saved reward model, loaded by transformers as Qwen2ForSequenceClassification, scores the same."""
     transformers = pytest.importorskip("transformers")

@@ -102,6 +102,8 @@ def _eval_examples(cfg) -> list[dict] | None:
 
 def run_stage(stage: str, raw: dict, progress: bool = True) -> dict:
     """Run one stage from its config mapping; returns its final metrics (or rejection statistics)."""
+    if not raw.get("model"):
+        raise ValueError("model: a checkpoint directory (or a preset name for a random start) is required")
     if stage == "sft":
         from .sft import SFTConfig, train_sft
 

@@ -67,6 +67,7 @@ class TrainConfig:
     stop_at: int | None = None  # end this invocation after this step (time-limited jobs); resume continues
     tensorboard: bool = True  # also log to out_dir/tb when tensorboard is installed
     peak_flops: float | None = None  # matmul FLOP/s per process for MFU; None: measured at start
+    compile: bool = False  # torch.compile the forward + loss (fuses norms, SwiGLU, RoPE, cross entropy)
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
@@ -230,7 +231,9 @@ def _tensorboard(cfg: TrainConfig, out: Path, rank: int):
 
 
 def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
-    """Run (or resume) training; returns the final metrics. Writes out_dir/{train_config.json,metrics.jsonl,step-*,final}.
+    """Run (or resume) training; returns the last step's metrics.
+
+    Writes out_dir/: train_config.json, config.json, metrics.jsonl, step-XXXXXXXX/, latest and final/.
 
     Under torchrun (torch.distributed initialised by distributed.init()), the model is sharded with FSDP2,
     each process trains on its slice of the global batch and checkpoints are torch.distributed checkpoints.
@@ -255,6 +258,8 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
     if sharded:
         dist_utils.shard_model(model)
     optimizer = build_optimizer(model, cfg)
+    # The compiled callable shares the model's parameters; checkpoints keep using the plain module.
+    loss_fn = torch.compile(lm_loss, dynamic=False) if cfg.compile else lm_loss
     start = 0
     if (last := latest_checkpoint(out)) is not None:
         load = dist_utils.load_checkpoint if sharded else load_training_state
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
                 continue
             batch = tuple(t.to(device) for t in batch) if isinstance(batch, (tuple, list)) else batch.to(device)
             with autocast:
-                loss = lm_loss(model, batch, cfg.eos_id)
+                loss = loss_fn(model, batch, cfg.eos_id)
                 aux = moe_router_loss(model, batch, cfg.eos_id) if has_experts else None
             objective = loss + aux if aux is not None else loss
             (objective * (count * world / total_targets)).backward()

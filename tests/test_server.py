@@ -435,3 +435,13 @@ def test_openai_client_live(served, model_dir, tokenizer):
     finally:
         server.should_exit = True
         server.thread.join(10)
+
+
+def test_serve_command_defaults_to_loopback():
+    from qwen25.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "some/dir", "--max-batch", "4", "--int8"])
+    assert (args.host, args.port, args.api_key, args.max_batch, args.int8) == ("127.0.0.1", 8000, None, 4, True)
+    assert callable(args.func)
+    chat_args = build_parser().parse_args(["chat", "--model", "d", "--system", "Be brief.", "--no-sample"])
+    assert chat_args.system == "Be brief." and chat_args.sample is False and callable(chat_args.func)

@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_data_command
     from .evals.cli import add_eval_command
     from .post.cli import add_post_commands
+    from .recipes.cli import add_recipe_command
     from .serve.cli import add_chat_command, add_serve_command
     from .tokenizer.cli import add_tokenize_command
     from .train.cli import add_train_commands
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_serve_command(sub)
     add_chat_command(sub)
+    add_recipe_command(sub)
     return parser
 
 

@@ -104,6 +104,14 @@ def metrics_table(records: list[StageRecord], keys: list[str] | None = None) -> 
     return "\n".join(lines)
 
 
+def stage_table(records: list[StageRecord]) -> str:
+    """Markdown table, one row per (stage, metric): what each stage reported about its own work."""
+    lines = ["| stage | metric | value |", "|---|---|---|"]
+    for r in records:
+        lines += [f"| {r.name} | {k} | {_fmt(v)} |" for k, v in r.metrics.items()]
+    return "\n".join(lines)
+
+
 def timing_table(records: list[StageRecord]) -> str:
     """Markdown table of wall-clock seconds per stage and the total."""
     lines = ["| stage | seconds |", "|---|---|"]

@@ -1,0 +1,34 @@
+"""`qwen25 recipe tiny`: the whole report's recipe in miniature (see qwen25/recipes/tiny.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_recipe(args) -> int:
+    import torch
+
+    from .tiny import run_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("runs") / ("recipe-tiny-fast" if args.fast else "recipe-tiny")
+    report = run_recipe(out, fast=args.fast)
+    print(f"report: {report}")
+    return 0
+
+
+def add_recipe_command(subparsers) -> None:
+    """Register `qwen25 recipe NAME`."""
+    p = subparsers.add_parser(
+        "recipe", help="run the report's whole recipe in miniature (data, pre-training, post-training, eval, serve)",
+        description="Corpus -> tokenizer -> data pipeline -> scaling-law fit -> pre-training (2 phases, ABF) -> "
+                    "SFT -> rejection sampling -> reward model -> DPO (online merging) -> GRPO -> serving, with an "
+                    "evaluation after each stage and OUT/report.md at the end. Rerun the same command to resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", choices=["tiny"], help="the recipe")
+    p.add_argument("--fast", action="store_true", help="a ~2-minute version (what the tests run)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-fast])")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_recipe)

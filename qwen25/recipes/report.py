@@ -1,0 +1,75 @@
+"""report.md of a recipe run: every metric after every stage, the curves and heat maps as PNGs, time per stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .runner import RecipeRun, metrics_table, stage_table, timing_table
+
+EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call_valid", "tool_call_correct"]
+CURVES = [("pretrain", "phase1/metrics.jsonl", "loss", "pre-training phase 1"),
+          ("pretrain", "phase2/metrics.jsonl", "loss", "pre-training phase 2 (4x context, ABF)"),
+          ("sft", "metrics.jsonl", "loss", "SFT loss"), ("rm", "metrics.jsonl", "loss", "reward model loss"),
+          ("dpo", "metrics.jsonl", "rewards/margins", "DPO reward margin"),
+          ("grpo", "metrics.jsonl", "reward", "GRPO mean reward")]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.is_file() else []
+
+
+def plot_curves(run_dir: Path, path: Path) -> Path | None:
+    """One panel per training curve that exists (loss, DPO margin, GRPO reward against the step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, [(r.get("step", i), r[key]) for i, r in enumerate(_rows(run_dir / "stages" / stage / file))
+                       if key in r]) for stage, file, key, title in CURVES]
+    panels = [(t, pts) for t, pts in panels if pts]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run: RecipeRun, fast: bool) -> Path:
+    """Write run.dir/report.md (and curves.png) from the finished stages; returns the report's path."""
+    root = run.dir
+    records = list(run.records.values())
+    evals = [r for r in records if r.name.startswith("eval_")]
+    stages = [r for r in records if not r.name.startswith("eval_")]
+    keys = EVAL_KEYS + sorted({k for r in evals for k in r.metrics if k.startswith("passkey_")})
+    curves = plot_curves(root, root / "curves.png")
+    lines = [f"# The Qwen2.5 recipe in miniature ({'fast' if fast else 'full'} run)", "",
+             f"Command: `{run.command}` (rerun it to resume; finished stages are skipped).", "",
+             "## Evaluation after each stage", "", metrics_table(evals, keys), "",
+             "Bits per byte on held-out standard-library files (lower is better); arithmetic accuracy on held-out "
+             "word problems (`_plain`: the pre-training text format, otherwise a chat prompt); tool calls: "
+             "well-formed `<tool_call>` with the right function and arguments; passkey at k x the phase-1 context "
+             "with plain RoPE, YaRN or Dual Chunk Attention.", "",
+             "## Stage metrics", "", stage_table(stages), ""]
+    if curves:
+        lines += ["## Curves", "", "![training curves](curves.png)", ""]
+    pictures = [("data pipeline: documents per step and the domain mixture", "stages/data/pipeline/stats.png"),
+                ("scaling-law fit", "stages/scaling/fit.png")]
+    pictures += [(f"passkey after pre-training, {v}", f"stages/eval_pretrain/passkey_{v}.png")
+                 for v in ("rope", "yarn", "dca")]
+    lines += ["## Plots", ""] + [f"![{t}]({p})" for t, p in pictures if (root / p).is_file()] + [""]
+    notes = [f"- {r.name}: {n}" for r in records for n in r.notes]
+    if notes:
+        lines += ["## Notes", ""] + notes + [""]
+    lines += ["## Time per stage", "", timing_table(records), ""]
+    path = root / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,457 @@
+"""`qwen25 recipe tiny`: the report's whole pipeline at a size a 2-core CPU finishes in about half an hour.
+
+Stages (each the library's real code at small size; each resumable, see runner.py):
+  corpus      stdlib source + docstrings, synthetic arithmetic / passkey / tool-call data, planted spam and
+              planted test-set leaks (which the pipeline must remove)
+  tokenizer   a byte-level BPE vocabulary trained on the corpus, with Qwen's 22 control tokens
+  data        quality scoring -> dedup -> domains -> decontamination -> mixture -> packing (qwen25.data)
+  scaling     a small hyper-parameter sweep and the power-law fit; pre-training uses `lr: auto`
+  pretrain    phase 1 at a short context (RoPE base 10K), phase 2 at 4x with the base raised to 1M (ABF)
+  sft         chat SFT on arithmetic solutions and tool-call conversations (assistant tokens only)
+  rejection   k samples per training question, verified by the math checker -> SFT data and DPO pairs
+  rm          a reward model on the verified pairs (Bradley-Terry)
+  dpo         DPO from the SFT model with the Online Merging Optimizer (OnDARE, SFT delta over the base)
+  grpo        GRPO on arithmetic questions, reward = the same math check
+  serve       the final model behind the OpenAI-compatible server, one chat request (smoke test)
+After every model stage: held-out bits per byte, arithmetic accuracy, tool-call validity; passkey at 1x, 4x and
+16x the phase-1 context (plain RoPE, YaRN, DCA) after pre-training. `report.md` gathers it all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from pathlib import Path
+
+from .corpus import stdlib_documents, write_jsonl
+from .runner import RecipeRun
+from .synthetic import (
+    arithmetic_problems, passkey_documents, problem_document, problem_messages, tool_conversations,
+)
+
+SPAM = ("BUY NOW!!! Best price on {item}, free shipping, limited offer, order today and save {n}% on every "
+        "{item}. Click here, click here, deal of the day, discount coupon, checkout now, sale sale sale!")
+
+MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=True)
+
+CONFIGS = {
+    "full": dict(
+        seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, tool_train=600,
+        tool_test=40, passkey_docs=3000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
+        model=MODEL, phase1_len=256, phase2_len=1024,
+        sweep=dict(models=[dict(hidden_size=64, intermediate_size=192, num_attention_heads=2,
+                                num_key_value_heads=1), dict(MODEL)],
+                   tokens=[40_000, 80_000], lr=[1e-3, 3e-3, 1e-2], batch_size=[16]),
+        phase1=dict(steps=400, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
+        sft=dict(epochs=2, batch_size=16, lr=1e-3, seq_len=512),
+        rejection=dict(prompts=200, samples_per_prompt=4),
+        rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
+        grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
+        passkey=dict(multiples=[1, 4, 16], trials=2)),
+    "fast": dict(
+        seed=0, corpus_bytes=300_000, heldout_docs=4, arith_train=400, arith_test=20, tool_train=100,
+        tool_test=8, passkey_docs=300, spam_docs=60, leaks=5, duplicates=5, vocab_size=512,
+        model=dict(MODEL, hidden_size=64, intermediate_size=192, num_hidden_layers=2), phase1_len=128,
+        phase2_len=512,
+        sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
+                                num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
+                   tokens=[4_000, 8_000], lr=[3e-3, 3e-2], batch_size=[8]),
+        phase1=dict(steps=30, batch_size=8), phase2=dict(steps=6, batch_size=2, lr=1e-3),
+        sft=dict(epochs=1, batch_size=8, lr=1e-3, seq_len=512),
+        rejection=dict(prompts=16, samples_per_prompt=2),
+        rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
+        grpo=dict(steps=2, queries_per_step=2, group_size=4, lr=2e-5),
+        passkey=dict(multiples=[1, 4], trials=1)),
+}
+
+
+def recipe_config(fast: bool = False, **changes) -> dict:
+    """The resolved config of the tiny recipe (the full run, or the ~2-minute `--fast` one)."""
+    cfg = copy.deepcopy(CONFIGS["fast" if fast else "full"])
+    cfg.update(changes)
+    return cfg
+
+
+# ---- stage 1: corpus ----------------------------------------------------------------------------------------------
+def build_corpus(cfg: dict, out: Path) -> dict:
+    """Raw documents (jsonl) and the held-out sets; planted spam and test leaks show the pipeline at work."""
+    rng = random.Random(cfg["seed"])
+    stdlib = list(stdlib_documents(max_bytes=cfg["corpus_bytes"]))
+    heldout = [{"text": d["text"]} for d in stdlib[-cfg["heldout_docs"]:] if d["metadata"]["source"] == "stdlib-code"]
+    stdlib = stdlib[:-cfg["heldout_docs"]]
+    test = arithmetic_problems(cfg["arith_test"], seed=cfg["seed"] + 1)
+    train = arithmetic_problems(cfg["arith_train"], seed=cfg["seed"] + 2, exclude={p["question"] for p in test})
+    docs = [dict(d, metadata=dict(d["metadata"], rating=4.5)) for d in stdlib]
+    docs += [{"id": f"copy/{i}", "text": d["text"].replace("\n\n", "\n", 3),
+              "metadata": {"source": "duplicate", "rating": 4.5}}
+             for i, d in enumerate(stdlib[:cfg["duplicates"]])]  # near-duplicates: MinHash must drop them
+    docs += [{"id": f"spam/{i}", "text": " ".join(SPAM.format(item=rng.choice(["shoes", "phones", "watches"]),
+                                                               n=rng.randint(10, 90)) for _ in range(5)),
+              "metadata": {"source": "spam", "rating": 0.5}} for i in range(cfg["spam_docs"])]
+    docs += [{"id": f"leak/{i}", "text": problem_document(p), "metadata": {"source": "leak", "rating": 4.0}}
+             for i, p in enumerate(test[:cfg["leaks"]])]  # test items pasted into the corpus: decontamination
+    # Synthetic task data is held out from the test set by construction (distinct questions); it joins the kept
+    # documents at packing, since the LCS rule rightly flags template-made problems against a test set of the
+    # same templates.
+    max_fillers = max(1, cfg["phase1_len"] // 60)  # passkey documents that fit phase 1's context
+    synthetic = [{"id": f"arith/{i}", "text": problem_document(p)} for i, p in enumerate(train)]
+    synthetic += [{"id": f"passkey/{i}", "text": t}
+                  for i, t in enumerate(passkey_documents(cfg["passkey_docs"], cfg["seed"] + 3, 1, max_fillers))]
+    write_jsonl(synthetic, out / "synthetic.jsonl")
+    rng.shuffle(docs)
+    n_docs = write_jsonl(docs, out / "raw" / "corpus.jsonl")
+    write_jsonl(test, out / "arith_test.jsonl")
+    write_jsonl(train, out / "arith_train.jsonl")
+    write_jsonl(heldout, out / "heldout.jsonl")
+    write_jsonl(tool_conversations(cfg["tool_train"], cfg["seed"] + 4), out / "tool_train.jsonl")
+    write_jsonl(tool_conversations(cfg["tool_test"], cfg["seed"] + 5), out / "tool_test.jsonl")
+    sources = {}
+    for d in docs:
+        sources[d["metadata"]["source"]] = sources.get(d["metadata"]["source"], 0) + 1
+    return {"metrics": {"documents": n_docs, **{f"docs_{k}": v for k, v in sorted(sources.items())},
+                        "docs_synthetic": len(synthetic),
+                        "corpus_mb": round(sum(len(d["text"]) for d in docs) / 1e6, 2)},
+            "outputs": {"corpus": out / "raw", "arith_test": out / "arith_test.jsonl"}}
+
+
+def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
+    """BBPE trained on the raw corpus with Qwen's 22 control tokens appended."""
+    from ..tokenizer.train import train_tokenizer
+
+    texts = [json.loads(line)["text"] for name in ("raw/corpus.jsonl", "synthetic.jsonl")
+             for line in (corpus / name).open()]
+    tok = train_tokenizer(texts, vocab_size=cfg["vocab_size"], out_dir=out)
+    sample = "\n".join(texts[:200])
+    return {"metrics": {"vocab": len(tok), "bytes_per_token": round(len(sample.encode()) / len(tok.encode(sample)), 2)},
+            "outputs": {"tokenizer": out}}
+
+
+def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> dict:
+    """The data pipeline on the corpus, then packing: the kept documents plus the synthetic task data, in rows of
+    phase 1's length and (with longer passkey documents) of phase 2's."""
+    from ..data.pack import is_packed, pack_documents
+    from ..data.pipeline import DataPipeline
+    from ..data.steps import SafeJsonlReader
+    from ..post.runner import read_jsonl
+    from ..tokenizer import Tokenizer
+
+    config = {
+        "output": str(out / "pipeline"), "tokenizer": str(tokenizer),
+        "input": {"kind": "jsonl", "path": str(corpus / "raw"), "text_key": "text"},
+        "executor": {"kind": "local", "tasks": 2, "workers": 2},
+        "steps": [
+            {"quality": {"rate": {"kind": "field", "field": "rating"}, "sample_rate": 0.5, "threshold": 0.5}},
+            {"minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8}},
+            {"domains": {}},
+            {"decontaminate": {"test_sets": [{"path": str(corpus / "arith_test.jsonl"), "fields": ["question"]}],
+                               "window": 256, "stride": 64}},
+            # the report's policy as rates: down-sample over-represented web domains, up-sample high-value ones
+            {"mixture": {"factors": {"ecommerce": 0.2, "social_media": 0.2, "entertainment": 0.2, "technology": 1.5,
+                                     "science": 2.0, "academia": 2.0}, "unlisted_rate": 1.0, "max_repeat": 2}},
+        ]}
+    stats = DataPipeline(config).run()
+    tok = Tokenizer.from_dir(tokenizer)
+    stage = sorted((out / "pipeline" / "stages").glob("*_mixture"))[-1]
+    kept = [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
+    synthetic = [(d["id"], d["text"]) for d in read_jsonl(corpus / "synthetic.jsonl")]
+    long_fillers = max(2, cfg["phase2_len"] // 60)
+    long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(
+        passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
+    packs = {}
+    for name, seq_len, docs in (("shards", cfg["phase1_len"], kept + synthetic),
+                                ("shards_long", cfg["phase2_len"], kept + synthetic + long_passkeys)):
+        if not is_packed(out / name):
+            ids = tok.encode_batch([t for _, t in docs], allowed_special="none")
+            pack_documents(ids, [i for i, _ in docs], out / name, seq_len, tok.endoftext_id, tok.endoftext_id,
+                           len(tok), "best_fit", meta={"seq_len": seq_len})
+        packs[name] = json.loads((out / name / "index.json").read_text())
+    drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
+    return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
+                        "mixture_out_minus_in": -drops.get("mixture", 0), "docs_kept": len(kept),
+                        "tokens_phase1": packs["shards"]["num_tokens"], "tokens_phase2": packs["shards_long"]["num_tokens"]},
+            "outputs": {"shards": out / "shards", "shards_long": out / "shards_long",
+                        "stats_png": out / "pipeline" / "stats.png", "stats": out / "pipeline" / "stats.json"}}
+
+
+# ---- stage 4-5: scaling-law sweep, pre-training ---------------------------------------------------------------------
+def write_model_dir(cfg: dict, tokenizer: Path, out: Path) -> Path:
+    """A config.json (and tokenizer files) for the recipe's architecture, vocabulary sized to the tokenizer."""
+    from ..config import ModelConfig
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer)
+    vocab = -(-len(tok) // 64) * 64  # padded like the official vocabularies; padding rows are masked at sampling
+    mcfg = ModelConfig(vocab_size=vocab, max_position_embeddings=cfg["phase1_len"], rope_theta=10_000.0,
+                       rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=[tok.im_end_id, tok.endoftext_id],
+                       torch_dtype="float32", **cfg["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    mcfg.save(out)
+    tok.save(out)
+    return out
+
+
+def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
+    """A small grid (models x token budgets x learning rates) and the power-law fit of mu_opt(N, D)."""
+    from ..train.scaling import run_sweep, write_fit
+
+    grid = dict(cfg["sweep"])
+    grid["models"] = [dict(m, name=f"m{i}") for i, m in enumerate(grid["models"])]
+    run_sweep({"out_dir": str(out), "base": {"model": str(model_dir), "data": str(shards),
+                                             "seq_len": cfg["phase1_len"], "dtype": "fp32", "warmup": 5,
+                                             "save_every": 10_000, "seed": cfg["seed"], "tensorboard": False,
+                                             "peak_flops": 1e11},  # MFU is not used here: skip measuring
+               "grid": grid}, progress=False)
+    fit = write_fit(out)
+    return {"metrics": {"lr_alpha": fit["lr"]["alpha"], "lr_beta": fit["lr"]["beta"]},
+            "outputs": {"fit": out / "fit.json", "plot": out / "fit.png"}}
+
+
+def run_pretraining(cfg: dict, model_dir: Path, shards: Path, shards_long: Path, fit: Path, out: Path) -> dict:
+    """Phase 1 at phase1_len (base 10K, lr from the fit), phase 2 at phase2_len with the base raised to 1M."""
+    from ..train.loop import TrainConfig, resolve_config
+    from ..train.phases import run_phases
+
+    p1 = resolve_config(TrainConfig.from_dict({
+        "out_dir": str(out / "phase1"), "model": str(model_dir), "data": str(shards), "seq_len": cfg["phase1_len"],
+        "lr": "auto", "scaling_fit": str(fit), **cfg["phase1"]}))
+    common = {"out_dir": str(out), "model": str(model_dir), "dtype": "fp32", "warmup": 10, "seed": cfg["seed"],
+              "save_every": 50, "keep_last": 2, "tensorboard": False}
+    run_phases({**common, "phases": [
+        {"name": "phase1", "seq_len": cfg["phase1_len"], "rope_theta": 10_000, "data": str(shards), "lr": p1.lr,
+         **cfg["phase1"]},
+        {"name": "phase2", "seq_len": cfg["phase2_len"], "rope_theta": 1_000_000, "data": str(shards_long),
+         **cfg["phase2"]}]}, progress=True)
+    losses = {}
+    for phase in ("phase1", "phase2"):
+        rows = [json.loads(x) for x in (out / phase / "metrics.jsonl").read_text().splitlines() if x]
+        losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = rows[0]["loss"], rows[-1]["loss"]
+    return {"metrics": {"lr_from_fit": p1.lr, **losses},
+            "outputs": {"phase1": out / "phase1" / "final", "final": out / "phase2" / "final",
+                        "metrics1": out / "phase1" / "metrics.jsonl", "metrics2": out / "phase2" / "metrics.jsonl"}}
+
+
+# ---- stages 6-10: post-training -----------------------------------------------------------------------------------
+def _last_metrics(out: Path) -> tuple[dict, dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return rows[0], rows[-1]
+
+
+def _with_tokenizer(model_dir: Path, tokenizer: Path) -> Path:
+    """Copy the tokenizer files next to a stage's exported weights (a checkpoint directory is self-contained)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        if (tokenizer / name).is_file():
+            shutil.copy2(tokenizer / name, model_dir / name)
+    return model_dir
+
+
+def arithmetic_rl_examples(problems: list[dict]) -> tuple[list[dict], object]:
+    """(GRPO / rejection-sampling examples, reward_fn) from the arithmetic task: the benchmark's own check."""
+    from .evaluate import arithmetic_task
+
+    task = arithmetic_task(problems, chat=True)
+    return task.rl_examples(), task.reward_fn()
+
+
+def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> dict:
+    from ..post.sft import SFTConfig, train_sft
+    from ..post.runner import read_jsonl
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer)
+    examples = [{"messages": problem_messages(p)} for p in read_jsonl(corpus / "arith_train.jsonl")]
+    examples += [{"messages": c["messages"], "tools": c["tools"]} for c in read_jsonl(corpus / "tool_train.jsonl")]
+    random.Random(cfg["seed"]).shuffle(examples)
+    sft = SFTConfig(out_dir=str(out), model=str(base), pad_id=tok.endoftext_id, seed=cfg["seed"], warmup=5,
+                    **cfg["sft"])
+    train_sft(sft, examples, tokenizer=tok)
+    first, last = _last_metrics(out)
+    return {"metrics": {"sft_loss_first": first["loss"], "sft_loss_last": last["loss"]},
+            "outputs": {"final": _with_tokenizer(out / "final", tokenizer), "metrics": out / "metrics.jsonl"}}
+
+
+def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
+    from ..model import load_model
+    from ..post.rejection import RejectionConfig, rejection_sample
+    from ..post.runner import read_jsonl
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(sft_model)
+    problems = read_jsonl(corpus / "arith_train.jsonl")[:cfg["rejection"]["prompts"]]
+    examples, reward_fn = arithmetic_rl_examples(problems)
+    rs = RejectionConfig(out_dir=str(out), model=str(sft_model), max_new_tokens=24, seed=cfg["seed"],
+                         eos_ids=[tok.im_end_id, tok.endoftext_id], threshold=1.0,
+                         samples_per_prompt=cfg["rejection"]["samples_per_prompt"], temperature=1.0, top_p=1.0,
+                         top_k=0)
+    stats = rejection_sample(load_model(sft_model, dtype="fp32"), examples, reward_fn, rs, tokenizer=tok)
+    # Questions the model never solved still get a pair: the reference solution (verified passing) against a
+    # wrong one (verified failing) - "passing = chosen, failing = rejected" with the reference as the pass.
+    pairs = read_jsonl(out / "dpo.jsonl")
+    have = {json.dumps(p["prompt"]) for p in pairs}
+    rng = random.Random(cfg["seed"])
+    added = 0
+    for example, problem in zip(examples, problems):
+        if json.dumps(example["prompt"]) in have:
+            continue
+        wrong = str(int(problem["answer"]) + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
+        rejected = problem["solution"].replace(f"= {problem['answer']}.", f"= {wrong}.").replace(
+            f"is {problem['answer']}.", f"is {wrong}.")
+        ok = reward_fn([None, None], [problem["solution"], rejected], [example, example])
+        if ok == [1.0, 0.0]:
+            pairs.append({"prompt": example["prompt"], "chosen": problem["solution"], "rejected": rejected,
+                          "source": "reference"})
+            added += 1
+    write_jsonl(pairs, out / "pairs.jsonl")
+    return {"metrics": {**{k: stats[k] for k in ("acceptance_rate", "prompts_solved", "sft_examples", "dpo_pairs")},
+                        "reference_pairs": added},
+            "outputs": {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}}
+
+
+def _pairs(path: Path, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference pairs: a fifth held out (at least one when there are two or more)."""
+    from ..post.runner import read_jsonl
+
+    pairs = read_jsonl(path)
+    random.Random(seed).shuffle(pairs)
+    k = len(pairs) // 5 if len(pairs) >= 5 else min(1, len(pairs) - 1)
+    return pairs[k:], pairs[:k]
+
+
+def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, out: Path) -> dict:
+    from ..post.reward import RMConfig, train_reward_model
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(sft_model)
+    train, held = _pairs(pairs_file, cfg["seed"])
+    if not train:
+        return {"notes": ["no preference pairs (every sample passed or every sample failed): reward model skipped"]}
+    rm_cfg = RMConfig(out_dir=str(out), model=str(sft_model), pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["rm"])
+    _, result = train_reward_model(rm_cfg, train, tokenizer=tok, eval_examples=held or None)
+    metrics = {"rm_heldout_acc": result["eval/accuracy"]} if "eval/accuracy" in result else {}
+    first, last = _last_metrics(out)
+    return {"metrics": {"rm_loss_first": first["loss"], "rm_loss_last": last["loss"], **metrics},
+            "outputs": {"final": _with_tokenizer(out / "final", sft_model)}}
+
+
+def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out: Path) -> dict:
+    from ..post.dpo import DPOConfig, train_dpo
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(sft_model)
+    train, held = _pairs(pairs_file, cfg["seed"])
+    if not train:
+        return {"notes": ["no preference pairs: DPO skipped, the SFT model goes on"],
+                "outputs": {"final": sft_model}}
+    dpo = DPOConfig(out_dir=str(out), model=str(sft_model), base_model=str(base_model), merge="dare",
+                    merge_weight=1e-4, merge_keep=0.5,  # a tiny model over tens of steps (docs/recipe.md)
+                    pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["dpo"])
+    train_dpo(dpo, train, tokenizer=tok, eval_examples=held or None)
+    first, last = _last_metrics(out)
+    metrics = {f"dpo_{k.split('/')[-1]}_last": last[k] for k in ("rewards/margins", "rewards/accuracies") if k in last}
+    return {"metrics": {"dpo_loss_first": first["loss"], "dpo_loss_last": last["loss"], **metrics},
+            "outputs": {"final": _with_tokenizer(out / "final", sft_model), "metrics": out / "metrics.jsonl"}}
+
+
+def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path) -> dict:
+    from ..post.grpo import GRPOConfig, train_grpo
+    from ..post.runner import read_jsonl
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(policy)
+    problems = read_jsonl(corpus / "arith_train.jsonl")
+    examples, reward_fn = arithmetic_rl_examples(problems)
+    g = dict(cfg["grpo"])
+    grpo = GRPOConfig(out_dir=str(out), model=str(policy), max_new_tokens=24, eos_ids=[tok.im_end_id, tok.endoftext_id],
+                      pad_id=tok.endoftext_id, seed=cfg["seed"], vocab_limit=len(tok), **g)
+    train_grpo(grpo, examples, reward_fn, tokenizer=tok)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    half = max(1, len(rows) // 2)
+    reward = lambda part: sum(r["reward"] for r in part) / len(part)  # noqa: E731
+    return {"metrics": {"grpo_reward_first_half": reward(rows[:half]), "grpo_reward_second_half": reward(rows[half:] or rows),
+                        "grpo_frac_zero_std": sum(r.get("frac_zero_std", 0) for r in rows) / len(rows)},
+            "outputs": {"final": _with_tokenizer(out / "final", policy), "metrics": out / "metrics.jsonl"}}
+
+
+def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
+    """Serve the final model over HTTP on localhost and ask it one arithmetic question (OpenAI chat format)."""
+    import urllib.request
+
+    from ..post.runner import read_jsonl
+    from ..serve.server import build_server, run_in_thread
+
+    app, engine = build_server(model_dir, max_batch=2, model_name="qwen25-tiny")
+    server, url = run_in_thread(app)
+    try:
+        problem = read_jsonl(corpus / "arith_test.jsonl")[0]
+        body = json.dumps({"model": "qwen25-tiny", "messages": [{"role": "user", "content": problem["question"]}],
+                           "max_tokens": 24, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.loads(response.read())
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            healthy = response.status == 200
+    finally:
+        server.should_exit = True
+        server.thread.join(timeout=10)
+        close = getattr(engine, "close", None) or getattr(engine, "stop", None)
+        if close:
+            close()
+    text = reply["choices"][0]["message"]["content"]
+    return {"metrics": {"serve_ok": int(healthy and reply["object"] == "chat.completion"),
+                        "serve_completion_tokens": reply["usage"]["completion_tokens"]},
+            "notes": [f"question: {problem['question']}", f"served answer: {text!r} (reference {problem['answer']})"]}
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------------
+def run_recipe(out: str | Path, fast: bool = False) -> Path:
+    """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
+    from ..post.runner import read_jsonl
+    from .evaluate import evaluate_stage
+    from .report import write_report
+
+    cfg = recipe_config(fast)
+    run = RecipeRun(out, cfg)
+    root = run.dir
+    corpus = root / "stages" / "corpus"
+    run.stage("corpus", lambda d: build_corpus(cfg, d))
+    tok = root / "stages" / "tokenizer"
+    run.stage("tokenizer", lambda d: train_vocabulary(cfg, corpus, d))
+    data = run.stage("data", lambda d: run_data_pipeline(cfg, corpus, tok, d))
+    model_dir = write_model_dir(cfg, tok, root / "model")
+    scaling = run.stage("scaling", lambda d: run_scaling(cfg, model_dir, Path(data.outputs["shards"]), d))
+    pre = run.stage("pretrain", lambda d: run_pretraining(cfg, model_dir, Path(data.outputs["shards"]),
+                                                          Path(data.outputs["shards_long"]),
+                                                          Path(scaling.outputs["fit"]), d))
+    for phase in ("phase1", "final"):
+        _with_tokenizer(Path(pre.outputs[phase]), tok)
+
+    held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
+            "tool_test": read_jsonl(corpus / "tool_test.jsonl")}
+    base_len = cfg["phase1_len"]
+    variants = {"rope": None,
+                "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": max(1.0, max(cfg["passkey"]["multiples"]) * base_len / cfg["phase2_len"]),
+                                          "original_max_position_embeddings": cfg["phase2_len"]}},
+                "dca": {"dual_chunk_attention_config": {"chunk_size": cfg["phase2_len"] * 3 // 4,
+                                                        "local_size": cfg["phase2_len"] // 8,
+                                                        "original_max_position_embeddings": cfg["phase2_len"]}}}
+    passkey = dict(base_len=base_len, variants=variants, **cfg["passkey"])
+
+    def evaluation(name: str, model: Path, **kw):
+        return run.stage(f"eval_{name}", lambda d: {"metrics": evaluate_stage(model, held, d, **kw)})
+
+    evaluation("phase1", Path(pre.outputs["phase1"]), plain=True, chat=False,
+               passkey=dict(passkey, variants={"rope": None}))
+    evaluation("pretrain", Path(pre.outputs["final"]), plain=True, chat=True, passkey=passkey)
+    sft = run.stage("sft", lambda d: run_sft(cfg, Path(pre.outputs["final"]), corpus, tok, d))
+    evaluation("sft", Path(sft.outputs["final"]))
+    rs = run.stage("rejection", lambda d: run_rejection(cfg, Path(sft.outputs["final"]), corpus, d))
+    run.stage("rm", lambda d: run_reward_model(cfg, Path(sft.outputs["final"]), Path(rs.outputs["pairs"]), d))
+    dpo = run.stage("dpo", lambda d: run_dpo(cfg, Path(sft.outputs["final"]), Path(pre.outputs["final"]),
+                                             Path(rs.outputs["pairs"]), d))
+    evaluation("dpo", Path(dpo.outputs["final"]))
+    grpo = run.stage("grpo", lambda d: run_grpo(cfg, Path(dpo.outputs["final"]), corpus, d))
+    evaluation("grpo", Path(grpo.outputs["final"]), passkey=dict(passkey, variants={"dca": variants["dca"]}))
+    run.stage("serve", lambda d: run_serve_smoke(Path(grpo.outputs["final"]), corpus))
+    return write_report(run, fast)

@@ -1,0 +1,92 @@
+"""`qwen25 recipe tiny --fast` end to end: the report's structure, and each stage doing what it should."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qwen25.recipes.tiny import recipe_config, run_recipe
+
+
+def _dropped(run: Path, step: str) -> list[str]:
+    folder = next((run / "stages/data/pipeline/dropped").glob(f"*_{step}"))
+    return [json.loads(line)["id"] for f in folder.glob("*.jsonl.gz") for line in gzip.open(f, "rt")]
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("recipe") / "run"
+    report = run_recipe(run, fast=True)
+    return run, report
+
+
+def _metrics(run: Path, stage: str) -> dict:
+    return json.loads((run / "stages" / stage / "done.json").read_text())["metrics"]
+
+
+def test_report_has_every_section_and_plot(fast_run):
+    run, report = fast_run
+    text = report.read_text()
+    for heading in ("## Evaluation after each stage", "## Stage metrics", "## Curves", "## Plots", "## Time per stage"):
+        assert heading in text
+    for stage in ("eval_phase1", "eval_pretrain", "eval_sft", "eval_dpo", "eval_grpo"):
+        assert stage in text.split("## Stage metrics")[0]
+    for png in ("curves.png", "stages/data/pipeline/stats.png", "stages/scaling/fit.png",
+                "stages/eval_pretrain/passkey_dca.png"):
+        assert (run / png).stat().st_size > 1000, png
+        assert png in text
+    assert "| total |" in text
+
+
+def test_data_stages_remove_what_was_planted(fast_run):
+    run, _ = fast_run
+    cfg = recipe_config(fast=True)
+    assert sorted(_dropped(run, "quality")) == sorted(f"spam/{i}" for i in range(cfg["spam_docs"]))
+    assert len(_dropped(run, "minhash")) >= cfg["duplicates"]
+    leaks = [i for i in _dropped(run, "decontaminate") if i.startswith("leak/")]
+    assert sorted(leaks) == sorted(f"leak/{i}" for i in range(cfg["leaks"]))
+    assert _metrics(run, "data")["tokens_phase2"] > _metrics(run, "data")["tokens_phase1"]
+
+
+def test_each_training_stage_moves_its_metric(fast_run):
+    run, _ = fast_run
+    tok = _metrics(run, "tokenizer")
+    chance_bpb = math.log2(tok["vocab"]) / tok["bytes_per_token"]  # a uniform guess over the vocabulary
+    assert _metrics(run, "eval_phase1")["heldout_bits_per_byte"] < chance_bpb
+    pre = _metrics(run, "pretrain")
+    assert pre["phase1_loss_last"] < pre["phase1_loss_first"]
+    assert 0 < pre["lr_from_fit"] < 1
+    sft = _metrics(run, "sft")
+    assert sft["sft_loss_last"] < sft["sft_loss_first"]
+    rs = _metrics(run, "rejection")
+    assert rs["dpo_pairs"] + rs["reference_pairs"] > 0
+    rm = _metrics(run, "rm")
+    assert rm["rm_loss_last"] < rm["rm_loss_first"]
+    assert _metrics(run, "dpo")["dpo_margins_last"] > 0
+    grpo = _metrics(run, "grpo")
+    assert 0 <= grpo["grpo_frac_zero_std"] <= 1 and "grpo_reward_second_half" in grpo
+    assert _metrics(run, "serve")["serve_ok"] == 1
+    cfg = json.loads((run / "stages/pretrain/phase2/final/config.json").read_text())
+    assert cfg["rope_theta"] == 1_000_000 and cfg["max_position_embeddings"] >= recipe_config(fast=True)["phase2_len"]
+
+
+def test_rerun_skips_every_finished_stage(fast_run):
+    run, report = fast_run
+    before = report.read_text()
+    log = []
+    import qwen25.recipes.runner as runner
+
+    original = runner.RecipeRun.__init__
+
+    def quiet(self, *a, **k):
+        original(self, *a, **{**k, "log": log.append})
+
+    runner.RecipeRun.__init__ = quiet
+    try:
+        again = run_recipe(run, fast=True)
+    finally:
+        runner.RecipeRun.__init__ = original
+    assert log and all("skipped" in line for line in log)
+    assert again.read_text().split("## Time per stage")[0] == before.split("## Time per stage")[0]

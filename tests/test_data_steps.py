@@ -189,6 +189,12 @@ def test_mixture_plan_edges():
     with pytest.raises(ValueError, match="no documents: \\['c'\\]"):
         plan_mixture(hists, {"c": 1.0})
     assert 0 <= hash01("x") < 1 and hash01("x") == hash01("x") != hash01("x", seed=1)
+    by_factor = plan_mixture(hists, {}, factors={"a": 0.25, "b": 2.5, "absent": 9.0})
+    assert by_factor["a"]["rate"] == 0.25 and by_factor["b"]["copies"] == 2 and "absent" not in by_factor
+    realised = sum(mixture_copies(f"d{i}", "a", by_factor) for i in range(4000)) / 4000
+    assert abs(realised - 0.25) < 0.03  # ids hash uniformly: the cutoff keeps about a quarter
+    with pytest.raises(ValueError, match="weights and/or factors"):
+        plan_mixture(hists, {})
 
 
 def test_merge_histograms_sums_tasks(tmp_path):

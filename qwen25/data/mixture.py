@@ -95,15 +95,23 @@ def _cutoff(hist: np.ndarray, target: float) -> float:
 
 
 def plan_mixture(hists: dict[str, np.ndarray], weights: dict[str, float], total: float | None = None,
-                 max_repeat: float | None = None, unlisted_rate: float = 0.0) -> dict:
+                 max_repeat: float | None = None, unlisted_rate: float = 0.0,
+                 factors: dict[str, float] | None = None) -> dict:
     """Per-domain rate, whole copies and cutoff that give each listed domain `weight` of `total` (default: the
-    input size of the listed domains); domains without a weight are kept at `unlisted_rate`."""
+    input size of the listed domains). Domains without a weight are resampled by their `factors` entry (the
+    report's "down-sample e-commerce, up-sample science" as rates; a factor for an absent domain is ignored),
+    else kept at `unlisted_rate`."""
+    factors = dict(factors or {})
     unknown = sorted(set(weights) - set(hists))
     if unknown:
         raise ValueError(f"mixture weights name domains with no documents: {unknown} (present: {sorted(hists)})")
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+    if weights and (any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
         raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
-    norm = sum(weights.values())
+    if not weights and not factors:
+        raise ValueError("a mixture needs weights and/or factors")
+    if any(f < 0 for f in factors.values()):
+        raise ValueError(f"mixture factors must be >= 0, got {factors}")
+    norm = sum(weights.values()) or 1.0
     sizes = {d: int(h.sum()) for d, h in hists.items()}
     total = float(total) if total is not None else float(sum(sizes[d] for d in weights))
     plan = {}
@@ -111,7 +119,7 @@ def plan_mixture(hists: dict[str, np.ndarray], weights: dict[str, float], total:
         if domain in weights:
             rate = weights[domain] / norm * total / sizes[domain] if sizes[domain] else 0.0
         else:
-            rate = unlisted_rate
+            rate = factors.get(domain, unlisted_rate)
         capped = max_repeat is not None and rate > max_repeat
         rate = min(rate, max_repeat) if capped else rate
         copies = math.floor(rate)

@@ -305,10 +305,10 @@ class DataPipeline:
         self.execute(f"{label}_counts", [self.reader(previous), *count, DomainHistogram(work / "counts", unit, seed)])
         plan_file = work / "plan.json"
         if not plan_file.is_file():
-            if "weights" not in opts:
-                raise PipelineError("mixture needs weights: {domain: weight, ...}")
-            plan = plan_mixture(merge_histograms(work / "counts"), opts["weights"], opts.get("total"),
-                                opts.get("max_repeat"), opts.get("unlisted_rate", 0.0))
+            if "weights" not in opts and "factors" not in opts:
+                raise PipelineError("mixture needs weights: {domain: weight, ...} and/or factors: {domain: rate}")
+            plan = plan_mixture(merge_histograms(work / "counts"), opts.get("weights", {}), opts.get("total"),
+                                opts.get("max_repeat"), opts.get("unlisted_rate", 0.0), opts.get("factors"))
             plan_file.write_text(json.dumps({"unit": unit, "seed": seed, "domains": plan}, indent=1))
         self.extra["mixture"] = {"plan": json.loads(plan_file.read_text()),
                                  "output_counts": str(work / "output_counts")}

@@ -40,13 +40,10 @@ def _leftovers(workdir: str) -> list[int]:
 
 def test_all_164_canonical_solutions_pass_and_prompts_alone_fail(humaneval):
     assert len(humaneval) == 164
-    start = time.perf_counter()
     results = check_many(humaneval, [p["canonical_solution"] for p in humaneval])
-    seconds = time.perf_counter() - start
     failed = [(p["task_id"], r.status, r.stderr[-300:]) for p, r in zip(humaneval, results) if not r.passed]
     assert not failed, failed
     assert mean_pass_at_k([(1, int(r.passed)) for r in results], 1) == 1.0
-    assert seconds < 60, f"164 programs took {seconds:.1f}s"
     bare = check_many(humaneval, [""] * len(humaneval))
     assert sum(r.passed for r in bare) == 0
     assert {r.status for r in bare} == {"failed"}

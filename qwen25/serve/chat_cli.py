@@ -51,7 +51,8 @@ class ChatSession:
                                      max_new_tokens=min(self.params.max_new_tokens, room))
         self.last_prompt = prompt
         rid = self.engine.submit(Request(prompt, params))
-        decoder, pieces, tokens, start = self.tokenizer.decode_stream(skip_special_tokens=True), [], 0, time.perf_counter()
+        decoder = self.tokenizer.decode_stream(skip_special_tokens=True)
+        pieces, tokens, start = [], 0, time.perf_counter()
         try:
             while self.engine.has_work():
                 for step in self.engine.step():

@@ -206,7 +206,8 @@ class ChatDeltaStream:
             head = {"index": self.calls, "id": new_id("call"), "type": "function",
                     "function": {"name": call.name, "arguments": ""}}
             arguments = json.dumps(call.arguments, ensure_ascii=False)
-            deltas += [{"tool_calls": [head]}, {"tool_calls": [{"index": self.calls, "function": {"arguments": arguments}}]}]
+            tail = {"index": self.calls, "function": {"arguments": arguments}}
+            deltas += [{"tool_calls": [head]}, {"tool_calls": [tail]}]
             self.calls += 1
         return deltas
 

@@ -57,7 +57,8 @@ class Metrics:
         c, stats = engine.counters, engine.engine.stats
         lines = ["# HELP qwen25_requests_total HTTP requests by endpoint and status.",
                  "# TYPE qwen25_requests_total counter"]
-        lines += [f'qwen25_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        lines += [f'qwen25_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                  for (e, s), n in sorted(self.requests.items())]
         values = [
             ("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", self.prompt_tokens),
             ("generation_tokens_total", "counter", "Tokens generated.", c["generated_tokens"]),
@@ -76,7 +77,8 @@ class Metrics:
         for name, kind, text, value in values:
             lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} {kind}", f"qwen25_{name} {value}"]
         for name, text, total, count in [
-                ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft_sum, self.ttft_count),
+                ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft_sum,
+                 self.ttft_count),
                 ("request_duration_seconds", "Duration of generation requests.", self.latency_sum, self.latency_count)]:
             lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} summary",
                       f"qwen25_{name}_sum {round(total, 6)}", f"qwen25_{name}_count {int(count)}"]
@@ -127,7 +129,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         room = max_len - prompt_len
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"this model's context is {max_len} tokens, but {prompt_len} prompt tokens + "
-                                f"{max_tokens} max_tokens exceed it", param="max_tokens", code="context_length_exceeded")
+                                f"{max_tokens} max_tokens exceed it", param="max_tokens",
+                           code="context_length_exceeded")
         d = config.defaults
         temperature = req.temperature if req.temperature is not None else (d.temperature if d.do_sample else 0.0)
         return SamplingParams(
@@ -198,7 +201,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, "echo is not supported with stream", param="echo")
         requests, texts = [], []
         for prompt in prompts:
-            params = sampling(req, len(prompt), req.max_tokens or 16, "prompt")  # OpenAI's default max_tokens here is 16
+            # OpenAI's default max_tokens for completions is 16
+            params = sampling(req, len(prompt), req.max_tokens or 16, "prompt")
             requests += choices_for(req, prompt, params)
             texts += [tokenizer.decode(prompt) if req.echo else ""] * req.n
         admit()
@@ -334,7 +338,8 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
         async for event in events:
             tokens[event.index] = event.tokens
             if event.text or event.finish_reason:
-                yield chunk(event.index, event.text, finish_reason(event.finish_reason, 0) if event.finish_reason else None)
+                reason = finish_reason(event.finish_reason, 0) if event.finish_reason else None
+                yield chunk(event.index, event.text, reason)
     except APIError as e:
         yield e.body()
         return

@@ -10,7 +10,6 @@ and a JSON line last.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

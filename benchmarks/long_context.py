@@ -46,7 +46,8 @@ def build(args, variant: str):
     ours.init_weights(seed=0)
     ours = ours.to(dtype).eval()
     if variant.startswith("ours"):
-        return lambda ids: ours(ids, last_only=True)
+        model = ours
+        return lambda ids: model(ids, last_only=True)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     implementation = variant.split()[-1]

@@ -12,7 +12,6 @@ line last."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys

@@ -24,7 +24,8 @@ from qwen25.model import save_model  # noqa: E402
 from qwen25.post.dpo import DPOConfig, train_dpo  # noqa: E402
 from qwen25.post.grpo import GRPOConfig, train_grpo  # noqa: E402
 from qwen25.post.rejection import RejectionConfig, rejection_sample  # noqa: E402
-from qwen25.post.runner import load_causal_lm, read_jsonl  # noqa: E402
+from qwen25.post.runner import load_causal_lm  # noqa: E402
+from qwen25.utils import read_jsonl  # noqa: E402
 from qwen25.post.sft import SFTConfig, train_sft  # noqa: E402
 from qwen25.tokenizer import train_tokenizer  # noqa: E402
 from qwen25.tokenizer.chat import encode_chat  # noqa: E402

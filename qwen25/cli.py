@@ -16,27 +16,15 @@ EPILOG = """examples:
 """
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def cmd_init(args) -> int:
     import torch
 
     from .config import ModelConfig
     from .generation import QWEN_INSTRUCT_DEFAULTS
     from .model import CausalLM, save_model
+    from .utils import parse_sets
 
-    changes = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        changes[key] = _parse_value(value)
-    cfg = ModelConfig.from_preset(args.preset, **changes)
+    cfg = ModelConfig.from_preset(args.preset, **parse_sets(args.set))
     torch.manual_seed(args.seed)
     model = CausalLM(cfg)
     model.init_weights(seed=args.seed)

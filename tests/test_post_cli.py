@@ -13,7 +13,8 @@ from post_fixtures import arithmetic_chats, byte_tokenizer, one_thread, separabl
 from qwen25.cli import main
 from qwen25.model import save_model
 from qwen25.post.rejection import RejectionConfig, rejection_sample
-from qwen25.post.runner import load_causal_lm, read_jsonl, write_jsonl
+from qwen25.post.runner import load_causal_lm
+from qwen25.utils import read_jsonl, write_jsonl
 
 
 def digit7(prompts, completions, examples):

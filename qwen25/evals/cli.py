@@ -8,25 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
+from ..utils import parse_sets
+
 
 def _numbers(text: str, kind=float) -> list:
     try:
         return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise SystemExit(f"expected comma-separated numbers, got {text!r} ({e})") from e
-
-
-def _config_changes(items: list[str] | None) -> dict:
-    changes = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
-    return changes
 
 
 def cmd_eval_passkey(args) -> int:
@@ -44,7 +33,7 @@ def cmd_eval_passkey(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype)
-    changes = _config_changes(args.set)
+    changes = parse_sets(args.set)
     if changes:  # inference-time settings only (rope_scaling, dual_chunk_attention_config, rope_theta)
         model.config = model.config.replace(**changes)
         model.reset_rope()

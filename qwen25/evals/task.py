@@ -31,24 +31,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..utils import read_jsonl
+
 LETTERS = string.ascii_uppercase
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a jsonl file (gzip when the name ends in .gz); blank lines are skipped."""
-    import gzip
-
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = []
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-    return rows
 
 
 @dataclass

@@ -17,6 +17,8 @@ import importlib
 import json
 from pathlib import Path
 
+from ..utils import load_config
+
 STAGES = {
     "sft": "supervised fine-tuning on chat data (loss on assistant tokens, packed rows)",
     "rm": "train a reward model (Bradley-Terry) on preference pairs",
@@ -24,21 +26,6 @@ STAGES = {
     "grpo": "GRPO on prompts with verifier / reward-model rewards",
     "rejection-sample": "sample k responses per prompt, keep verified ones as SFT data and DPO pairs",
 }
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """The mapping of a YAML/JSON config file, with KEY=VALUE overrides (values parsed as YAML)."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config must be a mapping of options")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        raw[key] = yaml.safe_load(value)
-    return raw
 
 
 def load_tokenizer(path: str, model: str):
@@ -85,7 +72,7 @@ def build_reward(spec: dict | list, tokenizer=None):
 
 
 def _examples(cfg, task=None) -> list[dict]:
-    from .runner import read_jsonl
+    from ..utils import read_jsonl
 
     if cfg.data:
         return read_jsonl(cfg.data)
@@ -95,7 +82,7 @@ def _examples(cfg, task=None) -> list[dict]:
 
 
 def _eval_examples(cfg) -> list[dict] | None:
-    from .runner import read_jsonl
+    from ..utils import read_jsonl
 
     return read_jsonl(cfg.eval_data) if getattr(cfg, "eval_data", "") else None
 

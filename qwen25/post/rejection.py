@@ -17,7 +17,7 @@ from pathlib import Path
 from ..generation import SamplingParams
 from ..serve.engine import Engine
 from .logprobs import _messages, encode_prompt, is_chat_prompt, sampling_vocab_limit, strip_eos
-from .runner import write_jsonl
+from ..utils import write_jsonl
 
 
 @dataclass

@@ -22,7 +22,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import CausalLM
 from .logprobs import Batch, encode_pair, pad_batch, pair_batch
-from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, read_jsonl, run_steps
+from ..utils import read_jsonl
+from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_steps
 
 
 class RewardModel(nn.Module):

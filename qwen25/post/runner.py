@@ -93,29 +93,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The objects of a JSON-lines file (blank lines skipped); errors name the line."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-    return rows
-
-
-def write_jsonl(path: str | Path, rows) -> int:
-    """Write objects as JSON lines (atomically: a temporary file renamed); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    rows = list(rows)
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-    return len(rows)
-
-
 def example_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
     """Indices of the examples of optimizer step `step`: a fresh shuffle each epoch, a pure function of its inputs."""
     out = []

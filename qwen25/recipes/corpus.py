@@ -8,7 +8,6 @@ Documents are datatrove-style jsonl rows {"id", "text", "metadata": {"source", .
 from __future__ import annotations
 
 import ast
-import json
 import sysconfig
 import warnings
 from pathlib import Path
@@ -69,17 +68,3 @@ def stdlib_documents(max_bytes: int | None = None, root: str | Path | None = Non
                 return
             total += len(row["text"].encode("utf-8"))
             yield row
-
-
-def write_jsonl(rows, path: str | Path) -> int:
-    """Write rows as jsonl (atomically: a temporary file renamed); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n

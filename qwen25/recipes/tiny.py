@@ -25,7 +25,8 @@ import random
 import shutil
 from pathlib import Path
 
-from .corpus import stdlib_documents, write_jsonl
+from ..utils import read_jsonl, write_jsonl
+from .corpus import stdlib_documents
 from .runner import RecipeRun
 from .synthetic import (
     arithmetic_problems, passkey_documents, problem_document, problem_messages, tool_conversations,
@@ -100,14 +101,14 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     synthetic = [{"id": f"arith/{i}", "text": problem_document(p)} for i, p in enumerate(train)]
     synthetic += [{"id": f"passkey/{i}", "text": t}
                   for i, t in enumerate(passkey_documents(cfg["passkey_docs"], cfg["seed"] + 3, 1, max_fillers))]
-    write_jsonl(synthetic, out / "synthetic.jsonl")
+    write_jsonl(out / "synthetic.jsonl", synthetic)
     rng.shuffle(docs)
-    n_docs = write_jsonl(docs, out / "raw" / "corpus.jsonl")
-    write_jsonl(test, out / "arith_test.jsonl")
-    write_jsonl(train, out / "arith_train.jsonl")
-    write_jsonl(heldout, out / "heldout.jsonl")
-    write_jsonl(tool_conversations(cfg["tool_train"], cfg["seed"] + 4), out / "tool_train.jsonl")
-    write_jsonl(tool_conversations(cfg["tool_test"], cfg["seed"] + 5), out / "tool_test.jsonl")
+    n_docs = write_jsonl(out / "raw" / "corpus.jsonl", docs)
+    write_jsonl(out / "arith_test.jsonl", test)
+    write_jsonl(out / "arith_train.jsonl", train)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    write_jsonl(out / "tool_train.jsonl", tool_conversations(cfg["tool_train"], cfg["seed"] + 4))
+    write_jsonl(out / "tool_test.jsonl", tool_conversations(cfg["tool_test"], cfg["seed"] + 5))
     sources = {}
     for d in docs:
         sources[d["metadata"]["source"]] = sources.get(d["metadata"]["source"], 0) + 1
@@ -135,7 +136,6 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     from ..data.pack import is_packed, pack_documents
     from ..data.pipeline import DataPipeline
     from ..data.steps import SafeJsonlReader
-    from ..post.runner import read_jsonl
     from ..tokenizer import Tokenizer
 
     config = {
@@ -257,7 +257,6 @@ def arithmetic_rl_examples(problems: list[dict]) -> tuple[list[dict], object]:
 
 def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> dict:
     from ..post.sft import SFTConfig, train_sft
-    from ..post.runner import read_jsonl
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer)
@@ -275,7 +274,6 @@ def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> 
 def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
     from ..model import load_model
     from ..post.rejection import RejectionConfig, rejection_sample
-    from ..post.runner import read_jsonl
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(sft_model)
@@ -303,7 +301,7 @@ def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
             pairs.append({"prompt": example["prompt"], "chosen": problem["solution"], "rejected": rejected,
                           "source": "reference"})
             added += 1
-    write_jsonl(pairs, out / "pairs.jsonl")
+    write_jsonl(out / "pairs.jsonl", pairs)
     return {"metrics": {**{k: stats[k] for k in ("acceptance_rate", "prompts_solved", "sft_examples", "dpo_pairs")},
                         "reference_pairs": added},
             "outputs": {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}}
@@ -311,7 +309,6 @@ def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
 
 def _pairs(path: Path, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference pairs: a fifth held out (at least one when there are two or more)."""
-    from ..post.runner import read_jsonl
 
     pairs = read_jsonl(path)
     random.Random(seed).shuffle(pairs)
@@ -356,7 +353,6 @@ def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out:
 
 def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path) -> dict:
     from ..post.grpo import GRPOConfig, train_grpo
-    from ..post.runner import read_jsonl
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(policy)
@@ -378,7 +374,6 @@ def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
     """Serve the final model over HTTP on localhost and ask it one arithmetic question (OpenAI chat format)."""
     import urllib.request
 
-    from ..post.runner import read_jsonl
     from ..serve.server import build_server, run_in_thread
 
     app, engine = build_server(model_dir, max_batch=2, model_name="qwen25-tiny")
@@ -407,7 +402,6 @@ def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
 # ---- the whole run ------------------------------------------------------------------------------------------------
 def run_recipe(out: str | Path, fast: bool = False) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
-    from ..post.runner import read_jsonl
     from .evaluate import evaluate_stage
     from .report import write_report
 

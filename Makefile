@@ -19,10 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The report's whole recipe in miniature (about half an hour on 2 CPU cores; rerun to resume): runs/recipe-tiny/report.md
 demo: $(VENV)/.installed
-	$(VENV)/bin/qwen25 init --preset tiny --out runs/demo-tiny --seed 0
-	$(VENV)/bin/qwen25 info --model runs/demo-tiny
-	$(VENV)/bin/qwen25 generate --model runs/demo-tiny --prompt-ids 1,2,3,4 --max-new-tokens 16 --seed 0
+	$(VENV)/bin/qwen25 recipe tiny --out runs/recipe-tiny
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

@@ -5,7 +5,8 @@
 Both start from the same weights and see the same batches: next-token loss, AdamW (0.9, 0.95, weight decay
 on matrices), gradient clipping at 1.0 and bf16 autocast (weights fp32). Ours is `qwen25.train.loop.train`
 itself (data fetch, loss, backward, clip, step, logging: the whole step); the peer is the equivalent loop
-written around transformers. The first step of each is a warm-up and is not counted. Prints tokens/s,
+written around transformers. The first step of each is a warm-up and is not counted; ours and theirs
+alternate for --rounds rounds and each side's fastest step counts (the machine's load varies). Prints tokens/s,
 MFU against the measured matmul peak of the autocast dtype, the ratio, and a JSON line last.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--compile", action="store_true", help="ours with compile: true (torch.compile)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and theirs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,21 +82,27 @@ def main() -> None:
     mcfg = ModelConfig.from_preset(args.preset)
     tokens = torch.randint(0, mcfg.vocab_size, (200_000,), generator=torch.Generator().manual_seed(0))
     data = TokenWindows(tokens, args.batch, args.seq, seed=0)
-    peak = measure_peak_flops(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     flops = flops_per_token(mcfg, args.seq, training=True)
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out_dir=out, model=args.preset, steps=args.steps + 1, batch_size=args.batch,
-                          seq_len=args.seq, lr=1e-3, warmup=1, dtype=args.dtype, device=args.device,
-                          save_every=10**9, peak_flops=peak, tensorboard=False, compile=args.compile)
-        ours = statistics.median(run_ours(cfg, data))
     reference = CausalLM(mcfg)
-    reference.init_weights(seed=cfg.seed)
+    reference.init_weights(seed=0)
     hf_config = Qwen2Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k != "architectures"})
     peer = Qwen2ForCausalLM(hf_config).to(device)
     peer.load_state_dict(reference.state_dict(), strict=False)
     peer.tie_weights()
     peer.train()
-    theirs = statistics.median(run_transformers(peer, cfg, data, device))
+    # On a shared machine the load changes from minute to minute: alternate ours and theirs, and take each
+    # side's fastest step (and the highest measured peak) as what the code can do.
+    peak, ours_rates, their_rates = 0.0, [], []
+    for _ in range(args.rounds):
+        peak = max(peak, measure_peak_flops(device, dtype, n=2048))
+        with tempfile.TemporaryDirectory() as out:
+            cfg = TrainConfig(out_dir=out, model=args.preset, steps=args.steps + 1, batch_size=args.batch,
+                              seq_len=args.seq, lr=1e-3, warmup=1, dtype=args.dtype, device=args.device,
+                              save_every=10**9, peak_flops=1.0, tensorboard=False, compile=args.compile)
+            ours_rates += run_ours(cfg, data)
+        their_rates += run_transformers(peer, cfg, data, device)
+    ours, theirs = max(ours_rates), max(their_rates)
     mfu_ours, mfu_theirs = ours * flops / peak, theirs * flops / peak
     amp = "bf16 autocast" if args.dtype == "bf16" else "fp32"
     print(f"{args.preset} ({param_count(mcfg) / 1e6:.1f}M params), batch {args.batch} x {args.seq}, {amp}, "

@@ -197,3 +197,12 @@ def test_compiled_training_follows_the_eager_curve(tmp_path):
         train(cfg, progress=False)
         curves.append([json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)  # fused kernels reorder fp32 sums, nothing more
+
+
+def test_yaml_numbers_written_as_strings_are_accepted_and_bad_ones_named():
+    import yaml
+
+    cfg = TrainConfig.from_dict(yaml.safe_load("out_dir: x\nlr: 3e-3\ntokens: 1e6\nbatch_size: auto\n"))
+    assert (cfg.lr, cfg.tokens, cfg.batch_size) == (0.003, 1_000_000, "auto")
+    with pytest.raises(ValueError, match="lr must be a number or auto, got 'fast'"):
+        TrainConfig(out_dir="x", lr="fast")

@@ -69,6 +69,17 @@ class TrainConfig:
     peak_flops: float | None = None  # matmul FLOP/s per process for MFU; None: measured at start
     compile: bool = False  # torch.compile the forward + loss (fuses norms, SwiGLU, RoPE, cross entropy)
 
+    def __post_init__(self):
+        # YAML reads 3e-3 (no dot) and 1e9 as strings: accept them, and name what cannot be a number.
+        for name, kind in (("lr", float), ("batch_size", int), ("tokens", int), ("peak_flops", float)):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "auto":
+                try:
+                    setattr(self, name, kind(float(value)))
+                except ValueError:
+                    raise ValueError(f"{name} must be a number{' or auto' if name in ('lr', 'batch_size') else ''}"
+                                     f", got {value!r}") from None
+
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
         """Build from a dict (YAML/JSON), naming unknown keys."""

@@ -90,3 +90,14 @@ def test_phase_two_starts_from_phase_one_with_the_new_rope_base_and_length(tmp_p
     assert all(torch.equal(first[k], a[k]) for k in a)
     assert [c.out_dir for c in phase_configs(config)] == [str(run / "short"), str(run / "long")]
     assert main(["train", str(path), "--quiet"]) == 0  # both finished: skipped, nothing retrained
+
+
+def test_progressive_mix_is_the_same_for_any_process_layout(tmp_path):
+    shards = TokenShards(make_shards(tmp_path / "s", rows=20, seq_len=32, pad_every=0))
+    one = ProgressiveMix(ShardBatches(shards, batch_size=4, seed=1), 0.4, [8, 16])
+    two = [ProgressiveMix(ShardBatches(shards, batch_size=4, seed=1, rank=r, world=2), 0.4, [8, 16])
+           for r in range(2)]
+    assert two[0].world == 2
+    for step in range(7):
+        docs = torch.cat([m.batch(step)[1] for m in two])
+        assert torch.equal(docs, one.batch(step)[1])

@@ -70,11 +70,11 @@ class ProgressiveMix:
         """This rank's (tokens, doc_ids) at `step`, shorter rows cut into independent pieces."""
         tokens, docs = self.data.batch(step)
         docs = docs.clone()
-        shorts = 0
+        num, den = self.long_fraction.numerator, self.long_fraction.denominator
         for row, index in enumerate(self.data.global_indices(step)):
             if not is_long_row(index, self.long_fraction):
-                docs[row] = split_documents(docs[row], self.short_lengths[(index + shorts) % len(self.short_lengths)])
-                shorts += 1
+                ordinal = index - (num * index) // den  # short rows before this one, in the whole run
+                docs[row] = split_documents(docs[row], self.short_lengths[ordinal % len(self.short_lengths)])
         return tokens, docs
 
 

@@ -56,11 +56,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from . import distributed
     from .scaling import run_sweep
 
     raw = load_config(args.config, args.set)
-    results = run_sweep(raw, progress=not args.quiet)
-    print(f"{len(results)} new run(s); results in {Path(raw['out_dir']) / 'results.jsonl'}")
+    rank, _ = distributed.init()
+    try:
+        results = run_sweep(raw, progress=not args.quiet)
+    finally:
+        distributed.shutdown()
+    if rank == 0:
+        print(f"{len(results)} new run(s); results in {Path(raw['out_dir']) / 'results.jsonl'}")
     return 0
 
 

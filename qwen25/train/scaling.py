@@ -197,6 +197,7 @@ def run_sweep(raw: dict, progress: bool = True) -> list[dict]:
     """Train every grid point of a sweep config (skipping recorded ones); results go to out_dir/results.jsonl."""
     from tqdm import tqdm
 
+    from .distributed import rank_and_world
     from .loop import TrainConfig, model_config, resolve_config, train
 
     sweep_dir = Path(raw["out_dir"])
@@ -204,7 +205,7 @@ def run_sweep(raw: dict, progress: bool = True) -> list[dict]:
     results_path = sweep_dir / "results.jsonl"
     done = {r["name"] for r in read_results(sweep_dir)} if results_path.is_file() else set()
     results = []
-    for run in tqdm(sweep_grid(raw), desc="sweep", disable=not progress):
+    for run in tqdm(sweep_grid(raw), desc="sweep", disable=not progress or rank_and_world()[0] != 0):
         name = run.pop("name")
         if name in done:
             continue
@@ -219,7 +220,8 @@ def run_sweep(raw: dict, progress: bool = True) -> list[dict]:
                   "tokens_trained": cfg.steps * cfg.batch_size * cfg.seq_len * cfg.grad_accum, "lr": cfg.lr,
                   "batch_size": cfg.batch_size, "batch_tokens": cfg.batch_size * cfg.seq_len * cfg.grad_accum,
                   "steps": cfg.steps, "loss": loss}
-        with results_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank_and_world()[0] == 0:  # under torchrun every process trains; one records
+            with results_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         results.append(record)
     return results

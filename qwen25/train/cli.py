@@ -11,26 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-
-def load_config(path: str | Path, sets: list[str] | None = None) -> dict:
-    """A YAML (or JSON) config as a dict, with `--set key=value` changes (JSON values) applied on top."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {path}: expected a mapping of options, got {type(raw).__name__}")
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        try:
-            raw[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raw[key] = value
-    return raw
+from ..utils import load_config
 
 
 def cmd_train(args) -> int:

@@ -366,7 +366,11 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     if int8:
         from .quant import quantize_int8
 
-        quantize_int8(model, dtype=model.model.embed_tokens.weight.dtype)
+        compute = model.model.embed_tokens.weight.dtype
+        if compute == torch.float32:
+            log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
+                        "--dtype bf16 --int8 is the fast combination")
+        quantize_int8(model, dtype=compute)
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer)), tokenizer)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)

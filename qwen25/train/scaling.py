@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import param_count
+from ..utils import read_jsonl
 
 FIT_FILE = "fit.json"
 
@@ -98,7 +99,7 @@ def read_results(sweep_dir: str | Path) -> list[dict]:
     path = Path(sweep_dir) / "results.jsonl"
     if not path.is_file():
         raise ValueError(f"{sweep_dir}: no results.jsonl (run `qwen25 sweep` first)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def plot_fit(fit: dict, path: str | Path) -> Path:

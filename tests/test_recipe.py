@@ -38,6 +38,18 @@ def test_report_has_every_section_and_plot(fast_run):
         assert (run / png).stat().st_size > 1000, png
         assert png in text
     assert "| total |" in text
+    assert "Model: dense" in text
+
+
+def test_moe_variant_runs_every_stage(tmp_path):
+    """`--moe --fast`: the same stages on routed + shared experts; pre-training learns, the final model serves."""
+    report = run_recipe(tmp_path / "moe", fast=True, moe=True)
+    assert "Model: MoE (8 routed experts" in report.read_text()
+    cfg = json.loads((tmp_path / "moe/stages/grpo/final/config.json").read_text())
+    assert cfg["model_type"] == "qwen2_moe" and cfg["num_experts"] == 8
+    pre = _metrics(tmp_path / "moe", "pretrain")
+    assert pre["phase1_loss_last"] < pre["phase1_loss_first"]
+    assert _metrics(tmp_path / "moe", "serve")["serve_ok"] == 1
 
 
 def test_data_stages_remove_what_was_planted(fast_run):

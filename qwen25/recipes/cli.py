@@ -13,8 +13,8 @@ def cmd_recipe(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / ("recipe-tiny-fast" if args.fast else "recipe-tiny")
-    report = run_recipe(out, fast=args.fast)
+    out = args.out or Path("runs") / ("recipe-tiny" + "-moe" * args.moe + "-fast" * args.fast)
+    report = run_recipe(out, fast=args.fast, moe=args.moe)
     print(f"report: {report}")
     return 0
 
@@ -29,6 +29,7 @@ def add_recipe_command(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", choices=["tiny"], help="the recipe")
     p.add_argument("--fast", action="store_true", help="a ~2-minute version (what the tests run)")
+    p.add_argument("--moe", action="store_true", help="the MoE variant: routed + shared experts in every layer")
     p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-fast])")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_recipe)

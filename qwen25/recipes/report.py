@@ -43,6 +43,20 @@ def plot_curves(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
+def describe_model(model_dir: Path) -> str:
+    """One line on the architecture a run trains: dense or MoE, shape, total and activated parameters."""
+    from ..config import ModelConfig, param_count
+
+    cfg = ModelConfig.from_json(model_dir)
+    kind = (f"MoE ({cfg.num_experts} routed experts of width {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, "
+            f"a gated shared expert of width {cfg.shared_expert_intermediate_size})" if cfg.num_experts
+            else f"dense (SwiGLU width {cfg.intermediate_size})")
+    return (f"Model: {kind}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} query / "
+            f"{cfg.num_key_value_heads} KV heads, vocabulary {cfg.vocab_size}; {param_count(cfg):,} parameters "
+            f"({param_count(cfg, activated=True):,} activated per token, "
+            f"{param_count(cfg, embeddings=False, activated=True):,} without embeddings).")
+
+
 def write_report(run: RecipeRun, fast: bool) -> Path:
     """Write run.dir/report.md (and curves.png) from the finished stages; returns the report's path."""
     root = run.dir
@@ -53,6 +67,7 @@ def write_report(run: RecipeRun, fast: bool) -> Path:
     curves = plot_curves(root, root / "curves.png")
     lines = [f"# The Qwen2.5 recipe in miniature ({'fast' if fast else 'full'} run)", "",
              f"Command: `{run.command}` (rerun it to resume; finished stages are skipped).", "",
+             describe_model(root / "model"), "",
              "## Evaluation after each stage", "", metrics_table(evals, keys), "",
              "Bits per byte on held-out standard-library files (lower is better); arithmetic accuracy on held-out "
              "word problems (`_plain`: the pre-training text format, otherwise a chat prompt); tool calls: "

@@ -43,11 +43,11 @@ CONFIGS = {
         seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, tool_train=600,
         tool_test=40, passkey_docs=3000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
         model=MODEL, phase1_len=256, phase2_len=1024,
-        sweep=dict(models=[dict(hidden_size=64, intermediate_size=192, num_attention_heads=2,
-                                num_key_value_heads=1), dict(MODEL)],
-                   tokens=[40_000, 80_000], lr=[1e-3, 3e-3, 1e-2], batch_size=[16]),
+        sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
+                                num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
+                   tokens=[80_000, 160_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[16]),
         phase1=dict(steps=400, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
-        sft=dict(epochs=2, batch_size=16, lr=1e-3, seq_len=512),
+        sft=dict(epochs=2, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
         grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
@@ -61,7 +61,7 @@ CONFIGS = {
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[4_000, 8_000], lr=[3e-3, 3e-2], batch_size=[8]),
         phase1=dict(steps=30, batch_size=8), phase2=dict(steps=6, batch_size=2, lr=1e-3),
-        sft=dict(epochs=1, batch_size=8, lr=1e-3, seq_len=512),
+        sft=dict(epochs=1, batch_size=4, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=16, samples_per_prompt=2),
         rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
         grpo=dict(steps=2, queries_per_step=2, group_size=4, lr=2e-5),
@@ -69,9 +69,18 @@ CONFIGS = {
 }
 
 
-def recipe_config(fast: bool = False, **changes) -> dict:
-    """The resolved config of the tiny recipe (the full run, or the ~2-minute `--fast` one)."""
+# The MoE variant (`--moe`): every FFN becomes fine-grained routed experts plus a gated shared expert, each routed
+# expert a quarter of the dense FFN's width, top-2 of 8 (about the dense model's activated parameters).
+MOE = dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+           router_aux_loss_coef=0.01)
+
+
+def recipe_config(fast: bool = False, moe: bool = False, **changes) -> dict:
+    """The resolved config of the tiny recipe (the full run, or the ~2-minute `--fast` one; dense or MoE)."""
     cfg = copy.deepcopy(CONFIGS["fast" if fast else "full"])
+    if moe:
+        ffn = cfg["model"]["intermediate_size"]
+        cfg["model"] = dict(cfg["model"], **MOE, moe_intermediate_size=ffn // 4, shared_expert_intermediate_size=ffn // 2)
     cfg.update(changes)
     return cfg
 
@@ -119,11 +128,15 @@ def build_corpus(cfg: dict, out: Path) -> dict:
 
 
 def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
-    """BBPE trained on the raw corpus with Qwen's 22 control tokens appended."""
+    """BBPE trained on the raw corpus and the chat data with Qwen's 22 control tokens appended."""
     from ..tokenizer.train import train_tokenizer
+
+    from ..tokenizer.chat import render_chat
 
     texts = [json.loads(line)["text"] for name in ("raw/corpus.jsonl", "synthetic.jsonl")
              for line in (corpus / name).open()]
+    # the chat data the model will see in SFT (ChatML markup and tool schemas), as the vocabulary's corpus should
+    texts += [render_chat(c["messages"], c["tools"]) for c in read_jsonl(corpus / "tool_train.jsonl")]
     tok = train_tokenizer(texts, vocab_size=cfg["vocab_size"], out_dir=out)
     sample = "\n".join(texts[:200])
     return {"metrics": {"vocab": len(tok), "bytes_per_token": round(len(sample.encode()) / len(tok.encode(sample)), 2)},
@@ -400,12 +413,12 @@ def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
-def run_recipe(out: str | Path, fast: bool = False) -> Path:
+def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
     from .evaluate import evaluate_stage
     from .report import write_report
 
-    cfg = recipe_config(fast)
+    cfg = recipe_config(fast, moe)
     run = RecipeRun(out, cfg)
     root = run.dir
     corpus = root / "stages" / "corpus"

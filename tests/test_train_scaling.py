@@ -89,3 +89,6 @@ def test_tiny_sweep_end_to_end_and_lr_auto_uses_the_fit(tmp_path):
     assert cfg.steps == max(1, round(768 / (cfg.batch_size * 16)))
     with pytest.raises(ValueError, match="no scaling_fit"):
         resolve_config(TrainConfig(out_dir="x", lr="auto"))
+    with pytest.warns(UserWarning, match=r"extrapolated: D = 51,200 is 100.0x the largest swept"):
+        resolve_config(TrainConfig(out_dir=str(tmp_path / "far"), model="tiny", lr="auto", batch_size=4,
+                                   tokens=51_200, seq_len=16, scaling_fit=str(tmp_path / "sweep" / "fit.json")))

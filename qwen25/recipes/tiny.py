@@ -45,7 +45,7 @@ CONFIGS = {
         model=MODEL, phase1_len=256, phase2_len=1024,
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
-                   tokens=[80_000, 160_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[16]),
+                   tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
         phase1=dict(steps=400, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
         sft=dict(epochs=2, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,16 @@ def resolve_auto(cfg):
         changes["lr"] = predict(fit["lr"], n, d)
     print(f"scaling fit {cfg.scaling_fit}: N = {n:,}, D = {d:,} -> "
           + ", ".join(f"{k} = {v:.4g}" for k, v in changes.items()))
+    points = fit.get("points", [])
+    if points:  # a power law fitted on a few points is least trustworthy far outside them: say so
+        n_range = (min(p["N"] for p in points), max(p["N"] for p in points))
+        d_range = (min(p["D"] for p in points), max(p["D"] for p in points))
+        far = [f"{name} = {v:,} is {v / hi:.1f}x the largest swept" for name, v, (lo, hi) in
+               (("N", n, n_range), ("D", d, d_range)) if v > 4 * hi] + \
+              [f"{name} = {v:,} is {lo / v:.1f}x below the smallest swept" for name, v, (lo, hi) in
+               (("N", n, n_range), ("D", d, d_range)) if v < lo / 4]
+        if far:
+            warnings.warn(f"scaling fit extrapolated: {'; '.join(far)} ({cfg.scaling_fit})")
     return dataclasses.replace(cfg, **changes)
 
 

@@ -85,6 +85,13 @@ def recipe_config(fast: bool = False, moe: bool = False, **changes) -> dict:
     return cfg
 
 
+def passkey_fillers(seq_len: int) -> int:
+    """Filler sentences of the longest passkey document that fits seq_len tokens: with the recipe's vocabularies a
+    filler is ~24 tokens and the instruction, key line, question and answer ~72 (the evaluation's prompts fill
+    the whole length, so training documents must reach it too)."""
+    return max(1, (seq_len - 80) // 24)
+
+
 # ---- stage 1: corpus ----------------------------------------------------------------------------------------------
 def build_corpus(cfg: dict, out: Path) -> dict:
     """Raw documents (jsonl) and the held-out sets; planted spam and test leaks show the pipeline at work."""
@@ -106,10 +113,10 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     # Synthetic task data is held out from the test set by construction (distinct questions); it joins the kept
     # documents at packing, since the LCS rule rightly flags template-made problems against a test set of the
     # same templates.
-    max_fillers = max(1, cfg["phase1_len"] // 60)  # passkey documents that fit phase 1's context
+    max_fillers = passkey_fillers(cfg["phase1_len"])  # passkey documents of every length up to phase 1's context
     synthetic = [{"id": f"arith/{i}", "text": problem_document(p)} for i, p in enumerate(train)]
     synthetic += [{"id": f"passkey/{i}", "text": t}
-                  for i, t in enumerate(passkey_documents(cfg["passkey_docs"], cfg["seed"] + 3, 1, max_fillers))]
+                  for i, t in enumerate(passkey_documents(cfg["passkey_docs"], cfg["seed"] + 3, 0, max_fillers))]
     write_jsonl(out / "synthetic.jsonl", synthetic)
     rng.shuffle(docs)
     n_docs = write_jsonl(out / "raw" / "corpus.jsonl", docs)
@@ -170,7 +177,7 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     stage = sorted((out / "pipeline" / "stages").glob("*_mixture"))[-1]
     kept = [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
     synthetic = [(d["id"], d["text"]) for d in read_jsonl(corpus / "synthetic.jsonl")]
-    long_fillers = max(2, cfg["phase2_len"] // 60)
+    long_fillers = passkey_fillers(cfg["phase2_len"])
     long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(
         passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
     packs = {}

@@ -47,7 +47,7 @@ CONFIGS = {
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
         phase1=dict(steps=400, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
-        sft=dict(epochs=2, batch_size=8, lr=1e-3, seq_len=1024),
+        sft=dict(epochs=4, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
         grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),

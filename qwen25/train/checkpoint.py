@@ -87,6 +87,12 @@ def save_training_state(run_dir: str | Path, step: int, model: torch.nn.Module, 
     state = {"step": step, "optimizer": opt_meta, "data": data_state or {}, "extra": extra or {},
              "python_random": [py_state[0], list(py_state[1]), py_state[2]]}
     (tmp / "state.json").write_text(json.dumps(state))
+    return publish_checkpoint(run_dir, tmp, final, keep_last)
+
+
+def publish_checkpoint(run_dir: Path, tmp: Path, final: Path, keep_last: int) -> Path:
+    """Make a fully written `tmp` folder the checkpoint `final` (one rename), point LATEST at it (another), then
+    drop all but the newest keep_last step folders: a crash at any point leaves the last good checkpoint."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = run_dir / (LATEST + ".tmp")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import LATEST, _step_dir
+from .checkpoint import _step_dir, publish_checkpoint
 
 
 def is_distributed() -> bool:
@@ -108,13 +108,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, data_state
     if dist.get_rank() == 0:
         state = {"step": step, "data": data_state or {}, "world_size": dist.get_world_size(), "format": "dcp"}
         (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = run_dir / (LATEST + ".tmp")
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, run_dir / LATEST)
-        for old in sorted(run_dir.glob("step-*[0-9]"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(run_dir, tmp, final, keep_last)
     dist.barrier()
     return final
 

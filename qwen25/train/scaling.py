@@ -164,15 +164,15 @@ def resolve_auto(cfg):
     print(f"scaling fit {cfg.scaling_fit}: N = {n:,}, D = {d:,} -> "
           + ", ".join(f"{k} = {v:.4g}" for k, v in changes.items()))
     points = fit.get("points", [])
-    if points:  # a power law fitted on a few points is least trustworthy far outside them: say so
-        n_range = (min(p["N"] for p in points), max(p["N"] for p in points))
-        d_range = (min(p["D"] for p in points), max(p["D"] for p in points))
-        far = [f"{name} = {v:,} is {v / hi:.1f}x the largest swept" for name, v, (lo, hi) in
-               (("N", n, n_range), ("D", d, d_range)) if v > 4 * hi] + \
-              [f"{name} = {v:,} is {lo / v:.1f}x below the smallest swept" for name, v, (lo, hi) in
-               (("N", n, n_range), ("D", d, d_range)) if v < lo / 4]
-        if far:
-            warnings.warn(f"scaling fit extrapolated: {'; '.join(far)} ({cfg.scaling_fit})")
+    far = []  # a power law fitted on a few points is least trustworthy far outside them: say so
+    for name, value in (("N", n), ("D", d)):
+        swept = [p[name] for p in points]
+        if swept and value > 4 * max(swept):
+            far.append(f"{name} = {value:,} is {value / max(swept):.1f}x the largest swept")
+        elif swept and value < min(swept) / 4:
+            far.append(f"{name} = {value:,} is {min(swept) / value:.1f}x below the smallest swept")
+    if far:
+        warnings.warn(f"scaling fit extrapolated: {'; '.join(far)} ({cfg.scaling_fit})")
     return dataclasses.replace(cfg, **changes)
 
 

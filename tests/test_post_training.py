@@ -175,9 +175,8 @@ def test_dpo_margins_grow_and_held_out_accuracy_exceeds_chance(tmp_path):
     assert json.loads((tmp_path / "dpo" / "eval.json").read_text())["pairs"] == 32
 
 
-def test_dpo_with_online_merging_and_without_precomputed_reference(tmp_path):
-    """OnDARE DPO from an "SFT" checkpoint with its base: runs, learns, and matches precomputed-reference DPO
-    when the reference is kept as a model instead."""
+def _save_base_and_sft(tmp_path):
+    """tmp_path/base (a tiny model) and tmp_path/sft (the same weights, nudged): the pair online merging needs."""
     from qwen25.model import save_model
 
     base, sft = load_causal_lm("tiny", 0), load_causal_lm("tiny", 0)
@@ -186,6 +185,12 @@ def test_dpo_with_online_merging_and_without_precomputed_reference(tmp_path):
             p.add_(torch.randn_like(p) * 0.01)
     save_model(base, tmp_path / "base")
     save_model(sft, tmp_path / "sft")
+
+
+def test_dpo_with_online_merging_and_without_precomputed_reference(tmp_path):
+    """OnDARE DPO from an "SFT" checkpoint with its base: runs, learns, and matches precomputed-reference DPO
+    when the reference is kept as a model instead."""
+    _save_base_and_sft(tmp_path)
     train = separable_pairs(32, 1)
     common = dict(model=str(tmp_path / "sft"), lr=1e-3, steps=6, batch_size=8)
     a = train_dpo(DPOConfig(out_dir=str(tmp_path / "a"), **common), train, progress=False)
@@ -229,14 +234,7 @@ def test_dpo_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("method", ["dare", "ties"])
 def test_dpo_with_online_merging_resumes_exactly(tmp_path, method):
     """Merging every 2 steps with a checkpoint at step 3: the merge anchor travels in the optimizer state."""
-    from qwen25.model import save_model
-
-    base, sft = load_causal_lm("tiny", 0), load_causal_lm("tiny", 0)
-    with torch.no_grad():
-        for p in sft.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    save_model(base, tmp_path / "base")
-    save_model(sft, tmp_path / "sft")
+    _save_base_and_sft(tmp_path)
     train = separable_pairs(32, 1)
     _resume_equals_uninterrupted(tmp_path, f"dpo-{method}", lambda out: train_dpo(
         DPOConfig(out_dir=str(out), model=str(tmp_path / "sft"), lr=1e-3, steps=6, batch_size=8, save_every=3,

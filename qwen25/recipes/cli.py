@@ -30,6 +30,6 @@ def add_recipe_command(subparsers) -> None:
     p.add_argument("name", choices=["tiny"], help="the recipe")
     p.add_argument("--fast", action="store_true", help="a ~2-minute version (what the tests run)")
     p.add_argument("--moe", action="store_true", help="the MoE variant: routed + shared experts in every layer")
-    p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-fast])")
+    p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-moe][-fast])")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_recipe)

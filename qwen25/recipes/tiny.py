@@ -136,9 +136,8 @@ def build_corpus(cfg: dict, out: Path) -> dict:
 
 def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
     """BBPE trained on the raw corpus and the chat data with Qwen's 22 control tokens appended."""
-    from ..tokenizer.train import train_tokenizer
-
     from ..tokenizer.chat import render_chat
+    from ..tokenizer.train import train_tokenizer
 
     texts = [json.loads(line)["text"] for name in ("raw/corpus.jsonl", "synthetic.jsonl")
              for line in (corpus / name).open()]

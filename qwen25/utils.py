@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+from functools import cache
 from pathlib import Path
 
 
@@ -23,14 +25,37 @@ def parse_sets(items: list[str] | None) -> dict:
     return changes
 
 
-def load_config(path: str | Path, sets: list[str] | None = None) -> dict:
-    """A YAML (or JSON) config file as a mapping, with `--set KEY=VALUE` overrides applied on top."""
+@cache
+def _yaml_loader():
+    """yaml.SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-8` and `3e4` as strings, which breaks
+    `lr: 1e-4` in a config, and a JSON file with `"eps": 1e-08` (JSON is YAML)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str):
+    """Parse YAML (or JSON) text, reading exponent numbers such as 1e-8 as floats."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+def load_config(path: str | Path, sets: list[str] | None = None) -> dict:
+    """A YAML (or JSON) config file as a mapping, with `--set KEY=VALUE` overrides applied on top."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {path}: expected a mapping of options, got {type(raw).__name__}")
     raw.update(parse_sets(sets))

@@ -165,3 +165,14 @@ def test_not_json(tmp_path):
         ModelConfig.from_json(tmp_path)
     with pytest.raises(ConfigError, match="no config.json"):
         ModelConfig.from_json(tmp_path / "nowhere")
+
+
+def test_config_files_read_exponent_numbers_as_floats(tmp_path):
+    """PyYAML alone reads `lr: 1e-4` (and JSON's `1e-08`) as a string; our configs must not."""
+    from qwen25.utils import load_config
+
+    (tmp_path / "train.yaml").write_text("lr: 1e-4\neps: 1E-08\nsteps: 2_000\nbig: 3e4\nname: 1e-4x\nq: '1e-4'\n")
+    (tmp_path / "train.json").write_text('{"lr": 3e-3, "eps": 1e-08, "steps": 10}')
+    assert load_config(tmp_path / "train.yaml", ["clip=1e0"]) == {
+        "lr": 1e-4, "eps": 1e-8, "steps": 2000, "big": 30000.0, "name": "1e-4x", "q": "1e-4", "clip": 1.0}
+    assert load_config(tmp_path / "train.json") == {"lr": 3e-3, "eps": 1e-8, "steps": 10}

@@ -26,8 +26,9 @@ import time
 import tomllib
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
+
+from ..utils import load_yaml
 
 STEP_NAMES = ("filters", "minhash", "quality", "domains", "decontaminate", "mixture", "pack")
 
@@ -40,7 +41,7 @@ def load_config(path: str | Path) -> dict:
     """Read a .yaml/.yml/.toml pipeline config; relative paths in it are resolved against the file's folder."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    config = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    config = tomllib.loads(text) if path.suffix == ".toml" else load_yaml(text)
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: a pipeline config must be a mapping, got {type(config).__name__}")
     config.setdefault("base_dir", str(path.parent.resolve()))

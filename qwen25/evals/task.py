@@ -75,9 +75,9 @@ class TaskSpec:
         path = Path(path)
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from ..utils import load_yaml
 
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text)
         else:
             raw = json.loads(text)
         return cls.from_dict(raw, base_dir=path.parent)

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 from serve_fixtures import greedy_reply, write_tiny_chat_checkpoint
 
@@ -19,6 +21,7 @@ from qwen25.generation import SamplingParams
 from qwen25.model import load_model
 from qwen25.serve.async_engine import AsyncEngine, TextTracker
 from qwen25.serve.engine import StepOutput
+from qwen25.serve.openai_protocol import ChatDeltaStream, merge_deltas
 from qwen25.serve.server import ServerConfig, build_server, create_app, run_in_thread
 from qwen25.tokenizer import Tokenizer, encode_chat
 
@@ -277,18 +280,65 @@ def test_streamed_tool_calls_exact_structure(tokenizer):
     calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
     assert all(len(c) == 1 for c in calls)
     pieces = [c[0] for c in calls]
-    assert [p["index"] for p in pieces] == [0, 0, 1, 1]
-    for head, args in (pieces[0:2], pieces[2:4]):  # id, type and name first; then the argument fragments
+    indices = [p["index"] for p in pieces]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    for index, name, arguments in ((0, "get_weather", {"city": "Paris"}),
+                                   (1, "get_time", {"tz": "Europe/Paris", "format": "24h"})):
+        head, *fragments = [p for p in pieces if p["index"] == index]  # id, type and name first; then arguments
         assert head["id"].startswith("call") and head["type"] == "function" and head["function"]["arguments"] == ""
-        assert "id" not in args and "name" not in args["function"]
-    assert [p["function"]["name"] for p in pieces[0::2]] == ["get_weather", "get_time"]
-    assert json.loads(pieces[1]["function"]["arguments"]) == {"city": "Paris"}
-    assert json.loads(pieces[3]["function"]["arguments"]) == {"tz": "Europe/Paris", "format": "24h"}
+        assert head["function"]["name"] == name
+        assert all("id" not in f and "name" not in f["function"] for f in fragments)
+        assert len(fragments) > 1  # streamed as the model writes them, one token's text at a time
+        assert json.loads("".join(f["function"]["arguments"] for f in fragments)) == arguments
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
     message = whole["choices"][0]["message"]
     assert whole["choices"][0]["finish_reason"] == "tool_calls" and message["content"] == "Let me check."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris", "format": "24h"})]
+
+
+# A call whose arguments hold braces, an escaped quote and a "</tool" inside a string; an empty call; a malformed
+# block (content); a block with "arguments" before "name" (cannot stream: decided when it ends); trailing text.
+CALLS_TEXT = ('Sure.\n<tool_call>\n{"name": "write_file", "arguments": {"path": "a.py", "text": "x = {\\"k\\": [1]}'
+              ' # }</tool"}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+              '{"name": "c", "arguments": {oops}}\n</tool_call>\n<tool_call>{"arguments": {"q": 1}, "name": "d"}'
+              '</tool_call> end')
+
+
+def stream_deltas(text: str, cuts: list[int]) -> list[list[dict]]:
+    stream = ChatDeltaStream(parse_tools=True)
+    bounds = [0, *sorted(cuts), len(text)]
+    return [stream.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])] + [stream.finish()]
+
+
+def without_ids(message: dict) -> dict:
+    return {**message, "tool_calls": [{**c, "id": None} for c in message.get("tool_calls", [])]}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(0, len(CALLS_TEXT)), max_size=40))
+def test_tool_call_deltas_in_any_chunking_add_up_to_the_whole(cuts):
+    whole = merge_deltas([d for batch in stream_deltas(CALLS_TEXT, []) for d in batch])
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["tool_calls"]] == [
+        ("write_file", {"path": "a.py", "text": 'x = {"k": [1]} # }</tool'}), ("b", {}), ("d", {"q": 1})]
+    assert whole["content"] == 'Sure.\n\n\n<tool_call>\n{"name": "c", "arguments": {oops}}\n</tool_call>\n end'
+    deltas = [d for batch in stream_deltas(CALLS_TEXT, cuts) for d in batch]
+    assert without_ids(merge_deltas(deltas)) == without_ids(whole)
+    seen = set()
+    for delta in deltas:
+        for piece in delta.get("tool_calls", []):  # the head (id, name) before any argument fragment
+            assert ("id" in piece) == (piece["index"] not in seen)
+            seen.add(piece["index"])
+
+
+def test_tool_call_arguments_stream_before_the_block_ends():
+    per_char = stream_deltas(CALLS_TEXT, list(range(len(CALLS_TEXT))))
+    end = CALLS_TEXT.index("</tool_call>")
+    early = [p for batch in per_char[:end] for d in batch for p in d.get("tool_calls", [])]
+    assert early[0]["function"]["name"] == "write_file"
+    assert "".join(p["function"]["arguments"] for p in early[1:]) == (
+        '{"path": "a.py", "text": "x = {\\"k\\": [1]} # }</tool"}')  # complete before </tool_call> arrives
+    assert len(early) > 40  # a fragment per character written
 
 
 def test_tool_markup_is_content_without_tools_or_when_malformed(tokenizer):

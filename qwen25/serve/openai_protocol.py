@@ -8,13 +8,14 @@ matters (logprobs, penalties other than 0, echo with streaming) are refused with
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..tokenizer.tool_calls import ToolCallParser
+from ..tokenizer.tool_calls import TOOL_CALL_END, ToolCall, ToolCallParser, partial_tag
 
 
 class APIError(Exception):
@@ -177,15 +178,23 @@ def envelope(rid: str, obj: str, model: str, created: int | None = None, **field
 
 class ChatDeltaStream:
     """One chat choice's output text -> OpenAI deltas. With tools, `<tool_call>` blocks become `tool_calls`
-    deltas (per call: id, type and name first, then the arguments) and never appear in content; content is the
-    text outside the blocks with the surrounding whitespace stripped, as parse_tool_calls gives it. A block that
-    cannot be parsed stays in content as the model wrote it, so no output is lost."""
+    deltas and never appear in content; content is the text outside the blocks with the surrounding whitespace
+    stripped, as parse_tool_calls gives it.
+
+    A call streams while the model writes it: once the block reads `{"name": "...", "arguments": {` and the
+    arguments so far are a valid JSON prefix, one delta carries index, id, type and name, and the arguments
+    follow in fragments, exactly as the model writes them, up to the brace that closes them. A block that is
+    malformed before that point (or whose arguments are not an object) is decided when it ends: a valid one
+    becomes a call then, an invalid one stays in content as the model wrote it, so no output is lost. A block
+    that goes wrong after its call began streaming cannot be taken back (as with any streaming server): the
+    call keeps the arguments as written."""
 
     def __init__(self, parse_tools: bool):
         self.parser = ToolCallParser() if parse_tools else None
         self.calls = 0
         self._held = ""  # whitespace that is content only if more content follows
         self._started = False
+        self._live: dict | None = None  # the call streaming now: {"index", "sent"} (argument characters sent)
 
     def feed(self, text: str) -> list[dict]:
         """Deltas for a piece of output text."""
@@ -200,25 +209,99 @@ class ChatDeltaStream:
         return self._deltas(self.parser.finish())
 
     def _deltas(self, parsed) -> list[dict]:
-        content = parsed.content + "".join(_raw_block(err.text) for err in parsed.errors)
-        deltas = [{"content": piece} for piece in [self._content(content)] if piece]
-        for call in parsed.tool_calls:
-            head = {"index": self.calls, "id": new_id("call"), "type": "function",
-                    "function": {"name": call.name, "arguments": ""}}
-            arguments = json.dumps(call.arguments, ensure_ascii=False)
-            tail = {"index": self.calls, "function": {"arguments": arguments}}
-            deltas += [{"tool_calls": [head]}, {"tool_calls": [tail]}]
-            self.calls += 1
+        deltas = []
+        for part in parsed.parts:
+            if isinstance(part, str):
+                deltas += self._content(part)
+            elif self._live is not None:  # the first block to end is the one streaming: send the rest
+                deltas += self._rest(part.raw)
+                self._live = None
+            elif isinstance(part, ToolCall):
+                deltas += self._call(part.name, json.dumps(part.arguments, ensure_ascii=False))
+            else:
+                deltas += self._content(_raw_block(part.text))
+        if self.parser.open_block is not None:
+            deltas += self._stream(self.parser.open_block)
         return deltas
 
-    def _content(self, text: str) -> str:
+    def _call(self, name: str, arguments: str | None) -> list[dict]:
+        """The head delta (index, id, type, name) and, when given, the arguments in one fragment."""
+        head = {"index": self.calls, "id": new_id("call"), "type": "function",
+                "function": {"name": name, "arguments": ""}}
+        self.calls += 1
+        return [{"tool_calls": [head]}] + ([self._arguments(arguments)] if arguments else [])
+
+    def _arguments(self, fragment: str) -> dict:
+        return {"tool_calls": [{"index": self.calls - 1, "function": {"arguments": fragment}}]}
+
+    def _stream(self, block: str) -> list[dict]:
+        """Deltas for the open block: the call's head once its name and a valid start of arguments are known,
+        then the argument text written since the last delta."""
+        deltas = []
+        if self._live is None:
+            match = _CALL_HEAD.match(block)
+            if not match:
+                return []
+            arguments = _argument_prefix(block[match.end():])
+            if not _valid_prefix(arguments):
+                return []
+            deltas += self._call(json.loads(match.group(1)), None)
+            self._live = {"start": match.end(), "sent": 0}
+        return deltas + self._rest(block)
+
+    def _rest(self, block: str) -> list[dict]:
+        """The live call's argument text written since its last delta."""
+        arguments = _argument_prefix(block[self._live["start"]:])
+        if len(arguments) <= self._live["sent"]:
+            return []
+        fragment, self._live["sent"] = arguments[self._live["sent"]:], len(arguments)
+        return [self._arguments(fragment)]
+
+    def _content(self, text: str) -> list[dict]:
+        """A content delta, without the output's leading whitespace and holding back trailing whitespace (content
+        only if more content follows)."""
         if not self._started:
             text = text.lstrip()
             self._started = bool(text)
         text = self._held + text
         body = text.rstrip()
         self._held = text[len(body):]
-        return body
+        return [{"content": body}] if body else []
+
+
+# A block's start when its call can stream: the name (a complete JSON string), then an object of arguments.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _argument_prefix(text: str) -> str:
+    """The arguments object's text so far: up to its closing brace once written; before that, all of it but a
+    tail that may be the start of </tool_call> (which would end the block, not belong to the arguments)."""
+    depth, in_string, escaped = 0, False, False
+    for i, char in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[:i + 1]
+    return text[:len(text) - partial_tag(text, TOOL_CALL_END)]
+
+
+def _valid_prefix(arguments: str) -> bool:
+    """The arguments are past their opening brace and, so far, a prefix of valid JSON."""
+    from pydantic_core import from_json
+
+    if len(arguments.rstrip()) < 2:
+        return False
+    try:
+        from_json(arguments, allow_partial=True)
+    except ValueError:
+        return False
+    return True
 
 
 def _raw_block(text: str) -> str:

@@ -21,6 +21,7 @@ class ToolCall:
     """A parsed call: the function name and its arguments (a JSON object)."""
     name: str
     arguments: dict[str, Any]
+    raw: str = field(default="", compare=False, repr=False)  # the block's text as written (streaming uses it)
 
     def to_message_call(self) -> dict:
         """The OpenAI shape render_chat takes in an assistant message's tool_calls."""
@@ -38,6 +39,7 @@ class ToolCallError:
     """A <tool_call> block that could not be parsed: its raw text and why."""
     text: str
     message: str
+    raw: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -46,6 +48,12 @@ class ParsedOutput:
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     errors: list[ToolCallError] = field(default_factory=list)
+    parts: list[str | ToolCall | ToolCallError] = field(default_factory=list)  # all of the above, in order
+
+    def add_text(self, text: str) -> None:
+        if text:
+            self.content += text
+            self.parts.append(text)
 
     def to_message(self) -> dict:
         """An assistant message for the chat history (what render_chat takes); like transformers' parser, it has
@@ -77,10 +85,10 @@ def parse_tool_call_json(text: str) -> ToolCall | ToolCallError:
     return ToolCall(data["name"], arguments)
 
 
-def _partial_start(text: str) -> int:
-    """Length of the longest tail of text that is a proper prefix of <tool_call> (it might become one)."""
-    for n in range(min(len(text), len(TOOL_CALL_START) - 1), 0, -1):
-        if TOOL_CALL_START.startswith(text[-n:]):
+def partial_tag(text: str, tag: str = TOOL_CALL_START) -> int:
+    """Length of the longest tail of text that is a proper prefix of tag (it might become one)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0
 
@@ -105,24 +113,33 @@ class ToolCallParser:
                 self._buffer = self._buffer[end + len(TOOL_CALL_END):]
                 self._in_call = False
                 parsed = parse_tool_call_json(block.strip())
+                parsed.raw = block
                 (out.tool_calls if isinstance(parsed, ToolCall) else out.errors).append(parsed)
+                out.parts.append(parsed)
             else:
                 start = self._buffer.find(TOOL_CALL_START)
                 if start < 0:
-                    keep = _partial_start(self._buffer)
-                    out.content += self._buffer[:len(self._buffer) - keep]
+                    keep = partial_tag(self._buffer)
+                    out.add_text(self._buffer[:len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     return out
-                out.content += self._buffer[:start]
+                out.add_text(self._buffer[:start])
                 self._buffer = self._buffer[start + len(TOOL_CALL_START):]
                 self._in_call = True
+
+    @property
+    def open_block(self) -> str | None:
+        """The text of the <tool_call> block being written (without the start tag), or None outside a block."""
+        return self._buffer if self._in_call else None
 
     def finish(self) -> ParsedOutput:
         out = ParsedOutput()
         if self._in_call:
-            out.errors.append(ToolCallError(TOOL_CALL_START + self._buffer, "unterminated <tool_call> block"))
+            out.errors.append(ToolCallError(TOOL_CALL_START + self._buffer, "unterminated <tool_call> block",
+                                            self._buffer))
+            out.parts.append(out.errors[-1])
         else:
-            out.content = self._buffer
+            out.add_text(self._buffer)
         self._buffer, self._in_call = "", False
         return out
 
@@ -137,5 +154,6 @@ def parse_tool_calls(text: str) -> ParsedOutput:
         result.content += part.content
         result.tool_calls += part.tool_calls
         result.errors += part.errors
+        result.parts += part.parts
     result.content = result.content.strip()
     return result

@@ -67,6 +67,33 @@ def test_prefix_reuse_gives_same_output_with_less_prefill(model):
     assert out_b == generate(model, [b], params)[0]
 
 
+def test_chunked_prefill_equals_whole_prompts_and_keeps_streams_flowing(model):
+    """Long prompts prefilled 7 tokens per step (with prefix reuse on, chunks crossing its blocks) give the same
+    greedy tokens; a running request gets a token every step while a long prompt is being read."""
+    prompts = _prompts(5, seed=4) + [_prompts(1, seed=5)[0] * 3]
+    params = SamplingParams(max_new_tokens=12)
+    engine = Engine(model, max_batch=3, max_len=256, prefill_chunk=7, prefix_block=8)
+    got = engine.generate(prompts, params)
+    for prompt, out in zip(prompts, got):
+        assert out == generate(model, [prompt], params)[0]
+    assert engine.stats["prefill_tokens"] + engine.stats["reused_tokens"] == sum(map(len, prompts))
+
+    engine = Engine(model, max_batch=2, max_len=256, prefill_chunk=7, prefix_capacity_blocks=0)
+    running = engine.submit(Request(prompts[0][:5], SamplingParams(max_new_tokens=40)))
+    engine.step()
+    long_prompt = prompts[-1]
+    late = engine.submit(Request(long_prompt, params))
+    steps_to_first_token = None
+    for step in range(1, 40):
+        outputs = {out.request_id: out for out in engine.step()}
+        assert running in outputs  # never stalled by the long prefill
+        if late in outputs and steps_to_first_token is None:
+            steps_to_first_token = step
+    assert steps_to_first_token == -(-len(long_prompt) // 7)  # one chunk per step
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, prefill_chunk=0)
+
+
 def test_cancel_and_stop_sequences(model):
     prompt = _prompts(1, seed=3)[0]
     free = generate(model, [prompt], SamplingParams(max_new_tokens=12))[0]

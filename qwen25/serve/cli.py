@@ -19,6 +19,9 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (engine slots)")
     p.add_argument("--max-len", type=int, help="context per sequence, prompt + output (default min(max pos, 4096))")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step, so running streams keep flowing during a long "
+                        "prompt (0: whole prompts at once)")
     p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: what fits --max-len)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
@@ -59,6 +62,7 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
                           dtype=args.dtype, threads=args.threads, model_name=args.served_model_name,
+                          prefill_chunk=args.prefill_chunk or None,
                           api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

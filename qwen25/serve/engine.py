@@ -2,7 +2,9 @@
 
 Requests join and leave between decode steps. Every request owns one slot (row) of a preallocated KV
 cache with its own length; a decode step runs one token for every running slot at once. Prompt prefixes
-(e.g. a shared system prompt) are reused block by block from an LRU prefix cache. Chat templates, stop
+(e.g. a shared system prompt) are reused block by block from an LRU prefix cache. Long prompts are prefilled
+in chunks of at most `prefill_chunk` tokens per step, so requests already running keep receiving tokens while
+a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill). Chat templates, stop
 strings and HTTP sit above this, in the server.
 """
 
@@ -43,6 +45,7 @@ class StepOutput:
 class _Running:
     def __init__(self, request: Request, slot: int, device):
         self.request, self.slot, self.output = request, slot, []
+        self.prefilled = 0  # prompt tokens in the cache; the request decodes once all are
         self.generator = None
         if request.params.seed is not None and not request.params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
@@ -138,7 +141,11 @@ class Engine:
     """Continuous batching over one model: submit requests, call step() until they finish."""
 
     def __init__(self, model: CausalLM, max_batch: int = 16, max_len: int | None = None,
-                 vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256):
+                 vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256,
+                 prefill_chunk: int | None = 512):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
@@ -180,9 +187,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Admit waiting requests into free slots (prefill), then one decode step for every running one."""
+        """Admit waiting requests into free slots, prefill (at most `prefill_chunk` prompt tokens in all), then one
+        decode step for every running request whose prompt is in the cache."""
         outputs = self._drop_cancelled()
-        logits: dict[int, torch.Tensor] = {}
         free = [s for s in range(self.max_batch) if s not in self.running]
         while self.waiting and free:
             request = self.waiting.popleft()
@@ -192,8 +199,18 @@ class Engine:
                 continue
             slot = free.pop(0)
             self.running[slot] = _Running(request, slot, self.device)
-            logits[slot] = self._prefill(slot, request.prompt)
-        decode = [s for s in self.running if s not in logits]
+            self._reuse_prefix(slot)
+        logits: dict[int, torch.Tensor] = {}
+        budget = self.prefill_chunk
+        for slot, state in list(self.running.items()):  # admission order: the oldest prompt first
+            if state.prefilled < len(state.request.prompt) and (budget is None or budget > 0):
+                n = len(state.request.prompt) - state.prefilled
+                n = n if budget is None else min(n, budget)
+                last = self._prefill(slot, n)
+                budget = None if budget is None else budget - n
+                if last is not None:
+                    logits[slot] = last
+        decode = [s for s, r in self.running.items() if s not in logits and r.prefilled == len(r.request.prompt)]
         if decode:
             logits.update(self._decode(decode))
         for slot, row_logits in logits.items():
@@ -216,22 +233,36 @@ class Engine:
                 outputs.append(StepOutput(state.request.id, None, "cancelled"))
         return outputs
 
-    def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        reused = self.prefix.lookup(prompt[:-1]) if self.prefix else []
-        start = len(reused) * (self.prefix.block if self.prefix else 0)
+    def _reuse_prefix(self, slot: int) -> None:
+        """Copy the longest cached prefix of the slot's prompt (whole blocks, never the last token) into its rows."""
+        state = self.running[slot]
+        reused = self.prefix.lookup(state.request.prompt[:-1]) if self.prefix else []
         for i, (k, v) in enumerate(reused):
             span = slice(i * self.prefix.block, (i + 1) * self.prefix.block)
             self.cache.k[:, slot, :, span], self.cache.v[:, slot, :, span] = k, v
-        ids = torch.tensor([prompt[start:]], device=self.device)
-        positions = torch.arange(start, len(prompt), device=self.device)[None]
+        state.prefilled = len(reused) * (self.prefix.block if self.prefix else 0)
+        self.cache.lengths[slot] = state.prefilled
+        self.stats["reused_tokens"] += state.prefilled
+
+    def _prefill(self, slot: int, n: int) -> torch.Tensor | None:
+        """Run the next n prompt tokens of the slot into its cache; the last position's logits once the whole
+        prompt is in, else None."""
+        state = self.running[slot]
+        prompt, start = state.request.prompt, state.prefilled
+        ids = torch.tensor([prompt[start:start + n]], device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
         out = self.model(ids, position_ids=positions, cache=_PrefillView(self.cache, slot, start), last_only=True)
-        self.cache.lengths[slot] = len(prompt)
+        # A partly prefilled slot's length is where its next chunk starts: the throw-away row a decode step computes
+        # for it writes there, and the next chunk overwrites it.
+        state.prefilled = start + n
+        self.cache.lengths[slot] = state.prefilled
+        self.stats["prefill_tokens"] += n
+        if state.prefilled < len(prompt):
+            return None
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
         if self.prefix:
             self.prefix.insert(prompt, self.cache, slot)
-        self.stats["prefill_tokens"] += len(prompt) - start
-        self.stats["reused_tokens"] += start
         return out[0, -1]
 
     def _decode(self, slots: list[int]) -> dict[int, torch.Tensor]:

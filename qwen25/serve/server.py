@@ -351,7 +351,7 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
 # ---- building and running --------------------------------------------------------------------------------------
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
                  dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
-                 **limits) -> tuple[FastAPI, AsyncEngine]:
+                 prefill_chunk: int | None = 512, **limits) -> tuple[FastAPI, AsyncEngine]:
     """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine."""
     import torch
 
@@ -371,7 +371,8 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
                         "--dtype bf16 --int8 is the fast combination")
         quantize_int8(model, dtype=compute)
-    engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer)), tokenizer)
+    engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
+                                 prefill_chunk=prefill_chunk), tokenizer)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
     return create_app(engine, tokenizer, config), engine

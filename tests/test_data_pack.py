@@ -83,3 +83,27 @@ def test_best_fit_wastes_little_and_splits_only_long_documents():
 def test_rejects_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="pack method"):
         pack_documents([[2]], ["a"], tmp_path / "s", 8, EOS, PAD, VOCAB, method="greedy")
+
+
+@pytest.mark.parametrize("method", ["concat", "best_fit"])
+def test_loss_masks_travel_with_their_tokens(tmp_path, method):
+    """Per-document loss masks land beside exactly their tokens (split documents too); eos is a target."""
+    docs, ids = random_docs(2, 120, 90)
+    rng = random.Random(3)
+    masks = [None if i % 3 == 0 else [rng.randrange(2) for _ in d] for i, d in enumerate(docs)]
+    pack_documents(docs, ids, tmp_path / "s", seq_len=31, eos_id=EOS, pad_id=PAD, vocab_size=VOCAB, method=method,
+                   rows_per_shard=40, loss_masks=masks)
+    shards = check_exactly_once(tmp_path / "s", docs)
+    assert shards.has_loss_mask and shards.index["loss_mask"] is True
+    loss_mask = shards.loss_masks(range(len(shards)))
+    _, segments = read_document_map(tmp_path / "s")
+    rebuilt = [[None] * (len(d) + 1) for d in docs]
+    for row in range(len(shards)):
+        at = 0
+        for _, _, doc, offset, length in segments[segments[:, 0] == row]:
+            rebuilt[doc][offset:offset + length] = loss_mask[row, at:at + length].int().tolist()
+            at += length
+        assert not loss_mask[row, at:].any()  # padding is never a target
+    assert rebuilt == [([1] * len(d) if m is None else m) + [1] for d, m in zip(docs, masks)]
+    with pytest.raises(ValueError, match="loss mask of 2 values"):
+        pack_documents([[5, 6, 7]], ["x"], tmp_path / "bad", 7, EOS, PAD, VOCAB, loss_masks=[[1, 0]])

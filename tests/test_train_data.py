@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from qwen25.config import ModelConfig
-from qwen25.data.shards import ShardWriter, TokenShards
+from qwen25.data.shards import ShardError, ShardWriter, TokenShards
 from qwen25.model import CausalLM
 from qwen25.train.data import ShardBatches, target_mask
-from qwen25.train.loop import TrainConfig, lm_loss, train
-from qwen25.train.packing import document_ids_from_eos
+from qwen25.train.loop import TrainConfig, count_targets, lm_loss, train
+from qwen25.train.packing import document_ids_from_eos, document_mask, document_positions
 
 EOS = 0
 
@@ -105,6 +105,33 @@ def test_padding_is_never_a_target_and_documents_do_not_see_each_other(tmp_path)
         garbage = tokens.clone()
         garbage[docs == -1] = 7  # whatever sits in the padding changes nothing
         assert torch.equal(lm_loss(model, (garbage, docs), None), loss)
+
+
+def test_loss_mask_keeps_context_tokens_out_of_the_loss(tmp_path):
+    """Shards with a loss mask: the batch carries it, and the loss is the mean cross entropy over exactly the
+    marked targets (attention and positions unchanged: masked tokens are still context)."""
+    plain = TokenShards(make_shards(tmp_path / "s", rows=6, pad_every=2))
+    tokens, docs = plain.rows(range(6))
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(tokens.shape, generator=g) < 0.3
+    with ShardWriter(tmp_path / "m", seq_len=plain.seq_len, eos_id=EOS, pad_id=1, vocab_size=plain.vocab_size,
+                     loss_mask=True) as w:
+        for row in range(6):
+            w.add(tokens[row], docs[row], mask[row])
+    batches = ShardBatches(tmp_path / "m", batch_size=6)
+    t, d, m = batches.batch(0)
+    order = batches.row_ids(0)
+    assert torch.equal(t, tokens[order]) and torch.equal(m, mask[order])
+    model = _model(1)
+    with torch.no_grad():
+        loss = lm_loss(model, (t, d, m), None)
+        full = model(t[:, :-1], position_ids=document_positions(d[:, :-1]), mask=document_mask(d[:, :-1]))
+        ce = F.cross_entropy(full.transpose(1, 2), t[:, 1:], reduction="none")
+        keep = (d[:, :-1] >= 0) & (d[:, 1:] >= 0) & m[:, 1:]
+        assert abs(float(loss) - float(ce[keep].mean())) < 1e-5
+        assert count_targets((t, d, m)) == int(keep.sum()) < count_targets((t, d))
+    with pytest.raises(ShardError, match="loss_mask"):
+        ShardWriter(tmp_path / "x", seq_len=4, eos_id=EOS, pad_id=1, vocab_size=9).add([2] * 5, [0] * 5, [1] * 5)
 
 
 def test_training_from_shard_config_learns_and_logs_mfu(tmp_path):

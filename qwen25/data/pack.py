@@ -87,13 +87,27 @@ def pack_best_fit(lengths: Iterable[int], row_len: int, buffer_docs: int = 8192)
 
 def pack_documents(token_lists: Sequence[Sequence[int]], ids: Sequence[str], out_dir: str | Path, seq_len: int,
                    eos_id: int, pad_id: int, vocab_size: int, method: str = "concat", rows_per_shard: int = 4096,
-                   buffer_docs: int = 8192, meta: dict | None = None) -> dict:
+                   buffer_docs: int = 8192, meta: dict | None = None,
+                   loss_masks: Sequence[Sequence[int] | None] | None = None) -> dict:
     """Append eos to each document, pack them (method "concat" or "best_fit") into rows of seq_len + 1 tokens
-    and write a token-shard directory with the document map beside it; returns the packing statistics."""
+    and write a token-shard directory with the document map beside it; returns the packing statistics.
+
+    `loss_masks` (optional, one per document, None for "every token"): 1 for tokens that are training targets,
+    0 for context only (a task's prompt, when only its answer should be learned); the eos is a target. The
+    shards then carry a loss mask (shards.py)."""
     if method not in ("concat", "best_fit"):
         raise ValueError(f"pack method must be 'concat' or 'best_fit', got {method!r}")
     if len(token_lists) != len(ids):
         raise ValueError(f"{len(token_lists)} token lists for {len(ids)} ids")
+    if loss_masks is not None:
+        if len(loss_masks) != len(token_lists):
+            raise ValueError(f"{len(loss_masks)} loss masks for {len(token_lists)} documents")
+        bad = next((i for i, (m, t) in enumerate(zip(loss_masks, token_lists)) if m is not None and len(m) != len(t)),
+                   None)
+        if bad is not None:
+            raise ValueError(f"document {ids[bad]}: loss mask of {len(loss_masks[bad])} values for "
+                             f"{len(token_lists[bad])} tokens")
+        masks = [([1] * len(t) if m is None else list(m)) + [1] for m, t in zip(loss_masks, token_lists)]
     out_dir, row_len = Path(out_dir), seq_len + 1
     docs = [list(t) + [eos_id] for t in token_lists]
     lengths = [len(d) for d in docs]
@@ -101,17 +115,21 @@ def pack_documents(token_lists: Sequence[Sequence[int]], ids: Sequence[str], out
             else pack_best_fit(lengths, row_len, buffer_docs))
     segments = []
     stats = {"method": method, "documents": len(docs), "tokens": sum(lengths), "rows": 0, "padding": 0}
-    writer = ShardWriter(out_dir, seq_len, eos_id, pad_id, vocab_size, rows_per_shard, meta={})
+    writer = ShardWriter(out_dir, seq_len, eos_id, pad_id, vocab_size, rows_per_shard, meta={},
+                         loss_mask=loss_masks is not None)
     for r, row in enumerate(rows):
         tokens = np.full(row_len, pad_id, dtype=np.int64)
         doc_ids = np.full(row_len, -1, dtype=np.int64)
+        mask = np.zeros(row_len, dtype=np.int64) if loss_masks is not None else None
         at = 0
         for local, (doc, offset, length) in enumerate(row.pieces):
             tokens[at:at + length] = docs[doc][offset:offset + length]
             doc_ids[at:at + length] = local
+            if mask is not None:
+                mask[at:at + length] = masks[doc][offset:offset + length]
             segments.append((r, local, doc, offset, length))
             at += length
-        writer.add(tokens, doc_ids)
+        writer.add(tokens, doc_ids, mask)
         stats["rows"] += 1
         stats["padding"] += row_len - at
     slots = stats["rows"] * row_len

@@ -130,6 +130,11 @@ def passkey_document(rng: random.Random, fillers: int) -> str:
     return passkey_text(key, before, fillers - before) + f" {key}."
 
 
+def passkey_answer_start(document: str) -> int:
+    """Where a passkey document's answer (" K.") begins: the loss goes there only (the rest is context)."""
+    return document.rindex(" ")
+
+
 def passkey_documents(n: int, seed: int, min_fillers: int = 1, max_fillers: int = 20) -> list[str]:
     """n passkey documents with between min_fillers and max_fillers filler sentences."""
     rng = random.Random(seed)

@@ -29,7 +29,8 @@ from ..utils import read_jsonl, write_jsonl
 from .corpus import stdlib_documents
 from .runner import RecipeRun
 from .synthetic import (
-    arithmetic_problems, passkey_documents, problem_document, problem_messages, tool_conversations,
+    arithmetic_problems, passkey_answer_start, passkey_documents, problem_document, problem_messages,
+    tool_conversations,
 )
 
 SPAM = ("BUY NOW!!! Best price on {item}, free shipping, limited offer, order today and save {n}% on every "
@@ -41,12 +42,13 @@ MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_at
 CONFIGS = {
     "full": dict(
         seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, tool_train=600,
-        tool_test=40, passkey_docs=3000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
+        tool_test=40, passkey_docs=8000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
         model=MODEL, phase1_len=256, phase2_len=1024,
-        sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
-                                num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
-                   tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
-        phase1=dict(steps=400, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
+        # the sweep brackets the pre-trained model: a quarter of its size and itself ({}), at token budgets up to
+        # a fifth of phase 1's, with learning rates on both sides of the optima
+        sweep=dict(models=[dict(hidden_size=64, intermediate_size=192), {}],
+                   tokens=[150_000, 300_000], lr=[1e-3, 3e-3, 1e-2, 3e-2], batch_size=[8]),
+        phase1=dict(steps=600, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
         sft=dict(epochs=4, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
@@ -183,9 +185,9 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     for name, seq_len, docs in (("shards", cfg["phase1_len"], kept + synthetic),
                                 ("shards_long", cfg["phase2_len"], kept + synthetic + long_passkeys)):
         if not is_packed(out / name):
-            ids = tok.encode_batch([t for _, t in docs], allowed_special="none")
+            ids, masks = tokenize_with_loss_masks(tok, docs)
             pack_documents(ids, [i for i, _ in docs], out / name, seq_len, tok.endoftext_id, tok.endoftext_id,
-                           len(tok), "best_fit", meta={"seq_len": seq_len})
+                           len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks)
         packs[name] = json.loads((out / name / "index.json").read_text())
     drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
     return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
@@ -193,6 +195,18 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
                         "tokens_phase1": packs["shards"]["num_tokens"], "tokens_phase2": packs["shards_long"]["num_tokens"]},
             "outputs": {"shards": out / "shards", "shards_long": out / "shards_long",
                         "stats_png": out / "pipeline" / "stats.png", "stats": out / "pipeline" / "stats.json"}}
+
+
+def tokenize_with_loss_masks(tok, docs: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int] | None]]:
+    """Token ids of (id, text) documents and their loss masks: a passkey document is trained on its answer only
+    (its prompt is context: filler is predictable and would drown the retrieval signal, which a model this small
+    otherwise never picks up); every other document on all of its tokens (mask None)."""
+    cuts = [passkey_answer_start(text) if doc_id.startswith("passkey") else 0 for doc_id, text in docs]
+    heads = tok.encode_batch([text[:cut] for (_, text), cut in zip(docs, cuts)], allowed_special="none")
+    tails = tok.encode_batch([text[cut:] for (_, text), cut in zip(docs, cuts)], allowed_special="none")
+    ids = [head + tail for head, tail in zip(heads, tails)]
+    masks = [[0] * len(head) + [1] * len(tail) if cut else None for head, tail, cut in zip(heads, tails, cuts)]
+    return ids, masks
 
 
 # ---- stage 4-5: scaling-law sweep, pre-training ---------------------------------------------------------------------

@@ -17,7 +17,8 @@ from ..data.shards import TokenShards
 
 
 class ShardBatches:
-    """batch(step) -> (tokens, doc_ids), each (batch_size // world, row_len) int64, for this rank."""
+    """batch(step) -> (tokens, doc_ids), each (batch_size // world, row_len) int64, for this rank; shards with
+    a loss mask give (tokens, doc_ids, loss_mask) with the mask bool."""
 
     def __init__(self, shards: TokenShards | str | Path, batch_size: int, seed: int = 0, rank: int = 0,
                  world: int = 1):
@@ -47,9 +48,11 @@ class ShardBatches:
         n = len(self.shards)
         return [int(self._permutation(i // n)[i % n]) for i in self.global_indices(step)]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, doc_ids) of this rank's rows at `step`; doc_ids is -1 at padding."""
-        return self.shards.rows(self.row_ids(step))
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """(tokens, doc_ids[, loss_mask]) of this rank's rows at `step`; doc_ids is -1 at padding."""
+        rows = self.row_ids(step)
+        tokens, docs = self.shards.rows(rows)
+        return (tokens, docs, self.shards.loss_masks(rows)) if self.shards.has_loss_mask else (tokens, docs)
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -57,9 +60,11 @@ class ShardBatches:
         return self.shards.num_tokens
 
 
-def target_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+def target_mask(doc_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, seq) bool for rows of seq + 1 doc ids: True where position t's next token is a training target.
 
-    A target must be a document token (never padding), predicted from a document token.
+    A target must be a document token (never padding), predicted from a document token, and (with a loss mask)
+    marked as a target.
     """
-    return (doc_ids[:, :-1] >= 0) & (doc_ids[:, 1:] >= 0)
+    mask = (doc_ids[:, :-1] >= 0) & (doc_ids[:, 1:] >= 0)
+    return mask if loss_mask is None else mask & loss_mask[:, 1:].bool()

@@ -128,17 +128,18 @@ def build_optimizer(model: CausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _tokens_and_docs(batch, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tokens, doc_ids or None) from a token tensor (doc ids from eos_id when set) or a (tokens, doc_ids) pair."""
+def _tokens_and_docs(batch, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(tokens, doc_ids or None, loss_mask or None) from a token tensor (doc ids from eos_id when set) or a
+    (tokens, doc_ids[, loss_mask]) tuple."""
     if isinstance(batch, (tuple, list)):
-        return batch[0], batch[1]
-    return batch, (document_ids_from_eos(batch, eos_id) if eos_id is not None else None)
+        return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+    return batch, (document_ids_from_eos(batch, eos_id) if eos_id is not None else None), None
 
 
 def count_targets(batch, eos_id: int | None = None) -> int:
-    """Number of next-token targets in a batch (padding never counts)."""
-    tokens, docs = _tokens_and_docs(batch, eos_id)
-    return int(target_mask(docs).sum()) if docs is not None else tokens[:, 1:].numel()
+    """Number of next-token targets in a batch (padding and loss-masked tokens never count)."""
+    tokens, docs, loss_mask = _tokens_and_docs(batch, eos_id)
+    return int(target_mask(docs, loss_mask).sum()) if docs is not None else tokens[:, 1:].numel()
 
 
 def moe_router_loss(model: torch.nn.Module, batch, eos_id: int | None) -> torch.Tensor:
@@ -146,23 +147,23 @@ def moe_router_loss(model: torch.nn.Module, batch, eos_id: int | None) -> torch.
     router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss), padding left out."""
     from ..model.moe import router_loss  # only models with experts get here
 
-    _, docs = _tokens_and_docs(batch, eos_id)
+    _, docs, _ = _tokens_and_docs(batch, eos_id)
     return router_loss(model, None if docs is None else docs[:, :-1] >= 0)
 
 
 def lm_loss(model: CausalLM, batch, eos_id: int | None) -> torch.Tensor:
     """Mean next-token cross entropy over the targets of a batch (rows of seq + 1 tokens).
 
-    `batch` is a token tensor (document-masked by eos_id when set) or (tokens, doc_ids) from token shards:
-    attention stays inside documents, positions restart per document, and padding (doc id -1) is never a
-    target.
+    `batch` is a token tensor (document-masked by eos_id when set) or (tokens, doc_ids[, loss_mask]) from token
+    shards: attention stays inside documents, positions restart per document, and padding (doc id -1) and
+    tokens the loss mask marks as context are never targets.
     """
-    tokens, docs = _tokens_and_docs(batch, eos_id)
+    tokens, docs, loss_mask = _tokens_and_docs(batch, eos_id)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     positions = mask = None
     if docs is not None:
         positions, mask = document_positions(docs[:, :-1]), document_mask(docs[:, :-1])
-        targets = targets.masked_fill(~target_mask(docs), -100)
+        targets = targets.masked_fill(~target_mask(docs, loss_mask), -100)
     logits = model(inputs, position_ids=positions, mask=mask)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 

@@ -66,16 +66,16 @@ class ProgressiveMix:
         self.long_fraction = Fraction(long_fraction).limit_denominator(1000)
         self.seq_len, self.batch_size, self.world = data.seq_len, data.batch_size, data.world
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (tokens, doc_ids) at `step`, shorter rows cut into independent pieces."""
-        tokens, docs = self.data.batch(step)
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's (tokens, doc_ids[, loss_mask]) at `step`, shorter rows cut into independent pieces."""
+        tokens, docs, *loss_mask = self.data.batch(step)
         docs = docs.clone()
         num, den = self.long_fraction.numerator, self.long_fraction.denominator
         for row, index in enumerate(self.data.global_indices(step)):
             if not is_long_row(index, self.long_fraction):
                 ordinal = index - (num * index) // den  # short rows before this one, in the whole run
                 docs[row] = split_documents(docs[row], self.short_lengths[ordinal % len(self.short_lengths)])
-        return tokens, docs
+        return (tokens, docs, *loss_mask)
 
 
 def phase_configs(raw: dict) -> list[TrainConfig]:

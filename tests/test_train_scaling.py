@@ -84,7 +84,8 @@ def test_tiny_sweep_end_to_end_and_lr_auto_uses_the_fit(tmp_path):
     cfg = resolve_config(TrainConfig(out_dir=str(tmp_path / "auto"), model="tiny", lr="auto", batch_size="auto",
                                      tokens=768, seq_len=16, scaling_fit=str(tmp_path / "sweep" / "fit.json")))
     n = param_count(ModelConfig.from_preset("tiny"), embeddings=False)
-    assert cfg.lr == pytest.approx(predict(fit["lr"], n, 768), rel=1e-12)
+    optima = [p["lr_opt"] for p in fit["points"]]
+    assert cfg.lr == pytest.approx(min(max(predict(fit["lr"], n, 768), min(optima)), max(optima)), rel=1e-12)
     assert cfg.batch_size == max(1, round(predict(fit["batch_tokens"], n, 768) / 16))
     assert cfg.steps == max(1, round(768 / (cfg.batch_size * 16)))
     with pytest.raises(ValueError, match="no scaling_fit"):
@@ -92,3 +93,22 @@ def test_tiny_sweep_end_to_end_and_lr_auto_uses_the_fit(tmp_path):
     with pytest.warns(UserWarning, match=r"extrapolated: D = 51,200 is 100.0x the largest swept"):
         resolve_config(TrainConfig(out_dir=str(tmp_path / "far"), model="tiny", lr="auto", batch_size=4,
                                    tokens=51_200, seq_len=16, scaling_fit=str(tmp_path / "sweep" / "fit.json")))
+
+
+def test_auto_lr_stays_inside_the_measured_optima(tmp_path):
+    """A law that extrapolates to a rate below every measured optimum is clamped to the nearest one, with a
+    warning; inside the range the prediction is used as it is."""
+    n = param_count(ModelConfig.from_preset("tiny"), embeddings=False)
+    points = [{"N": n, "D": d, "lr_opt": lr, "batch_tokens_opt": 64.0, "best_loss": 1.0}
+              for d, lr in ((1000, 1e-2), (2000, 3e-3))]
+    fit = {"lr": {"coef": 1.0, "alpha": 0.0, "beta": -1.0, "rmse_log": 0.0}, "points": points,
+           "batch_tokens": {"coef": 64.0, "alpha": 0.0, "beta": 0.0, "rmse_log": 0.0}}
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+
+    def resolved(tokens):
+        return resolve_config(TrainConfig(out_dir=str(tmp_path / "r"), model="tiny", lr="auto", batch_size=4,
+                                          tokens=tokens, seq_len=16, scaling_fit=str(tmp_path / "fit.json"))).lr
+
+    assert resolved(256) == pytest.approx(1 / 256)  # 1/D = 3.9e-3: inside
+    with pytest.warns(UserWarning, match=r"lr 0.000977 lies outside the measured optima \[0.003, 0.01\]"):
+        assert resolved(1024) == pytest.approx(3e-3)

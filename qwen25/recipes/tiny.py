@@ -44,10 +44,9 @@ CONFIGS = {
         seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, tool_train=600,
         tool_test=40, passkey_docs=8000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
         model=MODEL, phase1_len=256, phase2_len=1024,
-        # the sweep brackets the pre-trained model: a quarter of its size and itself ({}), at token budgets up to
-        # a fifth of phase 1's, with learning rates on both sides of the optima
-        sweep=dict(models=[dict(hidden_size=64, intermediate_size=192), {}],
-                   tokens=[150_000, 300_000], lr=[1e-3, 3e-3, 1e-2, 3e-2], batch_size=[8]),
+        sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
+                                num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
+                   tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
         phase1=dict(steps=600, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
         sft=dict(epochs=4, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),

@@ -159,11 +159,19 @@ def resolve_auto(cfg):
         changes["batch_size"] = max(1, round(tokens_per_step / (cfg.seq_len * cfg.grad_accum)))
     batch = changes.get("batch_size", cfg.batch_size)
     d = cfg.tokens if cfg.tokens is not None else cfg.steps * batch * cfg.seq_len * cfg.grad_accum
+    points = fit.get("points", [])
     if cfg.lr == "auto":
         changes["lr"] = predict(fit["lr"], n, d)
+        optima = [p["lr_opt"] for p in points]
+        if optima and not min(optima) <= changes["lr"] <= max(optima):
+            # A power law through a few noisy optima can extrapolate to rates no sweep run supports (here it
+            # predicted 1e-4 where 3e-3 trains far better): keep the prediction inside the measured optima.
+            clamped = min(max(changes["lr"], min(optima)), max(optima))
+            warnings.warn(f"scaling fit: lr {changes['lr']:.3g} lies outside the measured optima "
+                          f"[{min(optima):.3g}, {max(optima):.3g}]; using {clamped:.3g}")
+            changes["lr"] = clamped
     print(f"scaling fit {cfg.scaling_fit}: N = {n:,}, D = {d:,} -> "
           + ", ".join(f"{k} = {v:.4g}" for k, v in changes.items()))
-    points = fit.get("points", [])
     far = []  # a power law fitted on a few points is least trustworthy far outside them: say so
     for name, value in (("N", n), ("D", d)):
         swept = [p[name] for p in points]

@@ -51,3 +51,14 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
     with pytest.raises(ShardError, match="version 99"):
         TokenShards(tmp_path / "s")
+
+
+def test_a_rejected_row_leaves_no_loss_mask_behind(tmp_path):
+    """A row refused for its token ids adds nothing: the masks stay aligned with the rows written."""
+    with ShardWriter(tmp_path / "s", seq_len=3, eos_id=0, pad_id=0, vocab_size=9, loss_mask=True) as w:
+        w.add([1, 2, 3, 4], [0, 0, 0, 0], [0, 1, 1, 1])
+        with pytest.raises(ShardError, match="token ids"):
+            w.add([1, 2, 3, 99], [0, 0, 0, 0], [1, 1, 1, 1])
+        w.add([5, 6, 7, 8], [0, 0, 0, 0])
+    shards = TokenShards(tmp_path / "s")
+    assert shards.loss_masks([0, 1]).int().tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]

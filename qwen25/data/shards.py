@@ -81,10 +81,11 @@ class ShardWriter:
                 torch.as_tensor(loss_mask).reshape(-1).to(torch.uint8)
             if mask.numel() != self.row_len or int(mask.max()) > 1:
                 raise ShardError(f"a loss mask must hold {self.row_len} values of 0 or 1")
-            self._masks.append(mask)
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
             raise ShardError(f"token ids must lie in [0, {self.vocab_size}), got {int(tokens.min())}.."
                              f"{int(tokens.max())}")
+        if self.loss_mask:  # appended with the row only once the whole row is valid
+            self._masks.append(mask)
         self._tokens.append(tokens)
         self._docs.append(doc_ids)
         if len(self._tokens) == self.rows_per_shard:
@@ -172,13 +173,16 @@ class TokenShards:
             self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]["file"]), "pt")
         return self._handles[shard]
 
+    def _locate(self, i: int):
+        """(open shard file, row within it) of row i."""
+        shard = bisect.bisect_right(self._starts, i) - 1
+        return self._handle(shard), i - self._starts[shard]
+
     def row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row i as (tokens, doc_ids), both int64 of length row_len."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for {len(self)} rows")
-        shard = bisect.bisect_right(self._starts, i) - 1
-        local = i - self._starts[shard]
-        handle = self._handle(shard)
+        handle, local = self._locate(i)
         tokens = handle.get_slice("tokens")[local:local + 1]
         docs = handle.get_slice("doc_ids")[local:local + 1]
         return tokens[0].long(), docs[0].long()
@@ -194,7 +198,6 @@ class TokenShards:
             return torch.ones(len(indices), self.row_len, dtype=torch.bool)
         masks = []
         for i in indices:
-            shard = bisect.bisect_right(self._starts, int(i)) - 1
-            local = int(i) - self._starts[shard]
-            masks.append(self._handle(shard).get_slice("loss_mask")[local:local + 1][0])
+            handle, local = self._locate(int(i))
+            masks.append(handle.get_slice("loss_mask")[local:local + 1][0])
         return torch.stack(masks).bool()

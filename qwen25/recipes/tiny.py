@@ -180,13 +180,14 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     long_fillers = passkey_fillers(cfg["phase2_len"])
     long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(
         passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
-    packs = {}
-    for name, seq_len, docs in (("shards", cfg["phase1_len"], kept + synthetic),
-                                ("shards_long", cfg["phase2_len"], kept + synthetic + long_passkeys)):
+    docs = kept + synthetic + long_passkeys  # phase 1 packs all but the long passkeys: tokenised once for both
+    packs, encoded = {}, None
+    for name, seq_len, n in (("shards", cfg["phase1_len"], len(kept) + len(synthetic)),
+                             ("shards_long", cfg["phase2_len"], len(docs))):
         if not is_packed(out / name):
-            ids, masks = tokenize_with_loss_masks(tok, docs)
-            pack_documents(ids, [i for i, _ in docs], out / name, seq_len, tok.endoftext_id, tok.endoftext_id,
-                           len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks)
+            ids, masks = encoded = encoded or tokenize_with_loss_masks(tok, docs)
+            pack_documents(ids[:n], [i for i, _ in docs[:n]], out / name, seq_len, tok.endoftext_id,
+                           tok.endoftext_id, len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks[:n])
         packs[name] = json.loads((out / name / "index.json").read_text())
     drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
     return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
@@ -258,15 +259,15 @@ def run_pretraining(cfg: dict, model_dir: Path, shards: Path, shards_long: Path,
          **cfg["phase2"]}]}, progress=True)
     losses = {}
     for phase in ("phase1", "phase2"):
-        rows = [json.loads(x) for x in (out / phase / "metrics.jsonl").read_text().splitlines() if x]
-        losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = rows[0]["loss"], rows[-1]["loss"]
+        first, last = _first_last_metrics(out / phase)
+        losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = first["loss"], last["loss"]
     return {"metrics": {"lr_from_fit": p1.lr, **losses},
             "outputs": {"phase1": out / "phase1" / "final", "final": out / "phase2" / "final",
                         "metrics1": out / "phase1" / "metrics.jsonl", "metrics2": out / "phase2" / "metrics.jsonl"}}
 
 
 # ---- stages 6-10: post-training -----------------------------------------------------------------------------------
-def _last_metrics(out: Path) -> tuple[dict, dict]:
+def _first_last_metrics(out: Path) -> tuple[dict, dict]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     return rows[0], rows[-1]
 
@@ -298,7 +299,7 @@ def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> 
     sft = SFTConfig(out_dir=str(out), model=str(base), pad_id=tok.endoftext_id, seed=cfg["seed"], warmup=5,
                     **cfg["sft"])
     train_sft(sft, examples, tokenizer=tok)
-    first, last = _last_metrics(out)
+    first, last = _first_last_metrics(out)
     return {"metrics": {"sft_loss_first": first["loss"], "sft_loss_last": last["loss"]},
             "outputs": {"final": _with_tokenizer(out / "final", tokenizer), "metrics": out / "metrics.jsonl"}}
 
@@ -359,7 +360,7 @@ def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, out: Path) ->
     rm_cfg = RMConfig(out_dir=str(out), model=str(sft_model), pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["rm"])
     _, result = train_reward_model(rm_cfg, train, tokenizer=tok, eval_examples=held or None)
     metrics = {"rm_heldout_acc": result["eval/accuracy"]} if "eval/accuracy" in result else {}
-    first, last = _last_metrics(out)
+    first, last = _first_last_metrics(out)
     return {"metrics": {"rm_loss_first": first["loss"], "rm_loss_last": last["loss"], **metrics},
             "outputs": {"final": _with_tokenizer(out / "final", sft_model)}}
 
@@ -377,7 +378,7 @@ def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out:
                     merge_weight=1e-4, merge_keep=0.5,  # a tiny model over tens of steps (docs/recipe.md)
                     pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["dpo"])
     train_dpo(dpo, train, tokenizer=tok, eval_examples=held or None)
-    first, last = _last_metrics(out)
+    first, last = _first_last_metrics(out)
     metrics = {f"dpo_{k.split('/')[-1]}_last": last[k] for k in ("rewards/margins", "rewards/accuracies") if k in last}
     return {"metrics": {"dpo_loss_first": first["loss"], "dpo_loss_last": last["loss"], **metrics},
             "outputs": {"final": _with_tokenizer(out / "final", sft_model), "metrics": out / "metrics.jsonl"}}

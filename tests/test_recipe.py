@@ -60,6 +60,12 @@ def test_data_stages_remove_what_was_planted(fast_run):
     leaks = [i for i in _dropped(run, "decontaminate") if i.startswith("leak/")]
     assert sorted(leaks) == sorted(f"leak/{i}" for i in range(cfg["leaks"]))
     assert _metrics(run, "data")["tokens_phase2"] > _metrics(run, "data")["tokens_phase1"]
+    # phase 2a's retrieval set: passkey documents only, trained on their answers only
+    from qwen25.data.shards import TokenShards
+
+    retrieval = TokenShards(run / "stages/data/shards_retrieval")
+    masks = retrieval.loss_masks(range(len(retrieval)))
+    assert retrieval.has_loss_mask and 0 < int(masks.sum()) < 0.2 * masks.numel()
 
 
 def test_each_training_stage_moves_its_metric(fast_run):
@@ -82,6 +88,8 @@ def test_each_training_stage_moves_its_metric(fast_run):
     assert _metrics(run, "serve")["serve_ok"] == 1
     cfg = json.loads((run / "stages/pretrain/phase2/final/config.json").read_text())
     assert cfg["rope_theta"] == 1_000_000 and cfg["max_position_embeddings"] >= recipe_config(fast=True)["phase2_len"]
+    cfg2a = json.loads((run / "stages/pretrain/phase2a/final/config.json").read_text())
+    assert cfg2a["rope_theta"] == 1_000_000 and cfg2a["max_position_embeddings"] >= recipe_config(fast=True)["phase1_len"]
 
 
 def test_rerun_skips_every_finished_stage(fast_run):

@@ -9,6 +9,7 @@ from .runner import RecipeRun, metrics_table, stage_table, timing_table
 
 EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call_valid", "tool_call_correct"]
 CURVES = [("pretrain", "phase1/metrics.jsonl", "loss", "pre-training phase 1"),
+          ("pretrain", "phase2a/metrics.jsonl", "loss", "pre-training phase 2a (ABF, passkey answers only)"),
           ("pretrain", "phase2/metrics.jsonl", "loss", "pre-training phase 2 (4x context, ABF)"),
           ("sft", "metrics.jsonl", "loss", "SFT loss"), ("rm", "metrics.jsonl", "loss", "reward model loss"),
           ("dpo", "metrics.jsonl", "rewards/margins", "DPO reward margin"),
@@ -31,8 +32,12 @@ def plot_curves(run_dir: Path, path: Path) -> Path | None:
     panels = [(t, pts) for t, pts in panels if pts]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (title, pts) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, pts) in zip(axes.flat, panels):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)

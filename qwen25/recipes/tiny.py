@@ -6,7 +6,8 @@ Stages (each the library's real code at small size; each resumable, see runner.p
   tokenizer   a byte-level BPE vocabulary trained on the corpus, with Qwen's 22 control tokens
   data        quality scoring -> dedup -> domains -> decontamination -> mixture -> packing (qwen25.data)
   scaling     a small hyper-parameter sweep and the power-law fit; pre-training uses `lr: auto`
-  pretrain    phase 1 at a short context (RoPE base 10K), phase 2 at 4x with the base raised to 1M (ABF)
+  pretrain    phase 1 at a short context (RoPE base 10K); phase 2 raises the base to 1M (ABF): 2a at the same
+              length on passkey retrieval, then 4x the context on long documents
   sft         chat SFT on arithmetic solutions and tool-call conversations (assistant tokens only)
   rejection   k samples per training question, verified by the math checker -> SFT data and DPO pairs
   rm          a reward model on the verified pairs (Bradley-Terry)
@@ -47,7 +48,8 @@ CONFIGS = {
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
-        phase1=dict(steps=600, batch_size=16), phase2=dict(steps=60, batch_size=4, lr=1e-3),
+        phase1=dict(steps=600, batch_size=16), phase2a=dict(steps=250, batch_size=32, lr=1e-3),
+        phase2=dict(steps=60, batch_size=4, lr=1e-3), retrieval_docs=12000,
         sft=dict(epochs=4, batch_size=8, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
@@ -61,7 +63,8 @@ CONFIGS = {
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[4_000, 8_000], lr=[3e-3, 3e-2], batch_size=[8]),
-        phase1=dict(steps=30, batch_size=8), phase2=dict(steps=6, batch_size=2, lr=1e-3),
+        phase1=dict(steps=30, batch_size=8), phase2a=dict(steps=4, batch_size=8, lr=1e-3),
+        phase2=dict(steps=6, batch_size=2, lr=1e-3), retrieval_docs=64,
         sft=dict(epochs=1, batch_size=4, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=16, samples_per_prompt=2),
         rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
@@ -180,20 +183,28 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     long_fillers = passkey_fillers(cfg["phase2_len"])
     long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(
         passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
-    docs = kept + synthetic + long_passkeys  # phase 1 packs all but the long passkeys: tokenised once for both
+    retrieval = [(f"passkey-retrieval/{i}", t) for i, t in enumerate(
+        passkey_documents(cfg["retrieval_docs"], cfg["seed"] + 7, 0, passkey_fillers(cfg["phase1_len"])))]
+    # phase 1 packs the kept and synthetic documents, phase 2 adds the long passkeys, phase 2a's retrieval set is
+    # passkey documents only; everything is tokenised once
+    docs = kept + synthetic + long_passkeys + retrieval
+    n1, n2 = len(kept) + len(synthetic), len(kept) + len(synthetic) + len(long_passkeys)
     packs, encoded = {}, None
-    for name, seq_len, n in (("shards", cfg["phase1_len"], len(kept) + len(synthetic)),
-                             ("shards_long", cfg["phase2_len"], len(docs))):
+    for name, seq_len, part in (("shards", cfg["phase1_len"], slice(0, n1)),
+                                ("shards_long", cfg["phase2_len"], slice(0, n2)),
+                                ("shards_retrieval", cfg["phase1_len"], slice(n2, len(docs)))):
         if not is_packed(out / name):
             ids, masks = encoded = encoded or tokenize_with_loss_masks(tok, docs)
-            pack_documents(ids[:n], [i for i, _ in docs[:n]], out / name, seq_len, tok.endoftext_id,
-                           tok.endoftext_id, len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks[:n])
+            pack_documents(ids[part], [i for i, _ in docs[part]], out / name, seq_len, tok.endoftext_id,
+                           tok.endoftext_id, len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks[part])
         packs[name] = json.loads((out / name / "index.json").read_text())
     drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
     return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
                         "mixture_out_minus_in": -drops.get("mixture", 0), "docs_kept": len(kept),
-                        "tokens_phase1": packs["shards"]["num_tokens"], "tokens_phase2": packs["shards_long"]["num_tokens"]},
+                        "tokens_phase1": packs["shards"]["num_tokens"], "tokens_phase2": packs["shards_long"]["num_tokens"],
+                        "tokens_retrieval": packs["shards_retrieval"]["num_tokens"]},
             "outputs": {"shards": out / "shards", "shards_long": out / "shards_long",
+                        "shards_retrieval": out / "shards_retrieval",
                         "stats_png": out / "pipeline" / "stats.png", "stats": out / "pipeline" / "stats.json"}}
 
 
@@ -242,23 +253,27 @@ def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
             "outputs": {"fit": out / "fit.json", "plot": out / "fit.png"}}
 
 
-def run_pretraining(cfg: dict, model_dir: Path, shards: Path, shards_long: Path, fit: Path, out: Path) -> dict:
-    """Phase 1 at phase1_len (base 10K, lr from the fit), phase 2 at phase2_len with the base raised to 1M."""
+def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path) -> dict:
+    """Phase 1 at phase1_len (base 10K, lr from the fit); phase 2 raises the base to 1M (ABF) in two progressive
+    stages: 2a at phase 1's length on passkey documents (retrieval re-learnt under the new base where rows are
+    cheap: a model this small loses it entirely when the base changes), 2 at phase2_len on long documents."""
     from ..train.loop import TrainConfig, resolve_config
     from ..train.phases import run_phases
 
     p1 = resolve_config(TrainConfig.from_dict({
-        "out_dir": str(out / "phase1"), "model": str(model_dir), "data": str(shards), "seq_len": cfg["phase1_len"],
-        "lr": "auto", "scaling_fit": str(fit), **cfg["phase1"]}))
+        "out_dir": str(out / "phase1"), "model": str(model_dir), "data": str(data["shards"]),
+        "seq_len": cfg["phase1_len"], "lr": "auto", "scaling_fit": str(fit), **cfg["phase1"]}))
     common = {"out_dir": str(out), "model": str(model_dir), "dtype": "fp32", "warmup": 10, "seed": cfg["seed"],
               "save_every": 50, "keep_last": 2, "tensorboard": False}
     run_phases({**common, "phases": [
-        {"name": "phase1", "seq_len": cfg["phase1_len"], "rope_theta": 10_000, "data": str(shards), "lr": p1.lr,
-         **cfg["phase1"]},
-        {"name": "phase2", "seq_len": cfg["phase2_len"], "rope_theta": 1_000_000, "data": str(shards_long),
+        {"name": "phase1", "seq_len": cfg["phase1_len"], "rope_theta": 10_000, "data": str(data["shards"]),
+         "lr": p1.lr, **cfg["phase1"]},
+        {"name": "phase2a", "seq_len": cfg["phase1_len"], "rope_theta": 1_000_000,
+         "data": str(data["shards_retrieval"]), **cfg["phase2a"]},
+        {"name": "phase2", "seq_len": cfg["phase2_len"], "rope_theta": 1_000_000, "data": str(data["shards_long"]),
          **cfg["phase2"]}]}, progress=True)
     losses = {}
-    for phase in ("phase1", "phase2"):
+    for phase in ("phase1", "phase2a", "phase2"):
         first, last = _first_last_metrics(out / phase)
         losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = first["loss"], last["loss"]
     return {"metrics": {"lr_from_fit": p1.lr, **losses},
@@ -448,8 +463,7 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     data = run.stage("data", lambda d: run_data_pipeline(cfg, corpus, tok, d))
     model_dir = write_model_dir(cfg, tok, root / "model")
     scaling = run.stage("scaling", lambda d: run_scaling(cfg, model_dir, Path(data.outputs["shards"]), d))
-    pre = run.stage("pretrain", lambda d: run_pretraining(cfg, model_dir, Path(data.outputs["shards"]),
-                                                          Path(data.outputs["shards_long"]),
+    pre = run.stage("pretrain", lambda d: run_pretraining(cfg, model_dir, {k: Path(v) for k, v in data.outputs.items()},
                                                           Path(scaling.outputs["fit"]), d))
     for phase in ("phase1", "final"):
         _with_tokenizer(Path(pre.outputs[phase]), tok)

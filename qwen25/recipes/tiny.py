@@ -48,9 +48,9 @@ CONFIGS = {
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
-        phase1=dict(steps=600, batch_size=16), phase2a=dict(steps=250, batch_size=32, lr=1e-3),
+        phase1=dict(steps=600, batch_size=16), phase2a=dict(steps=300, batch_size=32, lr=1e-3),
         phase2=dict(steps=60, batch_size=4, lr=1e-3), retrieval_docs=12000,
-        sft=dict(epochs=4, batch_size=8, lr=1e-3, seq_len=1024),
+        sft=dict(epochs=4, batch_size=16, lr=1e-3, seq_len=512),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
         grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
@@ -185,9 +185,11 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
         passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
     retrieval = [(f"passkey-retrieval/{i}", t) for i, t in enumerate(
         passkey_documents(cfg["retrieval_docs"], cfg["seed"] + 7, 0, passkey_fillers(cfg["phase1_len"])))]
-    # phase 1 packs the kept and synthetic documents, phase 2 adds the long passkeys, phase 2a's retrieval set is
-    # passkey documents only; everything is tokenised once
-    docs = kept + synthetic + long_passkeys + retrieval
+    # phase 1 packs the kept and synthetic documents, phase 2 adds the long passkeys; phase 2a's retrieval set is
+    # new passkey documents plus the kept and arithmetic documents once more (replay: without it phase 2a forgets
+    # the language, next-token loss ~3.2 -> ~4.7). Everything is tokenised once.
+    replay = kept + [d for d in synthetic if not d[0].startswith("passkey")]
+    docs = kept + synthetic + long_passkeys + retrieval + replay
     n1, n2 = len(kept) + len(synthetic), len(kept) + len(synthetic) + len(long_passkeys)
     packs, encoded = {}, None
     for name, seq_len, part in (("shards", cfg["phase1_len"], slice(0, n1)),
@@ -277,7 +279,8 @@ def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path
         first, last = _first_last_metrics(out / phase)
         losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = first["loss"], last["loss"]
     return {"metrics": {"lr_from_fit": p1.lr, **losses},
-            "outputs": {"phase1": out / "phase1" / "final", "final": out / "phase2" / "final",
+            "outputs": {"phase1": out / "phase1" / "final", "phase2a": out / "phase2a" / "final",
+                        "final": out / "phase2" / "final",
                         "metrics1": out / "phase1" / "metrics.jsonl", "metrics2": out / "phase2" / "metrics.jsonl"}}
 
 
@@ -465,7 +468,7 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     scaling = run.stage("scaling", lambda d: run_scaling(cfg, model_dir, Path(data.outputs["shards"]), d))
     pre = run.stage("pretrain", lambda d: run_pretraining(cfg, model_dir, {k: Path(v) for k, v in data.outputs.items()},
                                                           Path(scaling.outputs["fit"]), d))
-    for phase in ("phase1", "final"):
+    for phase in ("phase1", "phase2a", "final"):
         _with_tokenizer(Path(pre.outputs[phase]), tok)
 
     held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
@@ -484,6 +487,8 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
 
     evaluation("phase1", Path(pre.outputs["phase1"]), plain=True, chat=False,
                passkey=dict(passkey, variants={"rope": None}))
+    evaluation("phase2a", Path(pre.outputs["phase2a"]), plain=True, chat=False,
+               passkey=dict(passkey, multiples=cfg["passkey"]["multiples"][:2], variants={"rope": None}))
     evaluation("pretrain", Path(pre.outputs["final"]), plain=True, chat=True, passkey=passkey)
     sft = run.stage("sft", lambda d: run_sft(cfg, Path(pre.outputs["final"]), corpus, tok, d))
     evaluation("sft", Path(sft.outputs["final"]))

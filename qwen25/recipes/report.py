@@ -9,7 +9,7 @@ from .runner import RecipeRun, metrics_table, stage_table, timing_table
 
 EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call_valid", "tool_call_correct"]
 CURVES = [("pretrain", "phase1/metrics.jsonl", "loss", "pre-training phase 1"),
-          ("pretrain", "phase2a/metrics.jsonl", "loss", "pre-training phase 2a (ABF, passkey answers only)"),
+          ("pretrain", "phase2a/metrics.jsonl", "loss", "pre-training phase 2a (ABF at 1x: passkeys + replay)"),
           ("pretrain", "phase2/metrics.jsonl", "loss", "pre-training phase 2 (4x context, ABF)"),
           ("sft", "metrics.jsonl", "loss", "SFT loss"), ("rm", "metrics.jsonl", "loss", "reward model loss"),
           ("dpo", "metrics.jsonl", "rewards/margins", "DPO reward margin"),

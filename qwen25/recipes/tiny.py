@@ -187,18 +187,19 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
         passkey_documents(cfg["retrieval_docs"], cfg["seed"] + 7, 0, passkey_fillers(cfg["phase1_len"])))]
     # phase 1 packs the kept and synthetic documents, phase 2 adds the long passkeys; phase 2a's retrieval set is
     # new passkey documents plus the kept and arithmetic documents once more (replay: without it phase 2a forgets
-    # the language, next-token loss ~3.2 -> ~4.7). Everything is tokenised once.
-    replay = kept + [d for d in synthetic if not d[0].startswith("passkey")]
-    docs = kept + synthetic + long_passkeys + retrieval + replay
+    # the language, next-token loss ~3.2 -> ~4.7). Every document is tokenised once; a set is a list of indices.
+    docs = kept + synthetic + long_passkeys + retrieval
     n1, n2 = len(kept) + len(synthetic), len(kept) + len(synthetic) + len(long_passkeys)
+    replay = [i for i in range(n1) if not docs[i][0].startswith("passkey")]
     packs, encoded = {}, None
-    for name, seq_len, part in (("shards", cfg["phase1_len"], slice(0, n1)),
-                                ("shards_long", cfg["phase2_len"], slice(0, n2)),
-                                ("shards_retrieval", cfg["phase1_len"], slice(n2, len(docs)))):
+    for name, seq_len, part in (("shards", cfg["phase1_len"], range(n1)),
+                                ("shards_long", cfg["phase2_len"], range(n2)),
+                                ("shards_retrieval", cfg["phase1_len"], [*range(n2, len(docs)), *replay])):
         if not is_packed(out / name):
             ids, masks = encoded = encoded or tokenize_with_loss_masks(tok, docs)
-            pack_documents(ids[part], [i for i, _ in docs[part]], out / name, seq_len, tok.endoftext_id,
-                           tok.endoftext_id, len(tok), "best_fit", meta={"seq_len": seq_len}, loss_masks=masks[part])
+            pack_documents([ids[i] for i in part], [docs[i][0] for i in part], out / name, seq_len,
+                           tok.endoftext_id, tok.endoftext_id, len(tok), "best_fit", meta={"seq_len": seq_len},
+                           loss_masks=[masks[i] for i in part])
         packs[name] = json.loads((out / name / "index.json").read_text())
     drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
     return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
@@ -257,8 +258,9 @@ def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
 
 def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path) -> dict:
     """Phase 1 at phase1_len (base 10K, lr from the fit); phase 2 raises the base to 1M (ABF) in two progressive
-    stages: 2a at phase 1's length on passkey documents (retrieval re-learnt under the new base where rows are
-    cheap: a model this small loses it entirely when the base changes), 2 at phase2_len on long documents."""
+    stages: 2a at phase 1's length on passkey documents with the other text replayed (retrieval re-learnt under the
+    new base where rows are cheap: a model this small loses it entirely when the base changes), 2 at phase2_len on
+    long documents."""
     from ..train.loop import TrainConfig, resolve_config
     from ..train.phases import run_phases
 
@@ -281,7 +283,8 @@ def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path
     return {"metrics": {"lr_from_fit": p1.lr, **losses},
             "outputs": {"phase1": out / "phase1" / "final", "phase2a": out / "phase2a" / "final",
                         "final": out / "phase2" / "final",
-                        "metrics1": out / "phase1" / "metrics.jsonl", "metrics2": out / "phase2" / "metrics.jsonl"}}
+                        "metrics1": out / "phase1" / "metrics.jsonl", "metrics2a": out / "phase2a" / "metrics.jsonl",
+                        "metrics2": out / "phase2" / "metrics.jsonl"}}
 
 
 # ---- stages 6-10: post-training -----------------------------------------------------------------------------------

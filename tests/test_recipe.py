@@ -110,3 +110,22 @@ def test_rerun_skips_every_finished_stage(fast_run):
         runner.RecipeRun.__init__ = original
     assert log and all("skipped" in line for line in log)
     assert again.read_text().split("## Time per stage")[0] == before.split("## Time per stage")[0]
+
+
+def test_passkey_prompts_leave_room_for_the_answer(fast_run):
+    """At k x the phase-1 context, prompt + the longest answer fit in k x context (the answer's positions trained)."""
+    from qwen25.evals.passkey import FILLER, MAX_PASSKEY, passkey_sample
+    from qwen25.recipes.evaluate import ANSWER_ROOM
+    from qwen25.tokenizer import Tokenizer
+
+    run, _ = fast_run
+    tok = Tokenizer.from_dir(run / "stages/tokenizer")
+    longest_answer = max(len(tok.encode(f" {key}.")) for key in (1, 10_000, 49_999, MAX_PASSKEY))
+    assert longest_answer <= ANSWER_ROOM
+    per_filler = len(tok.encode(" " + FILLER))
+    cfg = recipe_config(fast=True)
+    for k in cfg["passkey"]["multiples"]:
+        for depth in (0.0, 0.5, 1.0):
+            prompt = passkey_sample(tok, k * cfg["phase1_len"] - ANSWER_ROOM, depth, MAX_PASSKEY).ids
+            assert k * cfg["phase1_len"] - ANSWER_ROOM - per_filler < len(prompt)  # filled to within one filler
+            assert len(prompt) + longest_answer <= k * cfg["phase1_len"]

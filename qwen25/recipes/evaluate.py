@@ -47,11 +47,16 @@ def tool_call_scores(lm: ModelLM, conversations: list[dict], max_new_tokens: int
     return {"tool_call_valid": valid / len(conversations), "tool_call_correct": correct / len(conversations)}
 
 
+ANSWER_ROOM = 8  # tokens: the answer " K." is at most 7 (a space, five digits, a full stop)
+
+
 def passkey_scores(model, tokenizer, base_len: int, multiples: list[int], variants: dict[str, dict],
                    out_dir: Path, trials: int = 2) -> dict:
-    """Passkey accuracy at base_len x each multiple, for each inference variant (config changes); heat maps."""
+    """Passkey accuracy at base_len x each multiple, for each inference variant (config changes); heat maps.
+    A prompt at k x base_len has k * base_len - ANSWER_ROOM tokens: prompt and answer fit in the context (at 1x,
+    a prompt of the full context would put the answer past every position phase 1 trained)."""
     metrics = {}
-    lengths = [base_len * m for m in multiples]
+    lengths = [base_len * m - ANSWER_ROOM for m in multiples]
     for name, changes in variants.items():
         variant = model
         if changes:

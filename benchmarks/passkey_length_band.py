@@ -1,0 +1,111 @@
+"""Is passkey retrieval learnt per prompt length? A side experiment on the tiny recipe's own model and vocabulary.
+
+Starting from phase 1's weights of a `qwen25 recipe tiny` run (RoPE base raised to 1M, as phase 2a does), train on
+passkey prompts of --min-len..--max-len tokens alone (loss on the answer only), then measure retrieval at lengths
+inside and outside that band, at every depth, with plain RoPE and with DCA:
+
+    python benchmarks/passkey_length_band.py --run runs/recipe-tiny [--steps 1200] [--batch 16] [--lr 2e-3]
+
+docs/recipe.md records a run: 8 of 8 at every depth inside the band, much less just outside it (shorter prompts
+included, although every key-question distance there was trained). Prints one table row per length and a JSON
+line last."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_line  # noqa: E402
+
+from qwen25.evals.passkey import MAX_PASSKEY, evaluate_passkey, passkey_sample  # noqa: E402
+from qwen25.model import load_model  # noqa: E402
+from qwen25.tokenizer import Tokenizer  # noqa: E402
+
+DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+
+
+def batch(tok, rng: random.Random, size: int, min_len: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded passkey prompts + answers of min_len..max_len tokens; targets on the answer tokens only."""
+    rows, spans = [], []
+    for _ in range(size):
+        key = rng.randint(1, MAX_PASSKEY)
+        answer = tok.encode(f" {key}.")
+        sample = passkey_sample(tok, rng.randint(min_len, max_len - len(answer)), rng.random(), key)
+        rows.append(sample.ids + answer)
+        spans.append((len(sample.ids), len(sample.ids) + len(answer)))
+    ids = torch.zeros(size, max(map(len, rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    targets = torch.full((size, ids.shape[1] - 1), -100)
+    for i, (a, b) in enumerate(spans):
+        targets[i, a - 1:b - 1] = ids[i, a:b]
+    return ids[:, :-1], targets
+
+
+def per_depth(model, tok, length: int, trials: int) -> list[int]:
+    model.eval()
+    with torch.inference_mode():
+        results = evaluate_passkey(model, tok, [length], DEPTHS, trials=trials, seed=2, batch_size=8)
+    return [sum(r.correct for r in results if r.depth == d) for d in DEPTHS]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a `qwen25 recipe tiny` run folder (phase 1 must be finished)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-len", type=int, default=150)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--lengths", default="120,160,200,230,256,1024")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run = Path(args.run)
+    tok = Tokenizer.from_dir(run / "stages" / "tokenizer")
+    phase1 = load_model(run / "stages" / "pretrain" / "phase1" / "final", dtype="fp32")
+    model = type(phase1)(phase1.config.replace(rope_theta=1_000_000.0))  # ABF, as phase 2a
+    model.load_state_dict(phase1.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng, start, losses = random.Random(0), time.time(), []
+    for step in range(args.steps):
+        for group in opt.param_groups:  # warm-up 20 steps, cosine to 10%
+            group["lr"] = args.lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+        x, y = batch(tok, rng, args.batch, args.min_len, args.max_len)
+        model.train()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}: answer loss {sum(losses[-50:]) / len(losses[-50:]):.3f} ({time.time() - start:.0f} s)",
+                  flush=True)
+    dca = {"dual_chunk_attention_config": {"chunk_size": args.max_len * 3 // 4, "local_size": args.max_len // 8,
+                                           "original_max_position_embeddings": args.max_len}}
+    with_dca = type(model)(model.config.replace(**dca))
+    with_dca.load_state_dict(model.state_dict())
+    print(f"trained on prompts of {args.min_len}..{args.max_len} tokens; keys right of {args.trials} at depths {DEPTHS}")
+    table = {}
+    for length in map(int, args.lengths.split(",")):
+        table[length] = {"rope": per_depth(model, tok, length, args.trials)}
+        if length > args.max_len:
+            table[length]["dca"] = per_depth(with_dca, tok, length, args.trials)
+        print(f"{length:>6} tokens: " + "  ".join(f"{k} {v}" for k, v in table[length].items()), flush=True)
+    print(result_line("passkey_length_band", final_answer_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4),
+                      band=[args.min_len, args.max_len], depths=DEPTHS, per_depth=table))
+
+
+if __name__ == "__main__":
+    main()

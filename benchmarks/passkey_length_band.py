@@ -24,30 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
+from passkey_extrapolation import training_batch  # noqa: E402
 
-from qwen25.evals.passkey import MAX_PASSKEY, evaluate_passkey, passkey_sample  # noqa: E402
+from qwen25.evals.passkey import evaluate_passkey  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 
 DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
-
-
-def batch(tok, rng: random.Random, size: int, min_len: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded passkey prompts + answers of min_len..max_len tokens; targets on the answer tokens only."""
-    rows, spans = [], []
-    for _ in range(size):
-        key = rng.randint(1, MAX_PASSKEY)
-        answer = tok.encode(f" {key}.")
-        sample = passkey_sample(tok, rng.randint(min_len, max_len - len(answer)), rng.random(), key)
-        rows.append(sample.ids + answer)
-        spans.append((len(sample.ids), len(sample.ids) + len(answer)))
-    ids = torch.zeros(size, max(map(len, rows)), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-    targets = torch.full((size, ids.shape[1] - 1), -100)
-    for i, (a, b) in enumerate(spans):
-        targets[i, a - 1:b - 1] = ids[i, a:b]
-    return ids[:, :-1], targets
 
 
 def per_depth(model, tok, length: int, trials: int) -> list[int]:
@@ -81,7 +64,7 @@ def main() -> None:
     for step in range(args.steps):
         for group in opt.param_groups:  # warm-up 20 steps, cosine to 10%
             group["lr"] = args.lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
-        x, y = batch(tok, rng, args.batch, args.min_len, args.max_len)
+        x, y = training_batch(tok, rng, args.batch, args.max_len, args.min_len)  # answer tokens only
         model.train()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad()

@@ -189,7 +189,8 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     # new passkey documents plus the kept and arithmetic documents once more (replay: without it phase 2a forgets
     # the language, next-token loss ~3.2 -> ~4.7). Every document is tokenised once; a set is a list of indices.
     docs = kept + synthetic + long_passkeys + retrieval
-    n1, n2 = len(kept) + len(synthetic), len(kept) + len(synthetic) + len(long_passkeys)
+    n1 = len(kept) + len(synthetic)
+    n2 = n1 + len(long_passkeys)
     replay = [i for i in range(n1) if not docs[i][0].startswith("passkey")]
     packs, encoded = {}, None
     for name, seq_len, part in (("shards", cfg["phase1_len"], range(n1)),

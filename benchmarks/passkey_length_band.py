@@ -7,8 +7,15 @@ inside and outside that band, at every depth, with plain RoPE and with DCA:
     python benchmarks/passkey_length_band.py --run runs/recipe-tiny [--steps 1200] [--batch 16] [--lr 2e-3]
 
 docs/recipe.md records a run: 8 of 8 at every depth inside the band, much less just outside it (shorter prompts
-included, although every key-question distance there was trained). Prints one table row per length and a JSON
-line last."""
+included, although every key-question distance there was trained).
+
+`--spread` trains on the whole range instead: every step draws a length log-uniformly in --min-len..--max-len
+and fills --tokens tokens with prompts of 80-100% of it (so short steps hold many prompts, long ones few):
+
+    python benchmarks/passkey_length_band.py --run runs/recipe-tiny --spread --min-len 80 --max-len 1024 \
+        --steps 2000 --lengths 120,248,512,1016,4088
+
+Prints one table row per length (DCA beside plain RoPE above --max-len) and a JSON line last."""
 
 from __future__ import annotations
 
@@ -51,6 +58,10 @@ def main() -> None:
     p.add_argument("--lengths", default="120,160,200,230,256,1024")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--spread", action="store_true", help="lengths log-uniform over the band, --tokens per step")
+    p.add_argument("--tokens", type=int, default=4096, help="prompt tokens per step with --spread")
+    p.add_argument("--dca-chunk", type=int, help="DCA chunk size (default 3/4 of --max-len)")
+    p.add_argument("--dca-local", type=int, help="DCA local window (default 1/8 of --max-len)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,7 +75,11 @@ def main() -> None:
     for step in range(args.steps):
         for group in opt.param_groups:  # warm-up 20 steps, cosine to 10%
             group["lr"] = args.lr * min(1, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
-        x, y = training_batch(tok, rng, args.batch, args.max_len, args.min_len)  # answer tokens only
+        if args.spread:
+            top = int(math.exp(rng.uniform(math.log(args.min_len), math.log(args.max_len))))
+            x, y = training_batch(tok, rng, max(1, args.tokens // top), top, int(0.8 * top))
+        else:
+            x, y = training_batch(tok, rng, args.batch, args.max_len, args.min_len)  # answer tokens only
         model.train()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad()
@@ -75,11 +90,13 @@ def main() -> None:
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             print(f"step {step + 1}: answer loss {sum(losses[-50:]) / len(losses[-50:]):.3f} ({time.time() - start:.0f} s)",
                   flush=True)
-    dca = {"dual_chunk_attention_config": {"chunk_size": args.max_len * 3 // 4, "local_size": args.max_len // 8,
+    dca = {"dual_chunk_attention_config": {"chunk_size": args.dca_chunk or args.max_len * 3 // 4,
+                                           "local_size": args.dca_local or args.max_len // 8,
                                            "original_max_position_embeddings": args.max_len}}
     with_dca = type(model)(model.config.replace(**dca))
     with_dca.load_state_dict(model.state_dict())
-    print(f"trained on prompts of {args.min_len}..{args.max_len} tokens; keys right of {args.trials} at depths {DEPTHS}")
+    how = f"log-uniform, {args.tokens} tokens a step" if args.spread else f"{args.batch} a step"
+    print(f"trained on prompts of {args.min_len}..{args.max_len} tokens ({how}); keys right of {args.trials} at depths {DEPTHS}")
     table = {}
     for length in map(int, args.lengths.split(",")):
         table[length] = {"rope": per_depth(model, tok, length, args.trials)}
@@ -87,7 +104,8 @@ def main() -> None:
             table[length]["dca"] = per_depth(with_dca, tok, length, args.trials)
         print(f"{length:>6} tokens: " + "  ".join(f"{k} {v}" for k, v in table[length].items()), flush=True)
     print(result_line("passkey_length_band", final_answer_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4),
-                      band=[args.min_len, args.max_len], depths=DEPTHS, per_depth=table))
+                      band=[args.min_len, args.max_len], spread=args.spread,
+                      dca=dca["dual_chunk_attention_config"], depths=DEPTHS, per_depth=table))
 
 
 if __name__ == "__main__":

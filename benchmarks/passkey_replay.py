@@ -6,7 +6,7 @@ reruns that stage from a run's phase-1 weights with the recipe's own trainer, va
 and the step layout, then measures held-out bits per byte and passkey retrieval at every depth:
 
     python benchmarks/passkey_replay.py --run runs/recipe-tiny --replay 1.0     # the recipe's mix
-    python benchmarks/passkey_replay.py --run runs/recipe-tiny --replay 0.15    # ~4% of the tokens text
+    python benchmarks/passkey_replay.py --run runs/recipe-tiny --replay 0.15    # ~5% of the tokens text
 
 `--replay` is the share of the kept + arithmetic documents replayed beside --docs passkey documents (the
 recipe's are 12,000 of 80-240 tokens). `--steps/--batch/--lr` lay out the training (the recipe: 1,200 x 8 at
@@ -52,13 +52,21 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lengths", default="120,248,504")
     p.add_argument("--trials", type=int, default=4)
-    p.add_argument("--out", help="working folder (default: a temporary one)")
+    p.add_argument("--out", help="working folder to keep (default: a temporary one, removed at the end)")
     args = p.parse_args()
+    if args.out:
+        experiment(args, Path(args.out))
+    else:
+        with tempfile.TemporaryDirectory(prefix="passkey_replay-") as tmp:
+            experiment(args, Path(tmp))
+
+
+def experiment(args: argparse.Namespace, out: Path) -> None:
+    """Pack the passkey + replay documents, train phase 2a from phase 1, measure; files go under `out`."""
     torch.set_num_threads(2)
     run = Path(args.run)
     stages = run / "stages"
     tok = Tokenizer.from_dir(stages / "tokenizer")
-    out = Path(args.out or tempfile.mkdtemp(prefix="passkey_replay-"))
 
     mixture = sorted((stages / "data" / "pipeline" / "stages").glob("*_mixture"))[-1]
     text = [(d.id, d.text) for d in SafeJsonlReader(str(mixture), glob_pattern="*.jsonl.gz")()]

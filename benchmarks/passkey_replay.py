@@ -27,18 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
+from passkey_length_band import DEPTHS, per_depth  # noqa: E402
 
 from qwen25.data.pack import pack_documents  # noqa: E402
 from qwen25.data.steps import SafeJsonlReader  # noqa: E402
-from qwen25.evals.passkey import evaluate_passkey  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
 from qwen25.recipes.evaluate import evaluate_stage  # noqa: E402
 from qwen25.recipes.synthetic import passkey_documents  # noqa: E402
 from qwen25.recipes.tiny import passkey_fillers, tokenize_with_loss_masks  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 from qwen25.train.loop import TrainConfig, train  # noqa: E402
-
-DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 
 
 def main() -> None:
@@ -97,16 +95,13 @@ def experiment(args: argparse.Namespace, out: Path) -> None:
     tok.save(final)
     heldout = [json.loads(line) for line in (stages / "corpus" / "heldout.jsonl").open()]
     bpb = evaluate_stage(final, {"heldout": heldout}, out / "eval", chat=False)["heldout_bits_per_byte"]
-    model = load_model(final, dtype="fp32").eval()
+    model = load_model(final, dtype="fp32")
     print(f"{args.steps} steps of {args.batch} x {args.seq_len} at lr {args.lr} in {seconds:.0f} s; held-out "
           f"{bpb:.3f} bits per byte; keys right of {args.trials} at depths {DEPTHS}")
     table = {}
-    with torch.inference_mode():
-        for length in map(int, args.lengths.split(",")):
-            results = evaluate_passkey(model, tok, [length], DEPTHS, trials=args.trials, seed=2, batch_size=8)
-            table[length] = [sum(r.correct for r in results if r.depth == d) for d in DEPTHS]
-            print(f"{length:>6} tokens: {table[length]}  {sum(table[length])} of {args.trials * len(DEPTHS)}",
-                  flush=True)
+    for length in map(int, args.lengths.split(",")):
+        table[length] = per_depth(model, tok, length, args.trials)
+        print(f"{length:>6} tokens: {table[length]}  {sum(table[length])} of {args.trials * len(DEPTHS)}", flush=True)
     print(result_line("passkey_replay", replay=args.replay, replay_share=round(share, 3), steps=args.steps,
                       batch=args.batch, lr=args.lr, train_s=round(seconds),
                       heldout_bits_per_byte=round(bpb, 4), depths=DEPTHS, per_depth=table))

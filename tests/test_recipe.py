@@ -39,6 +39,12 @@ def test_report_has_every_section_and_plot(fast_run):
         assert png in text
     assert "| total |" in text
     assert "Model: dense" in text
+    # every passkey prompt's result is kept beside the heat map, and the metric is their accuracy
+    rows = [json.loads(x) for x in (run / "stages/eval_pretrain/passkey_dca.jsonl").read_text().splitlines()]
+    base = min(r["length"] for r in rows)
+    at_1x = [r["correct"] for r in rows if r["length"] == base]
+    assert {"length", "depth", "passkey", "output", "correct"} <= set(rows[0])
+    assert _metrics(run, "eval_pretrain")["passkey_1x_dca"] == sum(at_1x) / len(at_1x)
 
 
 def test_moe_variant_runs_every_stage(tmp_path):

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from ..evals.harness import ModelLM, run_task
-from ..evals.passkey import evaluate_passkey, plot_heatmap
+from ..evals.passkey import evaluate_passkey, plot_heatmap, results_json
 from ..evals.task import make_task
 from ..model import load_model
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import encode_chat
 from ..tokenizer.tool_calls import parse_tool_calls
+from ..utils import write_jsonl
 
 PLAIN_TEMPLATE = "Question: {question}\nSolution:"
 
@@ -52,7 +53,8 @@ ANSWER_ROOM = 8  # tokens: the answer " K." is at most 7 (a space, five digits, 
 
 def passkey_scores(model, tokenizer, base_len: int, multiples: list[int], variants: dict[str, dict],
                    out_dir: Path, trials: int = 2) -> dict:
-    """Passkey accuracy at base_len x each multiple, for each inference variant (config changes); heat maps.
+    """Passkey accuracy at base_len x each multiple, for each inference variant (config changes); per variant a heat
+    map (passkey_NAME.png) and every prompt's result (passkey_NAME.jsonl: length, depth, key, output, correct).
     A prompt at k x base_len has k * base_len - ANSWER_ROOM tokens: prompt and answer fit in the context (at 1x,
     a prompt of the full context would put the answer past every position phase 1 trained)."""
     metrics = {}
@@ -70,6 +72,7 @@ def passkey_scores(model, tokenizer, base_len: int, multiples: list[int], varian
             cell = [r for r in results if r.length == n]
             metrics[f"passkey_{m}x_{name}"] = sum(r.correct for r in cell) / len(cell)
         plot_heatmap(results, out_dir / f"passkey_{name}.png", title=f"passkey, {name}")
+        write_jsonl(out_dir / f"passkey_{name}.jsonl", results_json(results))
     return metrics
 
 

@@ -122,7 +122,10 @@ def main() -> None:
     tok = Tokenizer.from_dir(stages / "tokenizer")
     text = "\n".join(json.loads(line)["text"] for line in (stages / "corpus" / "heldout.jsonl").open())
     tokens = tok.encode(text)
-    passages = [tokens[1000 + 40 * i:1040 + 40 * i] for i in range(args.passages)]
+    if len(tokens) < 40 * args.passages:
+        raise SystemExit(f"the held-out set has {len(tokens)} tokens, fewer than {args.passages} passages of 40")
+    start = min(1000, len(tokens) - 40 * args.passages)  # past the files' opening lines when there is room
+    passages = [tokens[start + 40 * i:start + 40 * (i + 1)] for i in range(args.passages)]
     filler = tok.encode(" " + FILLER)
     gaps, lengths = [int(g) for g in args.gaps.split(",")], [int(n) for n in args.lengths.split(",")]
 

@@ -33,7 +33,13 @@ from qwen25.model import load_model  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 
 STAGES = {"phase1": "pretrain/phase1/final", "phase2a": "pretrain/phase2a/final", "pretrain": "pretrain/phase2/final"}
-DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # the recipe's passkey depths
+KEY = 31415  # the key of the attention probe
+
+
+def is_digit(tok, token: int) -> bool:
+    """Whether a token is (one or more) digits, spaces aside."""
+    return tok.decode([token]).strip().isdigit()
 
 
 def induction(model, passages: list[list[int]], filler: list[int], gaps: list[int]) -> dict:
@@ -59,7 +65,7 @@ def answer_accuracy(model, tok, length: int, trials: int) -> tuple[float, float]
     samples = passkey_samples(tok, [length], DEPTHS, trials=trials, seed=2)
     for s in samples:
         answer = tok.encode(f" {s.passkey}")
-        digits = [i for i, t in enumerate(answer) if tok.decode([t]).strip().isdigit()]
+        digits = [i for i, t in enumerate(answer) if is_digit(tok, t)]
         ids = torch.tensor([s.ids + answer])
         with torch.inference_mode():
             pred = model(ids)[0, len(s.ids) - 1:-1].argmax(-1).tolist()
@@ -79,11 +85,11 @@ def attention_on_key(path: Path, tok, lengths: list[int]) -> dict:
     out = {}
     for length in lengths:
         for depth in (0.0, 1.0):
-            s = passkey_sample(tok, length, depth, 31415)
-            answer = tok.encode(" 31415")
+            s = passkey_sample(tok, length, depth, KEY)
+            answer = tok.encode(f" {KEY}")
             lead = [t for t in answer if not tok.decode([t]).strip()][:1]  # the space before the digits, if any
             ids = s.ids + lead
-            digit_pos = [i for i, t in enumerate(ids) if tok.decode([t]).strip().isdigit()]
+            digit_pos = [i for i, t in enumerate(ids) if is_digit(tok, t)]
             with torch.inference_mode():
                 attn = hf(torch.tensor([ids]), output_attentions=True).attentions
             out[(length, depth)] = [round(a[0, :, -1, digit_pos].sum(-1).max().item(), 2) for a in attn]

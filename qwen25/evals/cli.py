@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..utils import parse_sets
+from ..utils import parse_sets, write_jsonl
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -44,7 +43,7 @@ def cmd_eval_passkey(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "passkey.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results_json(results)))
+        write_jsonl(out / "passkey.jsonl", results_json(results))
         (out / "passkey.md").write_text(table + "\n")
         plot_heatmap(results, out / "passkey.png", title=f"Passkey retrieval: {Path(args.model).name}")
         print(f"wrote {out / 'passkey.jsonl'}, {out / 'passkey.md'} and {out / 'passkey.png'}")

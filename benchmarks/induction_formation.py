@@ -48,7 +48,8 @@ def periods(spec: str) -> tuple[int, int]:
     return lo, hi
 
 
-def rows(n: int, length: int, vocab: int, period: tuple[int, int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def rows(n: int, length: int, vocab: int, period: tuple[int, int],
+         g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n rows of a random pattern repeated to `length` tokens, and the mask of the positions whose next token is a
     repeat (predictable by copying)."""
     x = torch.empty(n, length, dtype=torch.long)
@@ -68,7 +69,9 @@ def copy_accuracy(model, x: torch.Tensor, target: torch.Tensor) -> float:
     return (pred == x[:, 1:])[target].float().mean().item()
 
 
-def train_one(shape: str, period: tuple[int, int], steps: int, lr: float, eval_every: int, seed: int) -> dict:
+def train_one(shape: str, label: str, period: tuple[int, int], steps: int, lr: float, eval_every: int,
+              seed: int) -> dict:
+    """Train a fresh model on one kind of row; copy accuracy on held-out rows every `eval_every` steps."""
     fields, vocab, length, batch = SHAPES[shape]
     torch.manual_seed(seed)
     model = CausalLM(ModelConfig(vocab_size=vocab, max_position_embeddings=length, **fields))
@@ -89,7 +92,7 @@ def train_one(shape: str, period: tuple[int, int], steps: int, lr: float, eval_e
         opt.step()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve[step + 1] = copy_accuracy(model, *held_out)
-            print(f"  period {period[0]}-{period[1]} step {step + 1}: loss {loss.item():.3f}, copy accuracy "
+            print(f"  period {label} step {step + 1}: loss {loss.item():.3f}, copy accuracy "
                   f"{curve[step + 1]:.3f} ({time.time() - start:.0f} s)", flush=True)
     return curve
 
@@ -111,7 +114,8 @@ def main() -> None:
     fields, vocab, length, batch = SHAPES[args.shape]
     print(f"{args.shape} shape: {fields['num_hidden_layers']} layers, hidden {fields['hidden_size']}, vocabulary "
           f"{vocab}, {batch} rows of {length} tokens a step, lr {args.lr}; chance is {1 / vocab:.4f}")
-    curves = {s: train_one(args.shape, b, args.steps, args.lr, args.eval_every, args.seed) for s, b in zip(specs, bounds)}
+    curves = {s: train_one(args.shape, s, b, args.steps, args.lr, args.eval_every, args.seed)
+              for s, b in zip(specs, bounds)}
     print("\n| step | " + " | ".join(f"period {s}" for s in specs) + " |")
     print("|---|" + "---|" * len(specs))
     for step in curves[specs[0]]:

@@ -40,6 +40,11 @@ from qwen25.tokenizer import Tokenizer  # noqa: E402
 DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 
 
+def recent_mean(losses: list[float], n: int = 50) -> float:
+    """Mean of the last n losses (the answer loss reported while training and at the end)."""
+    return sum(losses[-n:]) / len(losses[-n:])
+
+
 def per_depth(model, tok, length: int, trials: int) -> list[int]:
     model.eval()
     with torch.inference_mode():
@@ -88,7 +93,7 @@ def main() -> None:
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            print(f"step {step + 1}: answer loss {sum(losses[-50:]) / len(losses[-50:]):.3f} ({time.time() - start:.0f} s)",
+            print(f"step {step + 1}: answer loss {recent_mean(losses):.3f} ({time.time() - start:.0f} s)",
                   flush=True)
     dca = {"dual_chunk_attention_config": {"chunk_size": args.dca_chunk or args.max_len * 3 // 4,
                                            "local_size": args.dca_local or args.max_len // 8,
@@ -103,7 +108,7 @@ def main() -> None:
         if length > args.max_len:
             table[length]["dca"] = per_depth(with_dca, tok, length, args.trials)
         print(f"{length:>6} tokens: " + "  ".join(f"{k} {v}" for k, v in table[length].items()), flush=True)
-    print(result_line("passkey_length_band", final_answer_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    print(result_line("passkey_length_band", final_answer_loss=round(recent_mean(losses), 4),
                       band=[args.min_len, args.max_len], spread=args.spread,
                       dca=dca["dual_chunk_attention_config"], depths=DEPTHS, per_depth=table))
 

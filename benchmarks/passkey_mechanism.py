@@ -19,7 +19,6 @@ Prints tables and a JSON line last; with --plot PNG, the induction curves. docs/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from common import result_line  # noqa: E402
 from qwen25.evals.passkey import FILLER, passkey_sample, passkey_samples  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
+from qwen25.utils import read_jsonl  # noqa: E402
 
 STAGES = {"phase1": "pretrain/phase1/final", "phase2a": "pretrain/phase2a/final", "pretrain": "pretrain/phase2/final"}
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # the recipe's passkey depths
@@ -126,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(2)
     stages = Path(args.run) / "stages"
     tok = Tokenizer.from_dir(stages / "tokenizer")
-    text = "\n".join(json.loads(line)["text"] for line in (stages / "corpus" / "heldout.jsonl").open())
+    text = "\n".join(d["text"] for d in read_jsonl(stages / "corpus" / "heldout.jsonl"))
     tokens = tok.encode(text)
     if len(tokens) < 40 * args.passages:
         raise SystemExit(f"the held-out set has {len(tokens)} tokens, fewer than {args.passages} passages of 40")

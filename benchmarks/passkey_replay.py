@@ -16,7 +16,6 @@ prompt length and a JSON line last."""
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -30,13 +29,13 @@ from common import result_line  # noqa: E402
 from passkey_length_band import DEPTHS, per_depth  # noqa: E402
 
 from qwen25.data.pack import pack_documents  # noqa: E402
-from qwen25.data.steps import SafeJsonlReader  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
 from qwen25.recipes.evaluate import evaluate_stage  # noqa: E402
 from qwen25.recipes.synthetic import passkey_documents  # noqa: E402
-from qwen25.recipes.tiny import passkey_fillers, tokenize_with_loss_masks  # noqa: E402
+from qwen25.recipes.tiny import kept_documents, passkey_fillers, tokenize_with_loss_masks  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 from qwen25.train.loop import TrainConfig, train  # noqa: E402
+from qwen25.utils import read_jsonl  # noqa: E402
 
 
 def main() -> None:
@@ -66,9 +65,8 @@ def experiment(args: argparse.Namespace, out: Path) -> None:
     stages = run / "stages"
     tok = Tokenizer.from_dir(stages / "tokenizer")
 
-    mixture = sorted((stages / "data" / "pipeline" / "stages").glob("*_mixture"))[-1]
-    text = [(d.id, d.text) for d in SafeJsonlReader(str(mixture), glob_pattern="*.jsonl.gz")()]
-    text += [(d["id"], d["text"]) for d in map(json.loads, (stages / "corpus" / "synthetic.jsonl").open())
+    text = kept_documents(stages / "data" / "pipeline")
+    text += [(d["id"], d["text"]) for d in read_jsonl(stages / "corpus" / "synthetic.jsonl")
              if d["id"].startswith("arith")]
     random.Random(5).shuffle(text)
     replay = text[:round(args.replay * len(text))]
@@ -93,7 +91,7 @@ def experiment(args: argparse.Namespace, out: Path) -> None:
     seconds = time.time() - start
     final = out / "train" / "final"
     tok.save(final)
-    heldout = [json.loads(line) for line in (stages / "corpus" / "heldout.jsonl").open()]
+    heldout = read_jsonl(stages / "corpus" / "heldout.jsonl")
     bpb = evaluate_stage(final, {"heldout": heldout}, out / "eval", chat=False)["heldout_bits_per_byte"]
     model = load_model(final, dtype="fp32")
     print(f"{args.steps} steps of {args.batch} x {args.seq_len} at lr {args.lr} in {seconds:.0f} s; held-out "

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qwen25.recipes.tiny import recipe_config, run_recipe
+from qwen25.utils import read_jsonl
 
 
 def _dropped(run: Path, step: str) -> list[str]:
@@ -40,7 +41,7 @@ def test_report_has_every_section_and_plot(fast_run):
     assert "| total |" in text
     assert "Model: dense" in text
     # every passkey prompt's result is kept beside the heat map, and the metric is their accuracy
-    rows = [json.loads(x) for x in (run / "stages/eval_pretrain/passkey_dca.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "stages/eval_pretrain/passkey_dca.jsonl")
     base = min(r["length"] for r in rows)
     at_1x = [r["correct"] for r in rows if r["length"] == base]
     assert {"length", "depth", "passkey", "output", "correct"} <= set(rows[0])

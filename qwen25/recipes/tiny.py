@@ -154,12 +154,20 @@ def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
             "outputs": {"tokenizer": out}}
 
 
+def kept_documents(pipeline: Path) -> list[tuple[str, str]]:
+    """(id, text) of the documents the data pipeline kept: the output of its last stage (the mixture) under
+    `pipeline` (the pipeline's output folder)."""
+    from ..data.steps import SafeJsonlReader
+
+    stage = sorted((pipeline / "stages").glob("*_mixture"))[-1]
+    return [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
+
+
 def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> dict:
     """The data pipeline on the corpus, then packing: the kept documents plus the synthetic task data, in rows of
     phase 1's length and (with longer passkey documents) of phase 2's."""
     from ..data.pack import is_packed, pack_documents
     from ..data.pipeline import DataPipeline
-    from ..data.steps import SafeJsonlReader
     from ..tokenizer import Tokenizer
 
     config = {
@@ -178,8 +186,7 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
         ]}
     stats = DataPipeline(config).run()
     tok = Tokenizer.from_dir(tokenizer)
-    stage = sorted((out / "pipeline" / "stages").glob("*_mixture"))[-1]
-    kept = [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
+    kept = kept_documents(out / "pipeline")
     synthetic = [(d["id"], d["text"]) for d in read_jsonl(corpus / "synthetic.jsonl")]
     long_fillers = passkey_fillers(cfg["phase2_len"])
     long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(

@@ -1,6 +1,7 @@
 """Decode and prefill speed at the Qwen2.5-0.5B shape: qwen25 vs transformers, same weights, same process.
 
     python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32] [--no-int8]
+        [--no-kernels]
 
 Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens.
 Prints tokens/s for both, the ratio, achieved weight-read GB/s as a share of the measured memory bandwidth,
@@ -22,6 +23,7 @@ from common import read_bandwidth, result_line  # noqa: E402
 from qwen25.config import ModelConfig, param_count  # noqa: E402
 from qwen25.generation import SamplingParams, stream_generate  # noqa: E402
 from qwen25.model import CausalLM  # noqa: E402
+from qwen25.serve.cpu_kernels import use_cpu_kernels  # noqa: E402
 
 
 def run_ours(model, prompt, new_tokens):
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure weight-only int8 (after the bf16 run)")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="qwen25 with its compiled AVX-512 decode kernels where the CPU has them (serve's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -91,6 +95,11 @@ def main():
         ours.eval()
         hf = Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
         hf.load_state_dict(ours.state_dict(), strict=False)
+        ours.fuse_projections()  # q/k/v and gate/up as one matmul each, as qwen25 serve does
+        swapped = use_cpu_kernels(ours) if args.kernels else 0  # AVX-512 matrix-vector kernels for decode
+        if dtype == torch.bfloat16:
+            print(f"[{name}] qwen25 uses " + (f"the compiled CPU kernels in {swapped} linear layers" if swapped
+                                             else "torch's kernels only"))
         run_ours(ours, prompt[:16], 4)  # warm-up
         run_transformers(hf, prompt[:16], 4)
         o_prefill, o_decode = run_ours(ours, prompt, args.new)

@@ -42,13 +42,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.qkv_proj = None
+
+    def fuse_projections(self):
+        """Replace q/k/v_proj by one qkv_proj (inference: one matmul reads all three; names leave the HF layout)."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        fused = nn.Linear(self.q_proj.in_features, sum(p.out_features for p in parts), bias=True,
+                          device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
 
     def forward(self, x, rope, mask, cache: KVCache | None, start: int):
         """rope: (cos, sin) tables, or DualChunkRope past the first chunk (keys at j mod c, queries rotated thrice)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:  # fused for inference (fuse_projections)
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                              self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         dual_chunk = isinstance(rope, DualChunkRope)
         cos, sin = rope.key if dual_chunk else rope
         k = apply_rope(k, cos, sin)  # keys are cached after RoPE
@@ -72,8 +90,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = None
+
+    def fuse_projections(self):
+        """Replace gate/up_proj by one gate_up_proj (inference: one matmul; names leave the HF layout)."""
+        w = self.gate_proj.weight
+        fused = nn.Linear(w.shape[1], 2 * w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([w, self.up_proj.weight]))
+        fused.requires_grad_(False)
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -146,6 +178,15 @@ class CausalLM(nn.Module):
         if self.dual_chunk is not None and dual_chunk_needed(self.dual_chunk, position_ids):
             return dual_chunk_rope(self.dual_chunk, inv_freq, factor, position_ids, cache)
         return rope_cos_sin(inv_freq, position_ids, factor)
+
+    def fuse_projections(self) -> "CausalLM":
+        """For inference: q/k/v and gate/up projections become one matmul each (as vLLM does). Logits are
+        unchanged; the state dict's names leave the HF layout, so fuse a copy that is not saved or trained."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.qkv_proj is None or \
+                    isinstance(module, MLP) and module.gate_up_proj is None:
+                module.fuse_projections()
+        return self
 
     def init_weights(self, seed: int | None = None):
         """Random initialisation as in HF: normal(0, initializer_range) matrices, zero biases, unit norms."""

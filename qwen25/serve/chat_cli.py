@@ -120,15 +120,13 @@ def cmd_chat(args) -> int:
 
     from ..model import load_model
     from ..tokenizer import Tokenizer
+    from .cpu_kernels import prepare_for_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.from_dir(args.model)
     model = load_model(args.model, dtype=args.dtype)
-    if args.int8:
-        from .quant import quantize_int8
-
-        quantize_int8(model, dtype=model.model.embed_tokens.weight.dtype)
+    prepare_for_decode(model, int8=args.int8, kernels=args.kernels)
     params = SamplingParams.from_checkpoint(
         args.model, eos_token_ids=model.config.eos_token_ids, do_sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -52,6 +52,8 @@ def _model_flags(p) -> None:
     p.add_argument("--int8", action="store_true", help="weight-only int8 quantization of the linear layers")
     p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
 
 
 def _cmd_serve(args) -> int:
@@ -61,7 +63,8 @@ def _cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
-                          dtype=args.dtype, threads=args.threads, model_name=args.served_model_name,
+                          dtype=args.dtype, threads=args.threads, kernels=args.kernels,
+                          model_name=args.served_model_name,
                           prefill_chunk=args.prefill_chunk or None,
                           api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)

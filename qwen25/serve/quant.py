@@ -1,8 +1,9 @@
 """Weight-only int8 quantization for decoding: per-output-channel symmetric scales.
 
 Decoding one token reads every weight once, so it is bound by memory traffic; int8 weights halve it
-compared with bf16. The matmul uses torch's packed int8-weight kernel (`aten._weight_int8pack_mm`,
-the kernel gpt-fast uses), which dequantizes on the fly.
+compared with bf16. A few bf16 rows (decode) take the compiled kernel of cpu_kernels.py where the CPU has
+AVX-512; otherwise the matmul uses torch's packed int8-weight kernel (`aten._weight_int8pack_mm`, the kernel
+gpt-fast uses), which dequantizes on the fly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_kernels
+
+DEQUANT_ROWS = 32  # from this many activation rows on, dequantized weights + dense matmul beat the int8 kernel
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,14 +34,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        # fp32 copies for the compiled kernel (it applies scale and bias before its one rounding to bf16)
+        self.register_buffer("scales_f32", scales.float(), persistent=False)
+        self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
+                             persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.use_kernel(x):
+            return cpu_kernels.linear_int8(x, self.weight_int8, self.scales_f32, self.bias_f32)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous()
-        if x2.device.type == "cpu":
+        # torch 2.13's int8 kernel returns garbage or crashes on AVX-512 when K is not a multiple of 16 (K=200)
+        if x2.device.type == "cpu" and x2.shape[0] < DEQUANT_ROWS and self.in_features % 32 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
-        else:  # other backends: dequantize (correct everywhere, fast where the fused kernel exists)
+        else:  # prefill, other backends: dequantize and use the dense matmul (4x faster for 128 rows on CPU)
             out = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales
         if self.bias is not None:
             out = out + self.bias
@@ -48,8 +60,9 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: t
 
     Embeddings stay as they are (a lookup reads one row per token). A tied lm_head gets its own int8 copy.
     """
+    kinds = (nn.Linear, cpu_kernels.DecodeLinear)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not any(name.startswith(s) for s in skip)]
+               if isinstance(module, kinds) and not any(name.startswith(s) for s in skip)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

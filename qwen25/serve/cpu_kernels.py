@@ -1,0 +1,181 @@
+"""Fast matrix-vector products for CPU decoding (AVX-512), compiled on first use; torch's kernels otherwise.
+
+A decode step multiplies one activation row per running request by every weight matrix, so it is bound by
+memory bandwidth. torch's bf16 `linear` streams the 0.5B model's weights at ~18 GB/s on this project's CPU
+and its int8-weight kernel at ~15 GB/s; `cpu_kernels.c` reads them at ~30 GB/s (benchmarks/decode.py).
+
+The C source is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a per-user cache
+(`$XDG_CACHE_HOME/qwen25` or `~/.cache/qwen25`), keyed by the source, the flags and the CPU's feature flags,
+and loaded with ctypes. Without an x86 CPU with AVX-512, without a compiler, or with `QWEN25_CPU_KERNELS=0`,
+`available()` is False and every caller keeps torch's kernels. Only inference uses them (no autograd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 2  # more activation rows than this (prefill, batches): torch's matmuls are as fast or faster
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen25"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with the reason logged) where they cannot be used here."""
+    if os.environ.get("QWEN25_CPU_KERNELS", "1") == "0":
+        return None
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        log.info("cpu kernels: no AVX-512 on this CPU; using torch's kernels")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.warning("cpu kernels: no C compiler found (set CC); using torch's kernels")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + " ".join(sorted(flags)).encode())
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("cpu kernels: compiling %s failed; using torch's kernels:\n%s", SOURCE, proc.stderr[-2000:])
+                return None
+            os.replace(built, target)  # atomic: a concurrent process sees the old file or the whole new one
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.qwen25_linear_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.qwen25_linear_bf16.restype = lib.qwen25_linear_int8.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used on this machine."""
+    return _library() is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _check(x: torch.Tensor, k: int):
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
+        raise ValueError(f"cpu kernels take bf16 CPU activations with {k} features; got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for bf16 x (..., K) and weight (N, K); bias fp32 or None."""
+    _check(x, weight.shape[1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    _library().qwen25_linear_bf16(_ptr(weight), _ptr(x2), _ptr(bias), _ptr(out), x2.shape[0], weight.shape[0],
+                                  weight.shape[1], torch.get_num_threads())
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + (x @ qweight.T) * scale for bf16 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias."""
+    _check(x, qweight.shape[1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+    _library().qwen25_linear_int8(_ptr(qweight), _ptr(scale), _ptr(x2), _ptr(bias), _ptr(out), x2.shape[0],
+                                  qweight.shape[0], qweight.shape[1], torch.get_num_threads())
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def use_kernel(x: torch.Tensor) -> bool:
+    """Whether a call with activations x should take the compiled kernel (few bf16 rows, CPU, no autograd)."""
+    return (x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
+            and not x.requires_grad and available())
+
+
+class DecodeLinear(nn.Module):
+    """An inference-only nn.Linear (bf16 weight) that takes the compiled kernel for a few rows, F.linear else."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        # the same Parameter objects: a tied lm_head stays the embedding's tensor
+        weight = linear.weight if linear.weight.is_contiguous() else nn.Parameter(linear.weight.detach().contiguous())
+        self.weight = weight.requires_grad_(False)
+        self.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
+        self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
+                             persistent=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernel(x):
+            return linear_bf16(x, self.weight, self.bias_f32)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear; returns how many were swapped.
+
+    Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
+    grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
+    pick the int8 kernel by themselves.
+    """
+    if not available():
+        return 0
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear
+               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, DecodeLinear(linear))
+    return len(targets)
+
+
+def prepare_for_decode(model: nn.Module, *, int8: bool = False, kernels: bool = True) -> str:
+    """What `qwen25 serve` and `qwen25 chat` do to a loaded model; returns a line for the log.
+
+    Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
+    (computing in the model's dtype), and swaps in the compiled kernels where available (bf16).
+    """
+    from .quant import quantize_int8
+
+    compute = next(model.parameters()).dtype
+    model.fuse_projections()
+    if int8:
+        if compute == torch.float32:
+            log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
+                        "--dtype bf16 --int8 is the fast combination")
+        quantize_int8(model, dtype=compute)
+    swapped = use_cpu_kernels(model) if kernels else 0
+    uses = "compiled AVX-512 kernels for decode" if available() and kernels and (swapped or int8) and \
+        compute == torch.bfloat16 else "torch's kernels"
+    return f"{compute}{' int8 weights' if int8 else ''}, fused projections, {uses}"

@@ -1,0 +1,139 @@
+"""The compiled AVX-512 decode kernels against exact fp32 references, and the fused projections of the model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qwen25.config import ModelConfig
+from qwen25.generation import SamplingParams, generate
+from qwen25.model import CausalLM, KVCache
+from qwen25.serve import cpu_kernels
+from qwen25.serve.quant import DEQUANT_ROWS, Int8Linear, quantize_int8
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 CPU or no C compiler here")
+# Shapes with tails: K not a multiple of the 32/16-wide vectors, N not a multiple of the 4-row blocks.
+SHAPES = [(1, 37, 896), (2, 1152, 200), (1, 9, 33), (2, 5, 4864), (1, 1, 1), (1, 130, 64)]
+
+
+def assert_rounded_from(out: torch.Tensor, exact: torch.Tensor):
+    """out (bf16) is exact (fp32) rounded to bf16, up to one bf16 unit (fp32 sums in another order)."""
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-30)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - exact).abs() <= ulp + 1e-6).all(), (out.float() - exact).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_bf16_kernel_is_the_exact_product_rounded(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    exact = x.double() @ w.double().T + bias.double()  # bf16 products are exact; only the sum order differs
+    assert_rounded_from(cpu_kernels.linear_bf16(x, w, bias), exact.float())
+    assert_rounded_from(cpu_kernels.linear_bf16(x.view(m, 1, k), w).view(m, n), (x.double() @ w.double().T).float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_kernel_is_the_exact_scaled_product_rounded(m, n, k):
+    gen = torch.Generator().manual_seed(m * 7 + n * 3 + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale, bias = torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
+    exact = (x.double() @ q.double().T) * scale.double() + bias.double()
+    assert_rounded_from(cpu_kernels.linear_int8(x, q, scale, bias), exact.float())
+
+
+@needs_kernels
+def test_kernels_refuse_what_they_do_not_compute():
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError, match="bf16 CPU activations with 16 features"):
+        cpu_kernels.linear_bf16(torch.randn(1, 16), w)
+    with pytest.raises(ValueError, match="16 features"):
+        cpu_kernels.linear_bf16(torch.randn(1, 15).bfloat16(), w)
+    assert cpu_kernels.use_kernel(torch.randn(1, 16).bfloat16())
+    assert not cpu_kernels.use_kernel(torch.randn(1, 16))  # fp32: torch
+    assert not cpu_kernels.use_kernel(torch.randn(cpu_kernels.MAX_ROWS + 1, 16).bfloat16())  # prefill: torch
+    assert not cpu_kernels.use_kernel(torch.randn(1, 16).bfloat16().requires_grad_())  # training: torch
+
+
+def tiny_model(**overrides) -> CausalLM:
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    model = CausalLM(cfg).eval()
+    model.init_weights(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # non-zero biases, so fusing them is tested too
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.1, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_projections_give_the_same_logits(tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        ref = model(ids)
+        model.fuse_projections()
+        got = model(ids)
+    names = [n.rpartition(".")[2] for n, _ in model.named_modules()]
+    assert not {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} & set(names)
+    assert names.count("qkv_proj") == names.count("gate_up_proj") == model.config.num_hidden_layers
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_bf16_decode_with_kernels_tracks_torch(monkeypatch):
+    """A prepared bf16 model's decode-step logits equal the unprepared model's up to bf16 rounding, greedy
+    tokens agree, and every matmul of a decode step went through the kernel."""
+    ref_model = tiny_model(tie_word_embeddings=True).to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)
+    assert "compiled AVX-512" in cpu_kernels.prepare_for_decode(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, no copy
+    calls = []
+    real = cpu_kernels.linear_bf16
+    monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a: calls.append(a[1].shape) or real(*a))
+    ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
+    with torch.no_grad():
+        ref = ref_model(ids)[:, -1:].float()
+        cache = KVCache(model.config, 1, 16, dtype=torch.bfloat16)
+        model(ids[:, :-1], cache=cache)
+        assert not calls  # prefill (5 rows) uses torch's matmul
+        got = model(ids[:, -1:], cache=cache).float()  # one decode step: one row per matmul
+    assert len(calls) == 4 * model.config.num_hidden_layers + 1  # qkv, o, gate_up, down per layer; lm_head
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    params = SamplingParams(max_new_tokens=8)
+    assert generate(model, [ids[0].tolist()], params) == generate(ref_model, [ids[0].tolist()], params)
+
+
+@needs_kernels
+def test_int8_layer_paths_agree():
+    """Int8Linear: one row takes the compiled kernel, a few rows torch's int8 kernel (where it works), many rows
+    the dequantized matmul; all are the same product up to bf16 rounding."""
+    torch.manual_seed(0)
+    for features in (200, 256):
+        check_int8_paths(Int8Linear(nn.Linear(features, 96, bias=True), torch.bfloat16))
+
+
+def check_int8_paths(layer):
+    exact = lambda x: ((x.double() @ layer.weight_int8.double().T) * layer.scales.double()  # noqa: E731
+                       + layer.bias.double()).float()
+    for rows in (1, cpu_kernels.MAX_ROWS + 1, DEQUANT_ROWS):
+        x = torch.randn(rows, layer.in_features).bfloat16()  # 200: torch's int8 kernel would crash (quant.py)
+        got = layer(x).float()
+        assert ((got - exact(x)).abs() <= 0.02 * exact(x).abs().max()).all(), rows
+
+
+def test_prepare_without_kernels_keeps_torch_layers():
+    model = tiny_model().to(torch.bfloat16)
+    summary = cpu_kernels.prepare_for_decode(model, int8=True, kernels=False)
+    assert "torch's kernels" in summary and "int8" in summary
+    assert not any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules())
+    assert all(type(m) is not nn.Linear for m in model.modules())  # every linear is int8 now
+    quantize_int8(model)  # idempotent on an already quantized model: nothing left to swap

@@ -40,6 +40,24 @@ def test_passkey_documents_end_with_their_key():
         assert f"The pass key is {key}." in doc
 
 
+def test_spread_passkey_documents_cover_every_length_log_uniformly():
+    """Phase 2's passkey documents: lengths from ~80 tokens to the phase-2 context, as many in each factor of 2."""
+    import math
+
+    from qwen25.recipes.tiny import passkey_fillers, spread_passkey_documents
+
+    docs = spread_passkey_documents(2000, seed=0, max_len=1024)
+    assert spread_passkey_documents(5, seed=1, max_len=1024) == spread_passkey_documents(5, seed=1, max_len=1024)
+    fillers = [doc.count("The grass is green.") for doc in docs]  # the passkey text's filler sentence
+    assert min(fillers) == 1 and max(fillers) <= passkey_fillers(1024)
+    # log-uniform over 80..1,024 tokens: about log(2)/log(12.8) = 27% of the documents in each factor of 2 above
+    # 128 tokens (lengths are ~80 + 24 per filler, so bins are counted in fillers)
+    lengths = [80 + 24 * f for f in fillers]
+    for low in (128, 256, 512):
+        share = sum(low <= n < 2 * low for n in lengths) / len(docs)
+        assert abs(share - math.log(2) / math.log(1024 / 80)) < 0.06, (low, share)
+
+
 def test_stdlib_corpus_has_code_and_docs():
     assert len(stdlib_files()) > 100
     rows = list(stdlib_documents(max_bytes=300_000))

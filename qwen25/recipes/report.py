@@ -9,8 +9,8 @@ from .runner import RecipeRun, metrics_table, stage_table, timing_table
 
 EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call_valid", "tool_call_correct"]
 CURVES = [("pretrain", "phase1/metrics.jsonl", "loss", "pre-training phase 1"),
-          ("pretrain", "phase2a/metrics.jsonl", "loss", "pre-training phase 2a (ABF at 1x: passkeys + replay)"),
-          ("pretrain", "phase2/metrics.jsonl", "loss", "pre-training phase 2 (4x context, ABF)"),
+          ("pretrain", "phase2a/metrics.jsonl", "loss", "phase 2a (ABF, 1x: passkeys + replay)"),
+          ("pretrain", "phase2/metrics.jsonl", "loss", "phase 2 (4x, ABF: passkeys of all lengths + replay)"),
           ("sft", "metrics.jsonl", "loss", "SFT loss"), ("rm", "metrics.jsonl", "loss", "reward model loss"),
           ("dpo", "metrics.jsonl", "rewards/margins", "DPO reward margin"),
           ("grpo", "metrics.jsonl", "reward", "GRPO mean reward")]
@@ -38,7 +38,18 @@ def plot_curves(run_dir: Path, path: Path) -> Path | None:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, pts) in zip(axes.flat, panels):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) >= 100:  # per-batch values of small batches are noisy: draw them faint, a running mean on top
+            window = len(pts) // 25
+            sums = [0.0]
+            for v in values:
+                sums.append(sums[-1] + v)
+            ax.plot(steps, values, lw=0.5, alpha=0.3, color="tab:blue")
+            means = [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
+            ax.plot(steps[window - 1:], means, lw=1.5, color="tab:blue", label=f"mean of {window}")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(steps, values, lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -30,7 +31,8 @@ from ..utils import read_jsonl, write_jsonl
 from .corpus import stdlib_documents
 from .runner import RecipeRun
 from .synthetic import (
-    arithmetic_problems, passkey_answer_start, passkey_documents, problem_document, problem_messages,
+    arithmetic_problems, passkey_answer_start, passkey_document, passkey_documents, problem_document,
+    problem_messages,
     tool_conversations,
 )
 
@@ -50,12 +52,13 @@ CONFIGS = {
                    tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2, 1e-1], batch_size=[8]),
         # phase 2a: 1,200 small steps rather than 300 of 32 rows (the same tokens) retrieve and predict text better
         phase1=dict(steps=600, batch_size=16), phase2a=dict(steps=1200, batch_size=8, lr=2e-3),
-        phase2=dict(steps=60, batch_size=4, lr=1e-3), retrieval_docs=12000,
+        # phase 2: 1,500 steps of 4 x 1,024 tokens, passkey prompts of every length up to 4x plus replayed text
+        phase2=dict(steps=1500, batch_size=4, lr=2e-3), retrieval_docs=12000, spread_docs=12000,
         sft=dict(epochs=4, batch_size=16, lr=1e-3, seq_len=512),
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
         grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
-        passkey=dict(multiples=[1, 4, 16], trials=2)),
+        passkey=dict(multiples=[1, 4, 16], trials=8)),  # 40 prompts per length and method
     "fast": dict(
         seed=0, corpus_bytes=300_000, heldout_docs=4, arith_train=400, arith_test=20, tool_train=100,
         tool_test=8, passkey_docs=300, spam_docs=60, leaks=5, duplicates=5, vocab_size=512,
@@ -65,7 +68,7 @@ CONFIGS = {
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
                    tokens=[4_000, 8_000], lr=[3e-3, 3e-2], batch_size=[8]),
         phase1=dict(steps=30, batch_size=8), phase2a=dict(steps=4, batch_size=8, lr=1e-3),
-        phase2=dict(steps=6, batch_size=2, lr=1e-3), retrieval_docs=64,
+        phase2=dict(steps=6, batch_size=2, lr=1e-3), retrieval_docs=64, spread_docs=300,
         sft=dict(epochs=1, batch_size=4, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=16, samples_per_prompt=2),
         rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
@@ -95,6 +98,14 @@ def passkey_fillers(seq_len: int) -> int:
     filler is ~24 tokens and the instruction, key line, question and answer ~72 (the evaluation's prompts fill
     the whole length, so training documents must reach it too)."""
     return max(1, (seq_len - 80) // 24)
+
+
+def spread_passkey_documents(n: int, seed: int, max_len: int, min_len: int = 80) -> list[str]:
+    """n passkey documents whose lengths in tokens are spread log-uniformly over min_len..max_len: retrieval
+    learnt across lengths does not depend on the prompt's length, learnt on one band it does (docs/recipe.md)."""
+    rng = random.Random(seed)
+    lengths = [math.exp(rng.uniform(math.log(min_len), math.log(max_len))) for _ in range(n)]
+    return [passkey_document(rng, passkey_fillers(int(length))) for length in lengths]
 
 
 # ---- stage 1: corpus ----------------------------------------------------------------------------------------------
@@ -188,21 +199,21 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     tok = Tokenizer.from_dir(tokenizer)
     kept = kept_documents(out / "pipeline")
     synthetic = [(d["id"], d["text"]) for d in read_jsonl(corpus / "synthetic.jsonl")]
-    long_fillers = passkey_fillers(cfg["phase2_len"])
-    long_passkeys = [(f"passkey-long/{i}", t) for i, t in enumerate(
-        passkey_documents(cfg["passkey_docs"] // 2, cfg["seed"] + 6, long_fillers // 4, long_fillers))]
+    spread = [(f"passkey-spread/{i}", t) for i, t in enumerate(
+        spread_passkey_documents(cfg["spread_docs"], cfg["seed"] + 6, cfg["phase2_len"]))]
     retrieval = [(f"passkey-retrieval/{i}", t) for i, t in enumerate(
         passkey_documents(cfg["retrieval_docs"], cfg["seed"] + 7, 0, passkey_fillers(cfg["phase1_len"])))]
-    # phase 1 packs the kept and synthetic documents, phase 2 adds the long passkeys; phase 2a's retrieval set is
-    # new passkey documents plus the kept and arithmetic documents once more (replay: without it phase 2a forgets
-    # the language, next-token loss ~3.2 -> ~4.7). Every document is tokenised once; a set is a list of indices.
-    docs = kept + synthetic + long_passkeys + retrieval
+    # phase 1 packs the kept and synthetic documents. Phase 2a's retrieval set is new passkey documents plus the
+    # kept and arithmetic documents once more (replay: without it phase 2a forgets the language, next-token loss
+    # ~3.2 -> ~4.7); phase 2's is passkey documents of every length up to phase2_len plus the same replay.
+    # Every document is tokenised once; a set is a list of indices.
+    docs = kept + synthetic + spread + retrieval
     n1 = len(kept) + len(synthetic)
-    n2 = n1 + len(long_passkeys)
+    n2 = n1 + len(spread)
     replay = [i for i in range(n1) if not docs[i][0].startswith("passkey")]
     packs, encoded = {}, None
     for name, seq_len, part in (("shards", cfg["phase1_len"], range(n1)),
-                                ("shards_long", cfg["phase2_len"], range(n2)),
+                                ("shards_long", cfg["phase2_len"], [*range(n1, n2), *replay]),
                                 ("shards_retrieval", cfg["phase1_len"], [*range(n2, len(docs)), *replay])):
         if not is_packed(out / name):
             ids, masks = encoded = encoded or tokenize_with_loss_masks(tok, docs)

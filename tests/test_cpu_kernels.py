@@ -137,3 +137,17 @@ def test_prepare_without_kernels_keeps_torch_layers():
     assert not any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules())
     assert all(type(m) is not nn.Linear for m in model.modules())  # every linear is int8 now
     quantize_int8(model)  # idempotent on an already quantized model: nothing left to swap
+
+
+@needs_kernels
+def test_bf16_batch_of_two_decodes_as_single_requests():
+    """With the kernels a decode row is summed alone, so two requests batched give each one's own greedy tokens."""
+    from qwen25.serve import Engine
+
+    model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
+    cpu_kernels.prepare_for_decode(model)
+    prompts = [[5, 9, 200, 31, 7], [11, 400, 3]]
+    params = SamplingParams(max_new_tokens=12)
+    together = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
+    alone = [Engine(model, max_batch=1, max_len=64).generate([p], params)[0] for p in prompts]
+    assert together == alone

@@ -86,8 +86,8 @@ def available() -> bool:
     return _library() is not None
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _check(x: torch.Tensor, k: int):
@@ -99,22 +99,23 @@ def _check(x: torch.Tensor, k: int):
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 x (..., K) and weight (N, K); bias fp32 or None."""
     _check(x, weight.shape[1])
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    _library().qwen25_linear_bf16(_ptr(weight), _ptr(x2), _ptr(bias), _ptr(out), x2.shape[0], weight.shape[0],
-                                  weight.shape[1], torch.get_num_threads())
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    _library().qwen25_linear_bf16(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
+                                  weight.shape[0], weight.shape[1], torch.get_num_threads())
+    return out
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """bias + (x @ qweight.T) * scale for bf16 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias."""
     _check(x, qweight.shape[1])
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.bfloat16)
-    _library().qwen25_linear_int8(_ptr(qweight), _ptr(scale), _ptr(x2), _ptr(bias), _ptr(out), x2.shape[0],
-                                  qweight.shape[0], qweight.shape[1], torch.get_num_threads())
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
+    _library().qwen25_linear_int8(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
+                                  x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
+                                  torch.get_num_threads())
+    return out
 
 
 def use_kernel(x: torch.Tensor) -> bool:

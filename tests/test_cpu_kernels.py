@@ -151,3 +151,19 @@ def test_bf16_batch_of_two_decodes_as_single_requests():
     together = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
     alone = [Engine(model, max_batch=1, max_len=64).generate([p], params)[0] for p in prompts]
     assert together == alone
+
+
+@pytest.mark.parametrize("env", [{"QWEN25_CPU_KERNELS": "0"}, {"XDG_CACHE_HOME": "/dev/null/not-a-directory"}])
+def test_without_kernels_serving_falls_back_to_torch(env):
+    """Switched off, or with a cache that cannot be written, the kernels are unavailable and nothing fails."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from qwen25.serve import cpu_kernels as k; from torch import nn; "
+            "m = nn.Sequential(nn.Linear(16, 8)).to(torch.bfloat16); "
+            "print(k.available(), k.use_cpu_kernels(m), k.use_kernel(torch.ones(1, 16, dtype=torch.bfloat16)))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "0", "False"]

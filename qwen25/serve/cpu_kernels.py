@@ -64,16 +64,22 @@ def _library() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + " ".join(sorted(flags)).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                log.warning("cpu kernels: compiling %s failed; using torch's kernels:\n%s", SOURCE, proc.stderr[-2000:])
-                return None
-            os.replace(built, target)  # atomic: a concurrent process sees the old file or the whole new one
-    lib = ctypes.CDLL(str(target))
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    log.warning("cpu kernels: compiling %s failed; using torch's kernels:\n%s", SOURCE,
+                                proc.stderr[-2000:])
+                    return None
+                os.replace(built, target)  # atomic: a concurrent process sees the old file or the whole new one
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:  # unwritable cache, a noexec mount, ...: serving goes on with torch's kernels
+        log.warning("cpu kernels: cannot build or load %s (%s); using torch's kernels", target, e)
+        return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]

@@ -167,3 +167,25 @@ def test_without_kernels_serving_falls_back_to_torch(env):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "0", "False"]
+
+
+@needs_kernels
+def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
+    """The same source built without AVX512-BF16 (as on Skylake/Ice Lake servers) widens bf16 to fp32 and FMAs:
+    still the exact product rounded once."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    lib_path = tmp_path / "nobf16.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([compiler, *cpu_kernels.FLAGS, "-mno-avx512bf16", str(cpu_kernels.SOURCE), "-o", str(lib_path)],
+                   check=True)
+    fn = ctypes.CDLL(str(lib_path)).qwen25_linear_bf16
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    gen = torch.Generator().manual_seed(3)
+    for m, n, k in SHAPES:
+        x, w = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
+        bias, out = torch.randn(n, generator=gen), torch.empty(m, n, dtype=torch.bfloat16)
+        fn(w.data_ptr(), x.data_ptr(), bias.data_ptr(), out.data_ptr(), m, n, k, 2)
+        assert_rounded_from(out, (x.double() @ w.double().T + bias.double()).float())

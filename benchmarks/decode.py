@@ -23,7 +23,7 @@ from common import read_bandwidth, result_line  # noqa: E402
 from qwen25.config import ModelConfig, param_count  # noqa: E402
 from qwen25.generation import SamplingParams, stream_generate  # noqa: E402
 from qwen25.model import CausalLM  # noqa: E402
-from qwen25.serve.cpu_kernels import use_cpu_kernels  # noqa: E402
+from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
 
 
 def run_ours(model, prompt, new_tokens):
@@ -95,11 +95,7 @@ def main():
         ours.eval()
         hf = Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
         hf.load_state_dict(ours.state_dict(), strict=False)
-        ours.fuse_projections()  # q/k/v and gate/up as one matmul each, as qwen25 serve does
-        swapped = use_cpu_kernels(ours) if args.kernels else 0  # AVX-512 matrix-vector kernels for decode
-        if dtype == torch.bfloat16:
-            print(f"[{name}] qwen25 uses " + (f"the compiled CPU kernels in {swapped} linear layers" if swapped
-                                             else "torch's kernels only"))
+        print(f"[{name}] qwen25 as `qwen25 serve` prepares it: {prepare_for_decode(ours, kernels=args.kernels)}")
         run_ours(ours, prompt[:16], 4)  # warm-up
         run_transformers(hf, prompt[:16], 4)
         o_prefill, o_decode = run_ours(ours, prompt, args.new)

@@ -32,6 +32,18 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One inference-only Linear whose outputs are the parts' outputs side by side (same input)."""
+    w = parts[0].weight
+    bias = parts[0].bias is not None
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -46,15 +58,9 @@ class Attention(nn.Module):
 
     def fuse_projections(self):
         """Replace q/k/v_proj by one qkv_proj (inference: one matmul reads all three; names leave the HF layout)."""
-        parts = [self.q_proj, self.k_proj, self.v_proj]
-        fused = nn.Linear(self.q_proj.in_features, sum(p.out_features for p in parts), bias=True,
-                          device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([p.weight for p in parts]))
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        fused.requires_grad_(False)
-        del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj = fused
+        if self.qkv_proj is None:
+            self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rope, mask, cache: KVCache | None, start: int):
         """rope: (cos, sin) tables, or DualChunkRope past the first chunk (keys at j mod c, queries rotated thrice)."""
@@ -94,13 +100,9 @@ class MLP(nn.Module):
 
     def fuse_projections(self):
         """Replace gate/up_proj by one gate_up_proj (inference: one matmul; names leave the HF layout)."""
-        w = self.gate_proj.weight
-        fused = nn.Linear(w.shape[1], 2 * w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([w, self.up_proj.weight]))
-        fused.requires_grad_(False)
-        del self.gate_proj, self.up_proj
-        self.gate_up_proj = fused
+        if self.gate_up_proj is None:
+            self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x):
         if self.gate_up_proj is not None:
@@ -183,8 +185,7 @@ class CausalLM(nn.Module):
         """For inference: q/k/v and gate/up projections become one matmul each (as vLLM does). Logits are
         unchanged; the state dict's names leave the HF layout, so fuse a copy that is not saved or trained."""
         for module in self.modules():
-            if isinstance(module, Attention) and module.qkv_proj is None or \
-                    isinstance(module, MLP) and module.gate_up_proj is None:
+            if isinstance(module, (Attention, MLP)):
                 module.fuse_projections()
         return self
 

@@ -32,10 +32,24 @@ static inline __m512 bf16x16_to_ps(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The first weight element of the block AHEAD blocks on (this block's own at the end): what to prefetch.
+INLINE int64_t prefetch_start(int64_t n0, int64_t N, int64_t K) {
+    return (n0 + AHEAD * ROWS < N ? n0 + AHEAD * ROWS : n0) * K;
+}
+
+// y[n0 + r] = sum(acc[r]) (times scale[n0 + r] when scale is given) + bias[n0 + r], rounded to bf16 once.
+INLINE void store_rows(const __m512* acc, int rows, const float* scale, const float* bias, int64_t n0, uint16_t* y) {
+    for (int r = 0; r < rows; r++) {
+        float s = _mm512_reduce_add_ps(acc[r]);
+        if (scale) s *= scale[n0 + r];
+        y[n0 + r] = to_bf16(s + (bias ? bias[n0 + r] : 0.0f));
+    }
+}
+
 // One block of up to ROWS weight rows [n0, n0+rows) against every activation row.
 INLINE void block_bf16(const uint16_t* W, const uint16_t* x, const float* bias, uint16_t* y,
                        int64_t M, int64_t N, int64_t K, int64_t n0, int rows) {
-    const int64_t next = (n0 + AHEAD * ROWS < N ? n0 + AHEAD * ROWS : n0) * K;
+    const int64_t next = prefetch_start(n0, N, K);
     for (int64_t m = 0; m < M; m++) {
         const uint16_t* xm = x + m * K;
         __m512 acc[ROWS];
@@ -58,10 +72,7 @@ INLINE void block_bf16(const uint16_t* W, const uint16_t* x, const float* bias, 
             }
 #endif
         }
-        for (int r = 0; r < rows; r++) {
-            float s = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[n0 + r] : 0.0f);
-            y[m * N + n0 + r] = to_bf16(s);
-        }
+        store_rows(acc, rows, NULL, bias, n0, y + m * N);
     }
 }
 
@@ -80,7 +91,7 @@ void qwen25_linear_bf16(const uint16_t* W, const uint16_t* x, const float* bias,
 
 INLINE void block_int8(const int8_t* Q, const float* xf, const float* scale, const float* bias, uint16_t* y,
                        int64_t M, int64_t N, int64_t K, int64_t n0, int rows) {
-    const int64_t next = (n0 + AHEAD * ROWS < N ? n0 + AHEAD * ROWS : n0) * K;
+    const int64_t next = prefetch_start(n0, N, K);
     for (int64_t m = 0; m < M; m++) {
         const float* xm = xf + m * K;
         __m512 acc[ROWS];
@@ -95,10 +106,7 @@ INLINE void block_int8(const int8_t* Q, const float* xf, const float* scale, con
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
             }
         }
-        for (int r = 0; r < rows; r++) {
-            float s = _mm512_reduce_add_ps(acc[r]) * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
-            y[m * N + n0 + r] = to_bf16(s);
-        }
+        store_rows(acc, rows, scale, bias, n0, y + m * N);
     }
 }
 

@@ -156,15 +156,12 @@ def use_cpu_kernels(model: nn.Module) -> int:
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
     pick the int8 kernel by themselves.
     """
+    from .quant import replace_modules
+
     if not available():
         return 0
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear
-               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
-    for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DecodeLinear(linear))
-    return len(targets)
+    return replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
+                           and m.weight.device.type == "cpu", DecodeLinear)
 
 
 def prepare_for_decode(model: nn.Module, *, int8: bool = False, kernels: bool = True) -> str:
@@ -182,7 +179,8 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, kernels: bool = 
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
                         "--dtype bf16 --int8 is the fast combination")
         quantize_int8(model, dtype=compute)
-    swapped = use_cpu_kernels(model) if kernels else 0
-    uses = "compiled AVX-512 kernels for decode" if available() and kernels and (swapped or int8) and \
-        compute == torch.bfloat16 else "torch's kernels"
+    if kernels:
+        use_cpu_kernels(model)
+    compiled = kernels and available() and compute == torch.bfloat16
+    uses = "compiled AVX-512 kernels for decode" if compiled else "torch's kernels"
     return f"{compute}{' int8 weights' if int8 else ''}, fused projections, {uses}"

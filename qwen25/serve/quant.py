@@ -55,16 +55,22 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def replace_modules(model: nn.Module, wanted, make) -> int:
+    """Replace (in place) every submodule m of `model` for which wanted(name, m) holds by make(m); returns how many."""
+    targets = [(name, module) for name, module in model.named_modules() if wanted(name, module)]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, make(module))
+    return len(targets)
+
+
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by an Int8Linear computing in `dtype`; returns the model.
 
     Embeddings stay as they are (a lookup reads one row per token). A tied lm_head gets its own int8 copy.
     """
     kinds = (nn.Linear, cpu_kernels.DecodeLinear)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, kinds) and not any(name.startswith(s) for s in skip)]
-    for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear(linear, dtype))
+    replace_modules(model, lambda name, m: isinstance(m, kinds) and not any(name.startswith(s) for s in skip),
+                    lambda linear: Int8Linear(linear, dtype))
     return model

@@ -11,6 +11,7 @@ and a JSON line last.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure weight-only int8 (after the bf16 run)")
+                    help="also measure int8 weights, with bf16 and with int8 activations (after the bf16 run)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="qwen25 with its compiled AVX-512 decode kernels where the CPU has them (serve's default)")
     args = ap.parse_args()
@@ -109,13 +110,17 @@ def main():
         if dtype == torch.bfloat16 and args.int8:
             from qwen25.serve.quant import quantize_int8
 
-            quantize_int8(ours, torch.bfloat16)
-            run_ours(ours, prompt[:16], 4)
-            q_prefill, q_decode = run_ours(ours, prompt, args.new)
-            print(f"[int8] decode  qwen25 {q_decode:7.2f} tok/s   (int8 weights, bf16 activations)   "
-                  f"ratio {q_decode / h_decode:.2f}x vs transformers bf16;  prefill {args.prompt / q_prefill:.1f} tok/s")
-            results["int8"] = dict(decode_tok_s=round(q_decode, 2), decode_ratio_vs_hf_bf16=round(q_decode / h_decode, 2),
-                                   prefill_tok_s=round(args.prompt / q_prefill, 1))
+            for variant, act_int8 in (("int8", False), ("w8a8", True)):
+                quantized = quantize_int8(copy.deepcopy(ours), torch.bfloat16, act_int8=act_int8 and args.kernels)
+                run_ours(quantized, prompt[:16], 4)
+                q_prefill, q_decode = run_ours(quantized, prompt, args.new)
+                what = "int8 weights, " + ("int8 activations per block of 32" if act_int8 else "bf16 activations")
+                print(f"[{variant}] decode  qwen25 {q_decode:7.2f} tok/s   ({what})   ratio {q_decode / h_decode:.2f}x "
+                      f"vs transformers bf16;  prefill {args.prompt / q_prefill:.1f} tok/s")
+                results[variant] = dict(decode_tok_s=round(q_decode, 2),
+                                        decode_ratio_vs_hf_bf16=round(q_decode / h_decode, 2),
+                                        prefill_tok_s=round(args.prompt / q_prefill, 1))
+                del quantized
         results[name] = dict(decode_tok_s=round(o_decode, 2), hf_decode_tok_s=round(h_decode, 2),
                              decode_ratio=round(o_decode / h_decode, 2), prefill_tok_s=round(args.prompt / o_prefill, 1),
                              hf_prefill_tok_s=round(args.prompt / h_prefill, 1),

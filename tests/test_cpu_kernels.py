@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwen25.config import ModelConfig
@@ -47,6 +48,32 @@ def test_int8_kernel_is_the_exact_scaled_product_rounded(m, n, k):
     scale, bias = torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
     exact = (x.double() @ q.double().T) * scale.double() + bias.double()
     assert_rounded_from(cpu_kernels.linear_int8(x, q, scale, bias), exact.float())
+
+
+def quantize_blocks_of_32(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's Q8_0 activation rounding, in torch: per block of 32, d = max|x| / 127 and x -> d * round(x / d)
+    (x / d taken as x * (1 / d) in fp32, as the kernel does); returned in fp64."""
+    m, k = x.shape
+    blocks = F.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv).double() * d.double()).view(m, -1)[:, :k]
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", SHAPES + [(16, 40, 896)])
+def test_q8_kernel_is_the_exact_product_of_block_quantized_activations(m, n, k):
+    gen = torch.Generator().manual_seed(m * 5 + n * 11 + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    x[0, :32] = 0  # an all-zero block (d = 0)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale, bias = torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
+    exact = (quantize_blocks_of_32(x) @ q.double().T) * scale.double() + bias.double()
+    weight_u8 = (q.to(torch.int16) + 128).to(torch.uint8)
+    assert_rounded_from(cpu_kernels.linear_q8(x, weight_u8, scale, bias), exact.float())
+    # and it differs from the weight-only product by the activations' rounding only: ~0.4% of their block maxima
+    weight_only = (x.double() @ q.double().T) * scale.double() + bias.double()
+    assert (exact - weight_only).abs().max() < 0.01 * (weight_only - bias.double()).abs().max() + 1e-6
 
 
 @needs_kernels
@@ -130,10 +157,53 @@ def check_int8_paths(layer):
         assert ((got - exact(x)).abs() <= 0.02 * exact(x).abs().max()).all(), rows
 
 
+@needs_kernels
+def test_w8a8_layer_paths():
+    """act_int8: up to Q8_MAX_ROWS rows take the int8-activation kernel, more rows the dequantized weights with bf16
+    activations; the weights are the weight-only layer's, stored plus 128 as uint8."""
+    torch.manual_seed(1)
+    linear = nn.Linear(200, 96, bias=True)
+    layer, weight_only = Int8Linear(linear, torch.bfloat16, act_int8=True), Int8Linear(linear, torch.bfloat16)
+    assert layer.weight_u8.dtype == torch.uint8 and not hasattr(layer, "weight_int8")
+    assert torch.equal(layer.int8_weight(), weight_only.weight_int8)
+    exact = lambda x: ((x @ weight_only.weight_int8.double().T) * layer.scales_f32.double()  # noqa: E731
+                       + layer.bias_f32.double()).float()
+    for rows in (1, cpu_kernels.Q8_MAX_ROWS):
+        x = torch.randn(rows, 200).bfloat16()
+        assert_rounded_from(layer(x), exact(quantize_blocks_of_32(x)))
+    for rows in (cpu_kernels.Q8_MAX_ROWS + 1, DEQUANT_ROWS):  # bf16 matmul, then scale and bias: a few roundings
+        x = torch.randn(rows, 200).bfloat16()
+        assert ((layer(x).float() - exact(x.double())).abs() <= 0.02 * exact(x.double()).abs().max()).all()
+
+
+@needs_kernels
+def test_w8a8_decoding_tracks_bf16_and_batches_as_single_requests():
+    """A --w8a8 model's logits stay close to the bf16 model's, and since every decode row (up to 16) is quantized
+    and summed alone, a batch of three requests gives each one's own greedy tokens."""
+    from qwen25.serve import Engine
+
+    ref_model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)
+    assert "int8 weights and activations" in cpu_kernels.prepare_for_decode(model, w8a8=True)
+    assert all(m.act_int8 for m in model.modules() if isinstance(m, Int8Linear))
+    ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
+    with torch.no_grad():
+        ref = ref_model(ids)[:, -1].float()
+        cache = KVCache(model.config, 1, 16, dtype=torch.bfloat16)
+        model(ids[:, :-1], cache=cache)
+        got = model(ids[:, -1:], cache=cache)[:, -1].float()  # the decode step: int8 activations
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    prompts = [[5, 9, 200, 31, 7], [11, 400, 3], [8, 8, 1, 2]]
+    params = SamplingParams(max_new_tokens=12)
+    together = Engine(model, max_batch=3, max_len=64).generate(prompts, params)
+    alone = [Engine(model, max_batch=1, max_len=64).generate([p], params)[0] for p in prompts]
+    assert together == alone
+
+
 def test_prepare_without_kernels_keeps_torch_layers():
     model = tiny_model().to(torch.bfloat16)
-    summary = cpu_kernels.prepare_for_decode(model, int8=True, kernels=False)
-    assert "torch's kernels" in summary and "int8" in summary
+    summary = cpu_kernels.prepare_for_decode(model, w8a8=True, kernels=False)  # w8a8 needs them: weight-only
+    assert "torch's kernels" in summary and "int8 weights," in summary
     assert not any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules())
     assert all(type(m) is not nn.Linear for m in model.modules())  # every linear is int8 now
     quantize_int8(model)  # idempotent on an already quantized model: nothing left to swap
@@ -189,3 +259,26 @@ def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
         bias, out = torch.randn(n, generator=gen), torch.empty(m, n, dtype=torch.bfloat16)
         fn(w.data_ptr(), x.data_ptr(), bias.data_ptr(), out.data_ptr(), m, n, k, 2)
         assert_rounded_from(out, (x.double() @ w.double().T + bias.double()).float())
+
+
+@needs_kernels
+def test_fallback_for_avx512_cpus_without_vnni(tmp_path):
+    """Built without AVX512-VNNI (Skylake servers), the int8-activation kernel widens to int16 and uses vpmaddwd:
+    the same exact sums."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    lib_path = tmp_path / "novnni.so"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([compiler, *cpu_kernels.FLAGS, "-mno-avx512vnni", str(cpu_kernels.SOURCE), "-o", str(lib_path)],
+                   check=True)
+    fn = ctypes.CDLL(str(lib_path)).qwen25_linear_q8
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    gen = torch.Generator().manual_seed(4)
+    for m, n, k in SHAPES:
+        x, q = torch.randn(m, k, generator=gen).bfloat16(), torch.randint(-127, 128, (n, k), generator=gen)
+        scale, bias, out = torch.rand(n, generator=gen), torch.randn(n, generator=gen), torch.empty(m, n).bfloat16()
+        weight_u8 = (q + 128).to(torch.uint8)  # held: a temporary's memory could be reused inside the call
+        fn(weight_u8.data_ptr(), scale.data_ptr(), x.data_ptr(), bias.data_ptr(), out.data_ptr(), m, n, k, 2)
+        assert_rounded_from(out, ((quantize_blocks_of_32(x) @ q.double().T) * scale.double() + bias.double()).float())

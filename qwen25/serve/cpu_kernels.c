@@ -128,3 +128,96 @@ void qwen25_linear_int8(const int8_t* Q, const float* scale, const uint16_t* x, 
     }
     free(xf);
 }
+
+// ---- int8 weights x int8 activations (llama.cpp's Q8_0 scheme for the activations) ----------------------------
+//
+// Each activation row is quantized per block of 32: d_b = max|x| / 127 over the block, xq = round(x / d_b) (int8,
+// computed as x * (1 / d_b) in fp32, ties to even). The weights are stored with an offset, Wu = Q + 128 (uint8),
+// so that one vpdpbusd (uint8 x int8, 64 products per instruction) does the multiply-adds:
+//
+//   y[m, n] = bias[n] + scale[n] * (sum_b d_b * sum_{k in b} Wu[n, k] * xq[m, k]  -  c[m]),
+//   c[m]    = 128 * sum_b d_b * sum_{k in b} xq[m, k]                            (the offset's share, per row)
+//
+// Activation rows are padded with zero blocks to a multiple of 64 (Kp); dq holds each 64-wide step's two block
+// scales as 16 lanes (8 per block), lined up with vpdpbusd's 16 int32 sums of 4 products each.
+
+static void quantize_q8(const uint16_t* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* dq, float* c) {
+    for (int64_t m = 0; m < M; m++) {
+        double corr = 0.0;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            int64_t left = K - k < 0 ? 0 : K - k;
+            __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+            __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+            __m512 a = bf16x16_to_ps(x + m * K + k, m0), b = bf16x16_to_ps(x + m * K + k + 16, m1);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // rounds to nearest even
+            __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i*)(xq + m * Kp + k), _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128((__m128i*)(xq + m * Kp + k + 16), _mm512_cvtsepi32_epi8(qb));
+            corr += (double)d * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            float* lanes = dq + m * (Kp / 4) + (k / 64) * 16 + ((k / 32) & 1) * 8;
+            for (int i = 0; i < 8; i++) lanes[i] = d;
+        }
+        c[m] = (float)(128.0 * corr);
+    }
+}
+
+INLINE void block_q8(const uint8_t* Wu, const int8_t* xq, const float* dq, const float* c, const float* scale,
+                     const float* bias, uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t n0,
+                     int rows) {
+    const int64_t next = prefetch_start(n0, N, K);
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* xm = xq + m * Kp;
+        const float* dm = dq + m * (Kp / 4);
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 64) {
+            __mmask64 mask = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;
+            if (m == 0)
+                for (int r = 0; r < rows; r++) _mm_prefetch((const char*)(Wu + next + r * K + k), _MM_HINT_T0);
+            __m512i xv = _mm512_loadu_si512(xm + k);
+            __m512 dv = _mm512_loadu_ps(dm + k / 4);
+            for (int r = 0; r < rows; r++) {
+                __m512i w = _mm512_maskz_loadu_epi8(mask, Wu + (n0 + r) * K + k);
+#ifdef __AVX512VNNI__
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+#else  // the same sums with AVX512BW: widen to int16, multiply-add pairs, add neighbouring pairs
+                __m512i lo = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(w)),
+                                               _mm512_cvtepi8_epi16(_mm512_castsi512_si256(xv)));
+                __m512i hi = _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(w, 1)),
+                                               _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(xv, 1)));
+                // lanes 0-7 of p must hold products 0-31 (block 0) and lanes 8-15 products 32-63 (block 1)
+                __m512i p = _mm512_add_epi32(_mm512_permutex2var_epi32(lo, _mm512_set_epi32(30, 28, 26, 24, 22, 20,
+                    18, 16, 14, 12, 10, 8, 6, 4, 2, 0), hi), _mm512_permutex2var_epi32(lo, _mm512_set_epi32(31, 29,
+                    27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), hi));
+#endif
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            float s = (_mm512_reduce_add_ps(acc[r]) - c[m]) * scale[n0 + r];
+            y[m * N + n0 + r] = to_bf16(s + (bias ? bias[n0 + r] : 0.0f));
+        }
+    }
+}
+
+void qwen25_linear_q8(const uint8_t* Wu, const float* scale, const uint16_t* x, const float* bias, uint16_t* y,
+                      int64_t M, int64_t N, int64_t K, int threads) {
+    int64_t Kp = (K + 63) / 64 * 64;
+    int8_t* xq = (int8_t*)malloc(M * Kp);
+    float* dq = (float*)malloc(sizeof(float) * (M * Kp / 4 + M));
+    float* c = dq + M * Kp / 4;
+    quantize_q8(x, M, K, Kp, xq, dq, c);
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * ROWS;
+        if (N - n0 >= ROWS)
+            block_q8(Wu, xq, dq, c, scale, bias, y, M, N, K, Kp, n0, ROWS);
+        else
+            block_q8(Wu, xq, dq, c, scale, bias, y, M, N, K, Kp, n0, (int)(N - n0));
+    }
+    free(dq);
+    free(xq);
+}

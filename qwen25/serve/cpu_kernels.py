@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 2  # more activation rows than this (prefill, batches): torch's matmuls are as fast or faster
+Q8_MAX_ROWS = 16  # the int8-activation kernel beats torch's int8 kernel at any size, dequantized weights from ~16 on
 
 
 def _cpu_flags() -> set[str]:
@@ -83,7 +84,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.qwen25_linear_bf16.restype = lib.qwen25_linear_int8.restype = None
+    lib.qwen25_linear_q8.argtypes = lib.qwen25_linear_int8.argtypes
+    lib.qwen25_linear_bf16.restype = lib.qwen25_linear_int8.restype = lib.qwen25_linear_q8.restype = None
     return lib
 
 
@@ -124,9 +126,23 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def use_kernel(x: torch.Tensor) -> bool:
+def linear_q8(x: torch.Tensor, weight_u8: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + (xq @ (weight_u8 - 128).T) * scale, where xq is x (bf16, (..., K)) quantized per block of 32 as
+    llama.cpp's Q8_0 does (d = max|x| / 127 per block, xq = d * round(x / d)); weight_u8 (N, K) uint8 holds the int8
+    weights plus 128 (vpdpbusd multiplies unsigned by signed bytes); scale and bias are fp32 (N,)."""
+    _check(x, weight_u8.shape[1])
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], weight_u8.shape[0])
+    _library().qwen25_linear_q8(_ptr(weight_u8), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
+                                x.numel() // weight_u8.shape[1], weight_u8.shape[0], weight_u8.shape[1],
+                                torch.get_num_threads())
+    return out
+
+
+def use_kernel(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """Whether a call with activations x should take the compiled kernel (few bf16 rows, CPU, no autograd)."""
-    return (x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
+    return (x.dtype == torch.bfloat16 and x.numel() <= max_rows * x.shape[-1] and x.device.type == "cpu"
             and not x.requires_grad and available())
 
 
@@ -164,23 +180,27 @@ def use_cpu_kernels(model: nn.Module) -> int:
                            and m.weight.device.type == "cpu", DecodeLinear)
 
 
-def prepare_for_decode(model: nn.Module, *, int8: bool = False, kernels: bool = True) -> str:
+def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = False, kernels: bool = True) -> str:
     """What `qwen25 serve` and `qwen25 chat` do to a loaded model; returns a line for the log.
 
     Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
-    (computing in the model's dtype), and swaps in the compiled kernels where available (bf16).
+    (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8), and swaps in the
+    compiled kernels where available (bf16).
     """
     from .quant import quantize_int8
 
     compute = next(model.parameters()).dtype
+    compiled = kernels and available() and compute == torch.bfloat16
+    if w8a8 and not compiled:
+        log.warning("--w8a8 needs the compiled kernels and --dtype bf16; using weight-only int8")
     model.fuse_projections()
-    if int8:
+    if int8 or w8a8:
         if compute == torch.float32:
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
                         "--dtype bf16 --int8 is the fast combination")
-        quantize_int8(model, dtype=compute)
+        quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
     if kernels:
         use_cpu_kernels(model)
-    compiled = kernels and available() and compute == torch.bfloat16
     uses = "compiled AVX-512 kernels for decode" if compiled else "torch's kernels"
-    return f"{compute}{' int8 weights' if int8 else ''}, fused projections, {uses}"
+    quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
+    return f"{compute}{quant}, fused projections, {uses}"

@@ -350,7 +350,7 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
 
 # ---- building and running --------------------------------------------------------------------------------------
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
-                 dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
+                 w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
                  prefill_chunk: int | None = 512, kernels: bool = True, **limits) -> tuple[FastAPI, AsyncEngine]:
     """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine."""
     import torch
@@ -364,7 +364,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
         torch.set_num_threads(threads)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=dtype)
-    log.info("model: %s", prepare_for_decode(model, int8=int8, kernels=kernels))
+    log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, kernels=kernels))
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
                                  prefill_chunk=prefill_chunk), tokenizer)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)

@@ -77,6 +77,43 @@ def test_q8_kernel_is_the_exact_product_of_block_quantized_activations(m, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,k", [(1, 896), (3, 33), (16, 4864), (2, 1)])
+def test_rms_norm_kernel_equals_the_model_norm(rows, k):
+    from qwen25.model.transformer import RMSNorm
+
+    gen = torch.Generator().manual_seed(rows + k)
+    norm = RMSNorm(k, 1e-6).to(torch.bfloat16).requires_grad_(False)
+    norm.weight.normal_(generator=gen)
+    decode_norm = cpu_kernels.DecodeRMSNorm(norm)
+    for scale in (1e-3, 1.0, 300.0):
+        x = (torch.randn(rows, k, generator=gen) * scale).bfloat16()
+        assert torch.equal(cpu_kernels.rms_norm_bf16(x, norm.weight, norm.eps), norm(x))  # bit for bit
+        assert torch.equal(decode_norm(x.view(1, rows, k)), norm(x.view(1, rows, k)))
+    many = torch.randn(cpu_kernels.Q8_MAX_ROWS + 1, k, generator=gen).bfloat16()  # prefill: torch's ops
+    assert torch.equal(decode_norm(many), norm(many))
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,tables", [(1, 1, 1), (3, 1, 3), (2, 1, 1), (1, 5, 1)])
+def test_rope_kernel_equals_the_model_rope_on_strided_views(b, t, tables):
+    """q and k as the attention layer makes them (split from the fused qkv output, then transposed): the kernel
+    rotates them bit for bit as rope.apply_rope does."""
+    from qwen25.model.rope import apply_rope, rope_cos_sin
+
+    gen = torch.Generator().manual_seed(b * 10 + t)
+    heads, kv_heads, d = 14, 2, 64
+    qkv = torch.randn(b, t, (heads + 2 * kv_heads) * d, generator=gen).bfloat16() * 4
+    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.view(b, t, heads, d).transpose(1, 2), k.view(b, t, kv_heads, d).transpose(1, 2)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    positions = torch.randint(0, 30000, (tables, t), generator=gen)
+    cos, sin = rope_cos_sin(inv_freq, positions, 1.1)
+    for x in (q, k):
+        assert torch.equal(cpu_kernels.rope_bf16(x, cos, sin), apply_rope(x, cos, sin))
+        assert torch.equal(cpu_kernels.apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+@needs_kernels
 def test_kernels_refuse_what_they_do_not_compute():
     w = torch.randn(8, 16).bfloat16()
     with pytest.raises(ValueError, match="bf16 CPU activations with 16 features"):
@@ -123,6 +160,9 @@ def test_bf16_decode_with_kernels_tracks_torch(monkeypatch):
     model = copy.deepcopy(ref_model)
     assert "compiled AVX-512" in cpu_kernels.prepare_for_decode(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, no copy
+    n_norms = 2 * model.config.num_hidden_layers + 1
+    assert sum(isinstance(m, cpu_kernels.DecodeRMSNorm) for m in model.modules()) == n_norms
+    assert all(layer.self_attn.apply_rope is cpu_kernels.apply_rope for layer in model.model.layers)
     calls = []
     real = cpu_kernels.linear_bf16
     monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a: calls.append(a[1].shape) or real(*a))

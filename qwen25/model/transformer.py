@@ -55,6 +55,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=True)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
         self.qkv_proj = None
+        self.apply_rope = apply_rope  # serving may swap in a compiled kernel (serve/cpu_kernels.py)
 
     def fuse_projections(self):
         """Replace q/k/v_proj by one qkv_proj (inference: one matmul reads all three; names leave the HF layout)."""
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         dual_chunk = isinstance(rope, DualChunkRope)
         cos, sin = rope.key if dual_chunk else rope
-        k = apply_rope(k, cos, sin)  # keys are cached after RoPE
+        k = self.apply_rope(k, cos, sin)  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         if dual_chunk:
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         else:
             # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one new
             # token against the cache (it sees every earlier slot). CausalLM.forward builds the mask otherwise.
-            q = apply_rope(q, cos, sin)
+            q = self.apply_rope(q, cos, sin)
             out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -221,3 +221,66 @@ void qwen25_linear_q8(const uint8_t* Wu, const float* scale, const uint16_t* x, 
     free(dq);
     free(xq);
 }
+
+// ---- RMSNorm and RoPE of a few rows, as the model computes them ------------------------------------------------
+//
+// One call each instead of the ~9 small torch ops (casts, pow, mean, rsqrt, multiplies, cat) a decode step pays
+// per norm and per rotation. Built with -ffp-contract=off, so a * b + c rounds twice, as torch's ops do.
+
+static inline __m512 round_to_bf16_ps(__m512 v) {  // fp32 lanes rounded to bf16 values (nearest even), NaN kept
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
+
+static inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 mask) {  // v must hold bf16 values already
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
+
+//   y[m, :] = bf16(w * bf16(x[m, :] / sqrt(mean(x[m, :]^2) + eps)))      (fp32 inside; x, w, y bf16)
+void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t* xm = x + m * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = bf16x16_to_ps(xm + k, tail16(K - k));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float ms = _mm512_reduce_add_ps(acc) / (float)K + eps;
+        __m512 r = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(ms))));  // sqrt rounded once, as torch
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 n = round_to_bf16_ps(_mm512_mul_ps(bf16x16_to_ps(xm + k, tail16(K - k)), r));
+            store_bf16x16(y + m * K + k, round_to_bf16_ps(_mm512_mul_ps(n, bf16x16_to_ps(w + k, tail16(K - k)))),
+                          tail16(K - k));
+        }
+    }
+}
+
+// Rotate-half RoPE: out[b, h, t, :] = bf16(x * cos + rotate_half(x) * sin), rotate_half(x) = (-x2, x1), in fp32.
+// x[b, h, t, d] at x + b*sb + h*sh + t*st + d; cos/sin[b, t, d] at + b*cb + t*D + d (cb = 0: one table for all);
+// out contiguous (B, H, T, D).
+void qwen25_rope_bf16(const uint16_t* x, int64_t sb, int64_t sh, int64_t st, const float* cos, const float* sin,
+                      int64_t cb, uint16_t* out, int64_t B, int64_t H, int64_t T, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const uint16_t* xr = x + b * sb + h * sh + t * st;
+                const float *c = cos + b * cb + t * D, *s = sin + b * cb + t * D;
+                uint16_t* o = out + ((b * H + h) * T + t) * D;
+                for (int64_t k = 0; k < half; k += 16) {
+                    __mmask16 mask = tail16(half - k);
+                    __m512 x1 = bf16x16_to_ps(xr + k, mask), x2 = bf16x16_to_ps(xr + half + k, mask);
+                    __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, _mm512_maskz_loadu_ps(mask, c + k)),
+                                              _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(mask, s + k)));
+                    __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, _mm512_maskz_loadu_ps(mask, c + half + k)),
+                                              _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(mask, s + half + k)));
+                    store_bf16x16(o + k, round_to_bf16_ps(lo), mask);
+                    store_bf16x16(o + half + k, round_to_bf16_ps(hi), mask);
+                }
+            }
+}

@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import rope
+from ..model.transformer import Attention, RMSNorm
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 2  # more activation rows than this (prefill, batches): torch's matmuls are as fast or faster
 Q8_MAX_ROWS = 16  # the int8-activation kernel beats torch's int8 kernel at any size, dequantized weights from ~16 on
 
@@ -85,6 +88,9 @@ def _library() -> ctypes.CDLL | None:
     lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_q8.argtypes = lib.qwen25_linear_int8.argtypes
+    lib.qwen25_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.qwen25_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64]
+    lib.qwen25_rms_norm_bf16.restype = lib.qwen25_rope_bf16.restype = None
     lib.qwen25_linear_bf16.restype = lib.qwen25_linear_int8.restype = lib.qwen25_linear_q8.restype = None
     return lib
 
@@ -146,6 +152,38 @@ def use_kernel(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
             and not x.requires_grad and available())
 
 
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x.float()).to(bf16) (RMSNorm.forward) for bf16 x (..., K) and weight (K,)."""
+    _check(x, weight.shape[0])
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _library().qwen25_rms_norm_bf16(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """model.rope.apply_rope for bf16 x (B, H, T, D) with unit stride in D (any other strides) and contiguous
+    fp32 tables (B or 1, T, D); returns a contiguous tensor."""
+    b, h, t, d = x.shape
+    _check(x, d)
+    if x.stride(-1) != 1 or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()) \
+            or cos.shape[-2:] != (t, d) or sin.shape != cos.shape or cos.shape[0] not in (1, b):
+        raise ValueError(f"rope kernel: unsupported layout x {tuple(x.shape)} {x.stride()}, tables {cos.dtype} "
+                         f"{tuple(cos.shape)}")
+    out = x.new_empty(b, h, t, d)
+    _library().qwen25_rope_bf16(_ptr(x), x.stride(0), x.stride(1), x.stride(2), _ptr(cos), _ptr(sin),
+                                0 if cos.shape[0] == 1 else t * d, _ptr(out), b, h, t, d)
+    return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The model's apply_rope, through the kernel for a few bf16 rows (decode) when the layout allows."""
+    if (use_kernel(x, Q8_MAX_ROWS * x.shape[1]) and x.stride(-1) == 1 and cos.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous() and cos.shape[0] in (1, x.shape[0])):
+        return rope_bf16(x, cos, sin)
+    return rope.apply_rope(x, cos, sin)
+
+
 class DecodeLinear(nn.Module):
     """An inference-only nn.Linear (bf16 weight) that takes the compiled kernel for a few rows, F.linear else."""
 
@@ -165,8 +203,22 @@ class DecodeLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class DecodeRMSNorm(RMSNorm):
+    """An inference-only RMSNorm (bf16 weight) that takes the compiled kernel for a few rows, torch's ops else."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight.requires_grad_(False), norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernel(x, Q8_MAX_ROWS):
+            return rms_norm_bf16(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
-    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear; returns how many were swapped.
+    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear, every RMSNorm for a DecodeRMSNorm,
+    and the attention layers' RoPE for the kernel's; returns how many linear layers were swapped.
 
     Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
@@ -176,6 +228,11 @@ def use_cpu_kernels(model: nn.Module) -> int:
 
     if not available():
         return 0
+    replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.bfloat16
+                    and m.weight.device.type == "cpu", DecodeRMSNorm)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.apply_rope = apply_rope
     return replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
                            and m.weight.device.type == "cpu", DecodeLinear)
 

@@ -1,9 +1,10 @@
 """Decode and prefill speed at the Qwen2.5-0.5B shape: qwen25 vs transformers, same weights, same process.
 
     python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32] [--no-int8]
-        [--no-kernels]
+        [--no-kernels] [--rounds 3]
 
-Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens.
+Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens;
+the median of --rounds measurements (ours and transformers interleaved).
 Prints tokens/s for both, the ratio, achieved weight-read GB/s as a share of the measured memory bandwidth,
 and a JSON line last.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,11 @@ def run_ours(model, prompt, new_tokens):
     count = 1 + sum(1 for _ in stream)
     end = time.perf_counter()
     return first - start, (count - 1) / (end - first)
+
+
+def median_round(results):
+    """The median prefill time and the median decode tokens/s of several rounds' (prefill_s, decode_tok_s)."""
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
 class _Clock:
@@ -70,6 +77,7 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per model (medians are printed)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure int8 weights, with bf16 and with int8 activations (after the bf16 run)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
@@ -99,8 +107,10 @@ def main():
         print(f"[{name}] qwen25 as `qwen25 serve` prepares it: {prepare_for_decode(ours, kernels=args.kernels)}")
         run_ours(ours, prompt[:16], 4)  # warm-up
         run_transformers(hf, prompt[:16], 4)
-        o_prefill, o_decode = run_ours(ours, prompt, args.new)
-        h_prefill, h_decode = run_transformers(hf, prompt, args.new)
+        rounds = [(run_ours(ours, prompt, args.new), run_transformers(hf, prompt, args.new))
+                  for _ in range(args.rounds)]  # interleaved: a busy spell of the machine hits both
+        o_prefill, o_decode = median_round([r[0] for r in rounds])
+        h_prefill, h_decode = median_round([r[1] for r in rounds])
         weight_bytes = param_count(cfg) * (2 if dtype == torch.bfloat16 else 4)
         share = weight_bytes * o_decode / bandwidth
         print(f"[{name}] decode  qwen25 {o_decode:7.2f} tok/s   transformers {h_decode:7.2f} tok/s   "
@@ -113,7 +123,7 @@ def main():
             for variant, act_int8 in (("int8", False), ("w8a8", True)):
                 quantized = quantize_int8(copy.deepcopy(ours), torch.bfloat16, act_int8=act_int8 and args.kernels)
                 run_ours(quantized, prompt[:16], 4)
-                q_prefill, q_decode = run_ours(quantized, prompt, args.new)
+                q_prefill, q_decode = median_round([run_ours(quantized, prompt, args.new) for _ in range(args.rounds)])
                 what = "int8 weights, " + ("int8 activations per block of 32" if act_int8 else "bf16 activations")
                 print(f"[{variant}] decode  qwen25 {q_decode:7.2f} tok/s   ({what})   ratio {q_decode / h_decode:.2f}x "
                       f"vs transformers bf16;  prefill {args.prompt / q_prefill:.1f} tok/s")

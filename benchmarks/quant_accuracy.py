@@ -1,0 +1,77 @@
+"""What serving's precisions cost in accuracy: a trained checkpoint's next-token loss and greedy choices when it
+decodes held-out text token by token, as `qwen25 serve` runs it in fp32, bf16, --int8 and --w8a8.
+
+    python benchmarks/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200]
+
+Each model is prepared as `qwen25 serve` prepares it (prepare_for_decode) and fed the text one token at a time
+through its KV cache, so every matmul takes the decode path (for --w8a8: int8 activations). Prints the mean
+negative log-likelihood per token (nats) and the share of positions whose argmax equals the fp32 model's, and
+a JSON line last. FILE.jsonl holds {"text": ...} lines (the recipe writes stages/corpus/heldout.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_line  # noqa: E402
+
+from qwen25.model import KVCache, load_model  # noqa: E402
+from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
+from qwen25.tokenizer import Tokenizer  # noqa: E402
+
+VARIANTS = {"fp32": {}, "bf16": {}, "int8": {"int8": True}, "w8a8": {"w8a8": True}}
+
+
+def decode_logits(model, ids: list[int]) -> torch.Tensor:
+    """fp32 logits (len(ids) - 1, vocab) predicting ids[1:], one decode step per token."""
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, 1, len(ids), dtype=dtype)
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in ids[:-1]])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (weights + tokenizer files)")
+    ap.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
+    ap.add_argument("--text", required=True, help="JSONL file of {'text': ...} documents")
+    ap.add_argument("--docs", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=200, help="tokens per document (at most)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
+    with open(args.text) as f:
+        docs = [json.loads(line)["text"] for line in f if line.strip()][:args.docs]
+    ids = [tokenizer.encode(text, allowed_special="none")[:args.tokens] for text in docs]
+    ids = [d for d in ids if len(d) > 1]
+    if not ids:
+        raise SystemExit(f"{args.text}: no document with two or more tokens")
+    targets = torch.tensor([t for d in ids for t in d[1:]])
+    bf16 = load_model(args.model, dtype="bf16")
+    logits = {}
+    for name, flags in VARIANTS.items():
+        model = load_model(args.model, dtype="fp32") if name == "fp32" else copy.deepcopy(bf16)
+        print(f"[{name}] {prepare_for_decode(model, **flags)}")
+        logits[name] = torch.cat([decode_logits(model, d) for d in ids])
+        del model
+    results = {}
+    for name, lg in logits.items():
+        nll = F.cross_entropy(lg, targets).item()
+        agree = (lg.argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item()
+        results[name] = dict(nll=round(nll, 4), top1_agreement_with_fp32=round(agree, 4))
+        print(f"{name:5s} nll/token {nll:.4f}   greedy choice equal to fp32's {agree:.2%}")
+    print(f"{len(targets)} predicted tokens in {len(ids)} documents")
+    print(result_line("quant_accuracy", model=str(args.model), tokens=len(targets), results=results))
+
+
+if __name__ == "__main__":
+    main()

@@ -117,3 +117,30 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
                       max_bad_steps=3)
     with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
         train(cfg, Data(markov_corpus(2000), 2, 16), progress=False)
+
+
+def test_optimizer_is_fused_adamw_equal_to_the_per_tensor_loop():
+    """build_optimizer takes torch's fused AdamW on CPU; a few steps move the weights as the reference loop does."""
+    from qwen25.config import ModelConfig
+    from qwen25.model import CausalLM
+    from qwen25.train.loop import build_optimizer
+
+    cfg = TrainConfig(out_dir="unused", lr=3e-3, weight_decay=0.1)
+    models = [CausalLM(ModelConfig.from_preset("tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    decay = [p for p in models[1].parameters() if p.dim() >= 2]
+    no_decay = [p for p in models[1].parameters() if p.dim() < 2]
+    loop = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -19,9 +19,11 @@ from serve_fixtures import greedy_reply, write_tiny_chat_checkpoint
 
 from qwen25.generation import SamplingParams
 from qwen25.model import load_model
+from qwen25.serve import cpu_kernels
 from qwen25.serve.async_engine import AsyncEngine, TextTracker
 from qwen25.serve.engine import StepOutput
 from qwen25.serve.openai_protocol import ChatDeltaStream, merge_deltas
+from qwen25.serve.quant import Int8Linear
 from qwen25.serve.server import ServerConfig, build_server, create_app, run_in_thread
 from qwen25.tokenizer import Tokenizer, encode_chat
 
@@ -495,3 +497,18 @@ def test_serve_command_defaults_to_loopback():
     assert callable(args.func)
     chat_args = build_parser().parse_args(["chat", "--model", "d", "--system", "Be brief.", "--no-sample"])
     assert chat_args.system == "Be brief." and chat_args.sample is False and callable(chat_args.func)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="--w8a8 needs the compiled kernels (AVX-512)")
+def test_w8a8_server_replies_as_its_model_generates(model_dir):
+    """`serve --dtype bf16 --w8a8`: the model is quantized (int8 weights and decode activations) and the server's
+    greedy reply is what that model generates."""
+    app, engine = build_server(model_dir, max_batch=2, max_len=128, model_name="tiny", dtype="bf16", w8a8=True)
+    model = engine.engine.model
+    assert all(m.act_int8 for m in model.modules() if isinstance(m, Int8Linear))
+    tok = Tokenizer.from_dir(model_dir)
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    text, _ = greedy_reply(model, tok, prompt, 10)
+    with TestClient(app) as client:
+        body = chat(client, max_tokens=10, temperature=0).json()
+    assert body["choices"][0]["message"]["content"] == text

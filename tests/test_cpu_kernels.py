@@ -279,20 +279,26 @@ def test_without_kernels_serving_falls_back_to_torch(env):
     assert out.stdout.split() == ["False", "0", "False"]
 
 
-@needs_kernels
-def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
-    """The same source built without AVX512-BF16 (as on Skylake/Ice Lake servers) widens bf16 to fp32 and FMAs:
-    still the exact product rounded once."""
+def build_without(tmp_path, feature: str, function: str, pointers: int):
+    """`function` from the kernels' source compiled with -mno-<feature> (a CPU without it), ready to call."""
     import ctypes
     import shutil
     import subprocess
 
-    lib_path = tmp_path / "nobf16.so"
+    lib_path = tmp_path / f"no-{feature}.so"
     compiler = shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *cpu_kernels.FLAGS, "-mno-avx512bf16", str(cpu_kernels.SOURCE), "-o", str(lib_path)],
+    subprocess.run([compiler, *cpu_kernels.FLAGS, f"-mno-{feature}", str(cpu_kernels.SOURCE), "-o", str(lib_path)],
                    check=True)
-    fn = ctypes.CDLL(str(lib_path)).qwen25_linear_bf16
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn = getattr(ctypes.CDLL(str(lib_path)), function)
+    fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn
+
+
+@needs_kernels
+def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
+    """The same source built without AVX512-BF16 (as on Skylake/Ice Lake servers) widens bf16 to fp32 and FMAs:
+    still the exact product rounded once."""
+    fn = build_without(tmp_path, "avx512bf16", "qwen25_linear_bf16", 4)
     gen = torch.Generator().manual_seed(3)
     for m, n, k in SHAPES:
         x, w = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
@@ -305,16 +311,7 @@ def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
 def test_fallback_for_avx512_cpus_without_vnni(tmp_path):
     """Built without AVX512-VNNI (Skylake servers), the int8-activation kernel widens to int16 and uses vpmaddwd:
     the same exact sums."""
-    import ctypes
-    import shutil
-    import subprocess
-
-    lib_path = tmp_path / "novnni.so"
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *cpu_kernels.FLAGS, "-mno-avx512vnni", str(cpu_kernels.SOURCE), "-o", str(lib_path)],
-                   check=True)
-    fn = ctypes.CDLL(str(lib_path)).qwen25_linear_q8
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn = build_without(tmp_path, "avx512vnni", "qwen25_linear_q8", 5)
     gen = torch.Generator().manual_seed(4)
     for m, n, k in SHAPES:
         x, q = torch.randn(m, k, generator=gen).bfloat16(), torch.randint(-127, 128, (n, k), generator=gen)

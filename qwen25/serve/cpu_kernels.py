@@ -123,12 +123,15 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """bias + (x @ qweight.T) * scale for bf16 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias."""
-    _check(x, qweight.shape[1])
+    return _scaled_linear(_library().qwen25_linear_int8, x, qweight, scale, bias)
+
+
+def _scaled_linear(kernel, x, weight, scale, bias) -> torch.Tensor:
+    _check(x, weight.shape[1])
     x = x.contiguous()
-    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
-    _library().qwen25_linear_int8(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
-                                  x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
-                                  torch.get_num_threads())
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    kernel(_ptr(weight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1], weight.shape[0],
+           weight.shape[1], torch.get_num_threads())
     return out
 
 
@@ -137,13 +140,7 @@ def linear_q8(x: torch.Tensor, weight_u8: torch.Tensor, scale: torch.Tensor,
     """bias + (xq @ (weight_u8 - 128).T) * scale, where xq is x (bf16, (..., K)) quantized per block of 32 as
     llama.cpp's Q8_0 does (d = max|x| / 127 per block, xq = d * round(x / d)); weight_u8 (N, K) uint8 holds the int8
     weights plus 128 (vpdpbusd multiplies unsigned by signed bytes); scale and bias are fp32 (N,)."""
-    _check(x, weight_u8.shape[1])
-    x = x.contiguous()
-    out = x.new_empty(*x.shape[:-1], weight_u8.shape[0])
-    _library().qwen25_linear_q8(_ptr(weight_u8), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
-                                x.numel() // weight_u8.shape[1], weight_u8.shape[0], weight_u8.shape[1],
-                                torch.get_num_threads())
-    return out
+    return _scaled_linear(_library().qwen25_linear_q8, x, weight_u8, scale, bias)
 
 
 def use_kernel(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:

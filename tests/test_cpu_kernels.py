@@ -114,6 +114,21 @@ def test_rope_kernel_equals_the_model_rope_on_strided_views(b, t, tables):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_q8_kernel_keeps_non_finite_activations_non_finite(bad):
+    """A NaN or infinity among the activations turns its row's outputs NaN (as the unquantized product would be
+    non-finite) instead of vanishing into a block scale; other rows are untouched; large finite values are fine."""
+    q = torch.randint(-127, 128, (8, 100), dtype=torch.int8)
+    weight_u8, scale = (q.to(torch.int16) + 128).to(torch.uint8), torch.rand(8)
+    x = torch.randn(3, 100).bfloat16()
+    x[0, 70] = bad
+    x[2, 64:96] = 1e30  # a block of large values whose products stay within fp32
+    y = cpu_kernels.linear_q8(x, weight_u8, scale)
+    assert y[0].isnan().all()
+    assert_rounded_from(y[1:], ((quantize_blocks_of_32(x[1:]) @ q.double().T) * scale.double()).float())
+
+
+@needs_kernels
 def test_kernels_refuse_what_they_do_not_compute():
     w = torch.randn(8, 16).bfloat16()
     with pytest.raises(ValueError, match="bf16 CPU activations with 16 features"):

@@ -150,7 +150,11 @@ static void quantize_q8(const uint16_t* x, int64_t M, int64_t K, int64_t Kp, int
             __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
             __m512 a = bf16x16_to_ps(x + m * K + k, m0), b = bf16x16_to_ps(x + m * K + k + 16, m1);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            // x * 0 is NaN exactly where x is NaN or infinite: such a block makes d (and the row's outputs) NaN,
+            // as the unquantized product would be, instead of a finite result
+            __m512 zero = _mm512_setzero_ps();
+            float nonfinite = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(a, zero), _mm512_mul_ps(b, zero)));
+            float d = nonfinite == 0.0f ? amax / 127.0f : nonfinite, inv = d > 0.0f ? 1.0f / d : 0.0f;
             __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // rounds to nearest even
             __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
             _mm_storeu_si128((__m128i*)(xq + m * Kp + k), _mm512_cvtsepi32_epi8(qa));

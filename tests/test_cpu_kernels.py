@@ -39,6 +39,26 @@ def test_bf16_kernel_is_the_exact_product_rounded(m, n, k):
     assert_rounded_from(cpu_kernels.linear_bf16(x.view(m, 1, k), w).view(m, n), (x.double() @ w.double().T).float())
 
 
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason="no AMX-BF16 here (or the OS refused the tile state)")
+
+
+@needs_amx
+@pytest.mark.parametrize("m,n,k", [(16, 1152, 896), (5, 37, 64), (3, 70, 4864), (16, 64, 32), (4, 151, 896)])
+def test_amx_bf16_kernel_is_the_exact_product_rounded_and_batch_invariant(m, n, k):
+    """With AMX tiles (3-16 rows, K % 32 == 0; weight rows past the last multiple of 32 by the vector kernel),
+    each output is the exact product rounded once, and a row comes out bit for bit the same in any such batch."""
+    gen = torch.Generator().manual_seed(m * 31 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    out = cpu_kernels.linear_bf16(x, w, bias)
+    assert_rounded_from(out, (x.double() @ w.double().T + bias.double()).float())
+    others = torch.randn(2, k, generator=gen).bfloat16()
+    for row in range(m):
+        assert torch.equal(cpu_kernels.linear_bf16(torch.cat([x[row:row + 1], others]), w, bias)[:1], out[row:row + 1])
+    assert cpu_kernels.bf16_max_rows(k) == cpu_kernels.AMX_MAX_ROWS
+
+
 @needs_kernels
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_int8_kernel_is_the_exact_scaled_product_rounded(m, n, k):
@@ -181,12 +201,12 @@ def test_bf16_decode_with_kernels_tracks_torch(monkeypatch):
     calls = []
     real = cpu_kernels.linear_bf16
     monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a: calls.append(a[1].shape) or real(*a))
-    ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
+    ids = torch.tensor([[3, 17, 42, 9, 100, 7] * 3 + [11, 5]])
     with torch.no_grad():
         ref = ref_model(ids)[:, -1:].float()
-        cache = KVCache(model.config, 1, 16, dtype=torch.bfloat16)
+        cache = KVCache(model.config, 1, 32, dtype=torch.bfloat16)
         model(ids[:, :-1], cache=cache)
-        assert not calls  # prefill (5 rows) uses torch's matmul
+        assert not calls  # prefill (19 rows, more than AMX_MAX_ROWS) uses torch's matmul
         got = model(ids[:, -1:], cache=cache).float()  # one decode step: one row per matmul
     assert len(calls) == 4 * model.config.num_hidden_layers + 1  # qkv, o, gate_up, down per layer; lm_head
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
@@ -266,7 +286,8 @@ def test_prepare_without_kernels_keeps_torch_layers():
 
 @needs_kernels
 def test_bf16_batch_of_two_decodes_as_single_requests():
-    """With the kernels a decode row is summed alone, so two requests batched give each one's own greedy tokens."""
+    """With the kernels a decode row of a batch of 2 is summed alone, so two requests batched give each one's own
+    greedy tokens (3-16 rows take AMX tiles, whose sums round differently from one row's)."""
     from qwen25.serve import Engine
 
     model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
@@ -310,12 +331,17 @@ def build_without(tmp_path, feature: str, function: str, pointers: int):
 
 
 @needs_kernels
-def test_fallback_for_avx512_cpus_without_bf16_dot_products(tmp_path):
-    """The same source built without AVX512-BF16 (as on Skylake/Ice Lake servers) widens bf16 to fp32 and FMAs:
-    still the exact product rounded once."""
-    fn = build_without(tmp_path, "avx512bf16", "qwen25_linear_bf16", 4)
+@pytest.mark.parametrize("feature", ["avx512bf16", "amx-tile"])
+def test_fallback_for_avx512_cpus_without_bf16_dot_products_or_amx(tmp_path, feature):
+    """The same source built without AVX512-BF16 (as on Skylake/Ice Lake servers) widens bf16 to fp32 and FMAs,
+    and without AMX (as on Zen 4) takes the vector kernel for every row count: still the exact product rounded once."""
+    import ctypes
+
+    fn = build_without(tmp_path, feature, "qwen25_linear_bf16", 4)
+    if feature == "amx-tile":
+        assert ctypes.CDLL(str(tmp_path / "no-amx-tile.so")).qwen25_amx() == 0
     gen = torch.Generator().manual_seed(3)
-    for m, n, k in SHAPES:
+    for m, n, k in SHAPES + [(16, 70, 64)]:
         x, w = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
         bias, out = torch.randn(n, generator=gen), torch.empty(m, n, dtype=torch.bfloat16)
         fn(w.data_ptr(), x.data_ptr(), bias.data_ptr(), out.data_ptr(), m, n, k, 2)

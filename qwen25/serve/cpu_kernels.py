@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 2  # more activation rows than this (prefill, batches): torch's matmuls are as fast or faster
+AMX_MAX_ROWS = 16  # ... except that the bf16 kernel with AMX tiles stays at memory speed up to 16 rows
 Q8_MAX_ROWS = 16  # the int8-activation kernel beats torch's int8 kernel at any size, dequantized weights from ~16 on
 
 
@@ -98,6 +99,17 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernels can be used on this machine."""
     return _library() is not None
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether the bf16 kernel uses AMX tiles here (compiled for a CPU with AMX-BF16, tile state granted by Linux)."""
+    return available() and _library().qwen25_amx() == 1
+
+
+def bf16_max_rows(in_features: int) -> int:
+    """How many activation rows linear_bf16 should take for a layer with this many input features."""
+    return AMX_MAX_ROWS if in_features % 32 == 0 and amx() else MAX_ROWS
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -193,9 +205,10 @@ class DecodeLinear(nn.Module):
         self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
                              persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = bf16_max_rows(linear.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernel(x):
+        if use_kernel(x, self.max_rows):
             return linear_bf16(x, self.weight, self.bias_f32)
         return F.linear(x, self.weight, self.bias)
 

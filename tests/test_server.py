@@ -512,3 +512,63 @@ def test_w8a8_server_replies_as_its_model_generates(model_dir):
     with TestClient(app) as client:
         body = chat(client, max_tokens=10, temperature=0).json()
     assert body["choices"][0]["message"]["content"] == text
+
+
+def test_engine_driven_from_the_calling_thread(model_dir):
+    """engine_thread=False (what `qwen25 serve` does): no engine thread starts with the app; the caller's run()
+    serves requests until stop(), and requests then still open end with an error."""
+    app, engine = build_server(model_dir, max_batch=2, max_len=128, model_name="tiny", engine_thread=False)
+    tok = Tokenizer.from_dir(model_dir)
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    text, _ = greedy_reply(load_model(model_dir, dtype="fp32"), tok, prompt, 8)
+    replies = []
+
+    def client():
+        try:
+            with TestClient(app) as client:
+                assert engine._thread in (None, threading.main_thread())  # the app started no thread of its own
+                replies.append(chat(client, max_tokens=8, temperature=0).json())
+        finally:
+            engine.stop()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()  # returns once the client thread has stopped it
+    thread.join()
+    assert replies[0]["choices"][0]["message"]["content"] == text
+    with pytest.raises(RuntimeError, match="own thread"):
+        build_server(model_dir, max_batch=1, max_len=64)[1].run()
+
+
+def test_serve_command_runs_and_stops_on_sigterm(model_dir):
+    """`qwen25 serve` end to end: the engine on the main thread, uvicorn on another; SIGTERM shuts both down."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qwen25.cli", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--max-len", "128", "--served-model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

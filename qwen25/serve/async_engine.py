@@ -124,8 +124,12 @@ class ThroughputMeter:
 class AsyncEngine:
     """The Engine on a background thread, with an async interface: `async for event in stream(requests)`."""
 
-    def __init__(self, engine: Engine, tokenizer, idle_poll_s: float = 0.1):
+    def __init__(self, engine: Engine, tokenizer, idle_poll_s: float = 0.1, own_thread: bool = True):
         self.engine, self.tokenizer, self.idle_poll_s = engine, tokenizer, idle_poll_s
+        # own_thread=False: the caller drives the loop with run() (`qwen25 serve` does, on its main thread: with
+        # OpenMP (torch's CPU kernels and ours) a second thread's parallel regions start ~3x slower once the main
+        # thread has used OpenMP too, because libgomp stops its workers from spinning between regions)
+        self.own_thread = own_thread
         self.inbox: queue.Queue = queue.Queue()
         self.handles: dict[str, _Handle] = {}
         self.counters = {"generated_tokens": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0}
@@ -137,14 +141,28 @@ class AsyncEngine:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
-        if self._thread is None or not self._thread.is_alive():
+        """Start the engine thread (idempotent; nothing to do when the caller drives the loop with run())."""
+        if self.own_thread and (self._thread is None or not self._thread.is_alive()):
             self._thread = threading.Thread(target=self._loop, name="qwen25-engine", daemon=True)
             self._thread.start()
 
+    def run(self) -> None:
+        """Drive the engine in the calling thread until stop() (for own_thread=False); requests still running at
+        the end get an error event."""
+        if self.own_thread:
+            raise RuntimeError("this engine runs its own thread (own_thread=True); start() it instead")
+        self._thread = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._fail_all("the server is shutting down")
+            self._thread = None
+
     def stop(self) -> None:
-        """Stop the engine thread; requests still running end with an error event."""
-        if self._thread is not None:
+        """Stop the engine thread (or the run() loop); requests still running end with an error event."""
+        if not self.own_thread:
+            self.inbox.put(("stop", None))
+        elif self._thread is not None:
             self.inbox.put(("stop", None))
             self._thread.join(timeout=30)
             self._thread = None

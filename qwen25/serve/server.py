@@ -351,8 +351,12 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
 # ---- building and running --------------------------------------------------------------------------------------
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
                  w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
-                 prefill_chunk: int | None = 512, kernels: bool = True, **limits) -> tuple[FastAPI, AsyncEngine]:
-    """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine."""
+                 prefill_chunk: int | None = 512, kernels: bool = True, engine_thread: bool = True,
+                 **limits) -> tuple[FastAPI, AsyncEngine]:
+    """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine.
+
+    engine_thread=False: the engine does not start a thread of its own; the caller drives it with engine.run()
+    (`qwen25 serve` does, on the main thread, where the model was loaded: see AsyncEngine)."""
     import torch
 
     from ..model import load_model
@@ -366,7 +370,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     model = load_model(model_dir, dtype=dtype)
     log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, kernels=kernels))
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
-                                 prefill_chunk=prefill_chunk), tokenizer)
+                                 prefill_chunk=prefill_chunk), tokenizer, own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
     return create_app(engine, tokenizer, config), engine

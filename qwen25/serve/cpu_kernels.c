@@ -108,6 +108,12 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed, aligned(64))) tile_config;
 
+// y[m, n0 + i] = c[i][m] (+ bias), rounded to bf16, from a stored C tile of 16 outputs x M rows.
+static inline void store_tile(const float* c, const float* bias, uint16_t* y, int64_t M, int64_t N, int64_t n0) {
+    for (int i = 0; i < 16; i++)
+        for (int64_t m = 0; m < M; m++) y[m * N + n0 + i] = to_bf16(c[i * M + m] + (bias ? bias[n0 + i] : 0.0f));
+}
+
 static void linear_bf16_amx(const uint16_t* W, const uint16_t* x, const float* bias, uint16_t* y,
                             int64_t M, int64_t N, int64_t K, int threads) {
     uint16_t* xp = (uint16_t*)malloc(sizeof(uint16_t) * K * M);  // xp[k/2][m][k%2] = x[m][k]
@@ -138,13 +144,10 @@ static void linear_bf16_amx(const uint16_t* W, const uint16_t* x, const float* b
                 _tile_dpbf16ps(0, 2, 4);
                 _tile_dpbf16ps(1, 3, 4);
             }
-            for (int t = 0; t < 2; t++) {
-                if (t == 0) _tile_stored(0, c, M * 4); else _tile_stored(1, c, M * 4);
-                for (int i = 0; i < 16; i++) {
-                    const int64_t n = n0 + t * 16 + i;
-                    for (int64_t m = 0; m < M; m++) y[m * N + n] = to_bf16(c[i * M + m] + (bias ? bias[n] : 0.0f));
-                }
-            }
+            _tile_stored(0, c, M * 4);  // tile numbers must be constants: one store per tile
+            store_tile(c, bias, y, M, N, n0);
+            _tile_stored(1, c, M * 4);
+            store_tile(c, bias, y, M, N, n0 + 16);
         }
         _tile_release();
     }
@@ -162,7 +165,7 @@ void qwen25_linear_bf16(const uint16_t* W, const uint16_t* x, const float* bias,
     }
 #endif
     int64_t blocks = (N - first + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 0)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = first + b * ROWS;
         if (N - n0 >= ROWS)  // a constant row count keeps the accumulators in registers

@@ -78,8 +78,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     by the penalty, multiply negative ones."""
     if penalty == 1.0:
         return logits
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
+    rows, cols = seen.nonzero(as_tuple=True)  # a few hundred seen tokens, not the whole vocabulary
+    picked = logits[rows, cols]
+    out = logits.clone()
+    out[rows, cols] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return out
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,10 +108,12 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                    vocab_limit: int | None = None) -> torch.Tensor:
     """Repetition penalty, padding-vocabulary mask, then (when sampling) temperature, top-k and top-p."""
-    logits = logits.float()
+    as_float = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
+        logits = as_float.clone() if as_float is logits else as_float  # never write into the caller's tensor
         logits[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
+    else:
+        logits = as_float
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:

@@ -120,9 +120,13 @@ def test_sampling_settings_are_per_request(model):
     prompt = _prompts(1, seed=4)[0]
     sampled = SamplingParams(do_sample=True, temperature=1.0, top_k=20, max_new_tokens=10, seed=7)
     greedy = SamplingParams(max_new_tokens=10)
-    engine = Engine(model, max_batch=2, max_len=128)
-    a, b = engine.generate([prompt, prompt], [sampled, greedy])
+    penalised = SamplingParams(max_new_tokens=10, repetition_penalty=1.3)
+    other = _prompts(1, seed=5)[0]
+    engine = Engine(model, max_batch=4, max_len=128)  # greedy rows are picked together, per repetition penalty
+    a, b, c, d = engine.generate([prompt, prompt, prompt, other], [sampled, greedy, penalised, penalised])
     assert b == generate(model, [prompt], greedy)[0]
+    assert c == generate(model, [prompt], penalised)[0] and d == generate(model, [other], penalised)[0]
+    assert c != b  # the penalty changed the greedy choice somewhere
     assert a == Engine(model, max_batch=1, max_len=128).generate([prompt], sampled)[0]  # same seed, same tokens
 
 

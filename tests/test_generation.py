@@ -121,3 +121,14 @@ def test_tokenizer_vocab_size(tmp_path):
         "model": {"vocab": {"a": 0, "b": 1, "ab": 2}}, "added_tokens": [{"id": 3, "content": "<|endoftext|>"}]}))
     assert tokenizer_vocab_size(tmp_path) == 4
     assert tokenizer_vocab_size(tmp_path / "none") is None
+
+
+def test_process_logits_leaves_the_callers_logits_alone():
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(2, 50).to(dtype)
+        before = logits.clone()
+        seen = torch.zeros(2, 50, dtype=torch.bool)
+        seen[:, :5] = True
+        out = process_logits(logits, SamplingParams(repetition_penalty=1.3), seen, vocab_limit=40)
+        assert torch.equal(logits, before) and torch.isinf(out[:, 40:]).all()
+        assert torch.allclose(out[:, 5:40], before[:, 5:40].float())

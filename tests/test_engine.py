@@ -35,6 +35,21 @@ def test_batched_greedy_equals_single_requests(model):
     assert engine.stats["decode_steps"] < sum(p.max_new_tokens for p in params)  # steps were shared
 
 
+def test_prompts_arriving_together_prefill_in_one_forward(model):
+    """Several prompts admitted in one step (different lengths, one continuing a cached prefix) are prefilled in a
+    single right-padded forward, and every output equals one-at-a-time generation."""
+    shared = _prompts(1, seed=9)[0] + _prompts(1, seed=10)[0]  # long enough for whole prefix-cache blocks
+    prompts = [shared + [5, 6, 7]] + _prompts(4, seed=11)
+    params = SamplingParams(max_new_tokens=6)
+    engine = Engine(model, max_batch=5, max_len=160)
+    engine.generate([shared + [9]], params)  # fills the prefix cache
+    forwards = engine.stats["prefill_forwards"]
+    got = engine.generate(prompts, params)
+    assert engine.stats["prefill_forwards"] == forwards + 1 and engine.stats["reused_tokens"] > 0
+    for prompt, out in zip(prompts, got):
+        assert out == generate(model, [prompt], params)[0]
+
+
 def test_requests_join_between_steps(model):
     prompts = _prompts(3, seed=1)
     params = SamplingParams(max_new_tokens=10)

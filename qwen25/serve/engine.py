@@ -4,7 +4,9 @@ Requests join and leave between decode steps. Every request owns one slot (row) 
 cache with its own length; a decode step runs one token for every running slot at once. Prompt prefixes
 (e.g. a shared system prompt) are reused block by block from an LRU prefix cache. Long prompts are prefilled
 in chunks of at most `prefill_chunk` tokens per step, so requests already running keep receiving tokens while
-a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill). Chat templates, stop
+a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill); the chunks of several
+prompts in one step go through one forward (rows right-padded), so the weights are read once for all of
+them. Chat templates, stop
 strings and HTTP sit above this, in the server.
 """
 
@@ -103,6 +105,28 @@ class _DecodeView:
         return self.cache.k[layer, :self.n, :, :self.width], self.cache.v[layer, :self.n, :, :self.width]
 
 
+class _BatchPrefillView:
+    """The cache protocol for prompt chunks of several slots in one forward: row i holds the next tokens of slot
+    slots[i] from position starts[i] on, right-padded to the longest chunk (the padding's keys land past the
+    slot's prompt, where later tokens overwrite them, and nothing attends to them)."""
+
+    has_padding = False
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], chunk: int):
+        device = cache.k.device
+        self.cache, self.slots = cache, torch.tensor(slots, device=device)
+        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(chunk, device=device)
+        self.width = int(self.positions.max()) + 1
+
+    def reserve(self, n: int, valid=None) -> int:
+        return 0  # unused: the engine passes position_ids and an explicit mask
+
+    def update(self, layer: int, start: int, k, v):
+        self.cache.k[layer, self.slots[:, None], :, self.positions] = k.transpose(1, 2)
+        self.cache.v[layer, self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+        return self.cache.k[layer, self.slots, :, :self.width], self.cache.v[layer, self.slots, :, :self.width]
+
+
 class PrefixCache:
     """LRU store of KV blocks keyed by the hash of every token up to the block's end."""
 
@@ -155,7 +179,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request state
         self.cancelled: set[str] = set()
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        self.stats = {"prefill_tokens": 0, "prefill_forwards": 0, "reused_tokens": 0, "decode_steps": 0,
+                      "generated_tokens": 0}
         self._ids = itertools.count()
 
     @property
@@ -201,14 +226,19 @@ class Engine:
             self.running[slot] = _Running(request, slot, self.device)
             self._reuse_prefix(slot)
         logits: dict[int, torch.Tensor] = {}
-        budget = self.prefill_chunk
+        budget, chunks = self.prefill_chunk, []
         for slot, state in list(self.running.items()):  # admission order: the oldest prompt first
             if state.prefilled < len(state.request.prompt) and (budget is None or budget > 0):
                 n = len(state.request.prompt) - state.prefilled
                 n = n if budget is None else min(n, budget)
-                last = self._prefill(slot, n)
+                chunks.append((slot, n))
                 budget = None if budget is None else budget - n
-                if last is not None:
+        if len(chunks) > 1 and max(self.running[s].prefilled + max(n for _, n in chunks)
+                                   for s, _ in chunks) <= self.max_len:
+            logits.update(self._prefill_together(chunks))  # several prompts: the weights are read once
+        else:
+            for slot, n in chunks:
+                if (last := self._prefill(slot, n)) is not None:
                     logits[slot] = last
         decode = [s for s, r in self.running.items() if s not in logits and r.prefilled == len(r.request.prompt)]
         if decode:
@@ -252,6 +282,38 @@ class Engine:
         ids = torch.tensor([prompt[start:start + n]], device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
         out = self.model(ids, position_ids=positions, cache=_PrefillView(self.cache, slot, start), last_only=True)
+        self.stats["prefill_forwards"] += 1
+        return self._prefilled(slot, n, lambda: out[0, -1])
+
+    def _prefill_together(self, chunks: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """_prefill for several slots in one forward (rows right-padded to the longest chunk); the last position's
+        logits of each slot whose prompt is now complete."""
+        slots, sizes = [s for s, _ in chunks], [n for _, n in chunks]
+        starts, width = [self.running[s].prefilled for s in slots], max(sizes)
+        ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)
+        for row, (slot, n) in enumerate(chunks):
+            prompt = self.running[slot].request.prompt
+            ids[row, :n] = torch.tensor(prompt[starts[row]:starts[row] + n], device=self.device)
+        view = _BatchPrefillView(self.cache, slots, starts, width)
+        keys = torch.arange(view.width, device=self.device)
+        mask = (keys[None, None, :] <= view.positions[:, :, None])[:, None]  # causal within each slot
+        hidden = self.model(ids, position_ids=view.positions, cache=view, mask=mask, return_hidden=True)
+        self.stats["prefill_forwards"] += 1
+        last = hidden[torch.arange(len(slots), device=self.device), torch.tensor(sizes, device=self.device) - 1]
+        complete = [row for row, (slot, n) in enumerate(chunks)
+                    if starts[row] + n == len(self.running[slot].request.prompt)]
+        head = self.model.lm_head(last[complete]) if complete else None
+        logits = {}
+        for row, (slot, n) in enumerate(chunks):
+            out = self._prefilled(slot, n, lambda row=row: head[complete.index(row)])
+            if out is not None:
+                logits[slot] = out
+        return logits
+
+    def _prefilled(self, slot: int, n: int, last_logits) -> torch.Tensor | None:
+        """Bookkeeping after n more prompt tokens of a slot went into the cache; last_logits() once it is whole."""
+        state = self.running[slot]
+        prompt, start = state.request.prompt, state.prefilled
         # A partly prefilled slot's length is where its next chunk starts: the throw-away row a decode step computes
         # for it writes there, and the next chunk overwrites it.
         state.prefilled = start + n
@@ -263,7 +325,7 @@ class Engine:
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
         if self.prefix:
             self.prefix.insert(prompt, self.cache, slot)
-        return out[0, -1]
+        return last_logits()
 
     def _decode(self, slots: list[int]) -> dict[int, torch.Tensor]:
         n = max(slots) + 1  # one batch over slots [0, n); idle slots compute a throw-away row

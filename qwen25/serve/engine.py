@@ -233,9 +233,10 @@ class Engine:
                 n = n if budget is None else min(n, budget)
                 chunks.append((slot, n))
                 budget = None if budget is None else budget - n
-        if len(chunks) > 1 and max(self.running[s].prefilled + max(n for _, n in chunks)
-                                   for s, _ in chunks) <= self.max_len:
-            logits.update(self._prefill_together(chunks))  # several prompts: the weights are read once
+        together = len(chunks) > 1 and getattr(self.model, "dual_chunk", None) is None and max(
+            self.running[s].prefilled for s, _ in chunks) + max(n for _, n in chunks) <= self.max_len
+        if together:  # several prompts (plain RoPE): one forward reads the weights once for all
+            logits.update(self._prefill_together(chunks))
         else:
             for slot, n in chunks:
                 if (last := self._prefill(slot, n)) is not None:

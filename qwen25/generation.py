@@ -78,7 +78,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     by the penalty, multiply negative ones."""
     if penalty == 1.0:
         return logits
-    rows, cols = seen.nonzero(as_tuple=True)  # a few hundred seen tokens, not the whole vocabulary
+    if logits.device.type != "cpu":  # accelerators: whole-vocabulary ops, no host sync (nonzero would need one)
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        return torch.where(seen, penalised, logits)
+    rows, cols = seen.nonzero(as_tuple=True)  # CPU: only the few hundred seen tokens, not the whole vocabulary
     picked = logits[rows, cols]
     out = logits.clone()
     out[rows, cols] = torch.where(picked < 0, picked * penalty, picked / penalty)

@@ -132,3 +132,14 @@ def test_process_logits_leaves_the_callers_logits_alone():
         out = process_logits(logits, SamplingParams(repetition_penalty=1.3), seen, vocab_limit=40)
         assert torch.equal(logits, before) and torch.isinf(out[:, 40:]).all()
         assert torch.allclose(out[:, 5:40], before[:, 5:40].float())
+
+
+def test_repetition_penalty_on_seen_tokens_equals_the_whole_vocabulary_formula():
+    """The CPU path (gather/scatter over the seen tokens) equals the whole-vocabulary form accelerators use."""
+    from qwen25.generation import apply_repetition_penalty
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1000, generator=gen)
+    seen = torch.rand(3, 1000, generator=gen) < 0.05
+    dense = torch.where(seen, torch.where(logits < 0, logits * 1.2, logits / 1.2), logits)
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.2), dense)

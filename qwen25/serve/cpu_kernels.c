@@ -34,15 +34,20 @@ static inline __m512 bf16x16_to_ps(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+static inline __mmask16 tail16(int64_t left) {  // the first min(left, 16) lanes (none for left <= 0)
+    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
 // The first weight element of the block AHEAD blocks on (this block's own at the end): what to prefetch.
 INLINE int64_t prefetch_start(int64_t n0, int64_t N, int64_t K) {
     return (n0 + AHEAD * ROWS < N ? n0 + AHEAD * ROWS : n0) * K;
 }
 
-// y[n0 + r] = sum(acc[r]) (times scale[n0 + r] when scale is given) + bias[n0 + r], rounded to bf16 once.
-INLINE void store_rows(const __m512* acc, int rows, const float* scale, const float* bias, int64_t n0, uint16_t* y) {
+// y[n0 + r] = (sum(acc[r]) - offset) (times scale[n0 + r] when scale is given) + bias[n0 + r], rounded to bf16 once.
+INLINE void store_rows(const __m512* acc, int rows, float offset, const float* scale, const float* bias, int64_t n0,
+                       uint16_t* y) {
     for (int r = 0; r < rows; r++) {
-        float s = _mm512_reduce_add_ps(acc[r]);
+        float s = _mm512_reduce_add_ps(acc[r]) - offset;
         if (scale) s *= scale[n0 + r];
         y[n0 + r] = to_bf16(s + (bias ? bias[n0 + r] : 0.0f));
     }
@@ -74,7 +79,7 @@ INLINE void block_bf16(const uint16_t* W, const uint16_t* x, const float* bias, 
             }
 #endif
         }
-        store_rows(acc, rows, NULL, bias, n0, y + m * N);
+        store_rows(acc, rows, 0.0f, NULL, bias, n0, y + m * N);
     }
 }
 
@@ -183,7 +188,7 @@ INLINE void block_int8(const int8_t* Q, const float* xf, const float* scale, con
         __m512 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __mmask16 mask = tail16(K - k);
             if (m == 0 && (k & 63) == 0)
                 for (int r = 0; r < rows; r++) _mm_prefetch((const char*)(Q + next + r * K + k), _MM_HINT_T0);
             __m512 xv = _mm512_maskz_loadu_ps(mask, xm + k);
@@ -192,7 +197,7 @@ INLINE void block_int8(const int8_t* Q, const float* xf, const float* scale, con
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
             }
         }
-        store_rows(acc, rows, scale, bias, n0, y + m * N);
+        store_rows(acc, rows, 0.0f, scale, bias, n0, y + m * N);
     }
 }
 
@@ -231,10 +236,8 @@ static void quantize_q8(const uint16_t* x, int64_t M, int64_t K, int64_t Kp, int
     for (int64_t m = 0; m < M; m++) {
         double corr = 0.0;
         for (int64_t k = 0; k < Kp; k += 32) {
-            int64_t left = K - k < 0 ? 0 : K - k;
-            __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-            __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-            __m512 a = bf16x16_to_ps(x + m * K + k, m0), b = bf16x16_to_ps(x + m * K + k + 16, m1);
+            __m512 a = bf16x16_to_ps(x + m * K + k, tail16(K - k));
+            __m512 b = bf16x16_to_ps(x + m * K + k + 16, tail16(K - k - 16));
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
             // x * 0 is NaN exactly where x is NaN or infinite: such a block makes d (and the row's outputs) NaN,
             // as the unquantized product would be, instead of a finite result
@@ -285,10 +288,7 @@ INLINE void block_q8(const uint8_t* Wu, const int8_t* xq, const float* dq, const
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[r]);
             }
         }
-        for (int r = 0; r < rows; r++) {
-            float s = (_mm512_reduce_add_ps(acc[r]) - c[m]) * scale[n0 + r];
-            y[m * N + n0 + r] = to_bf16(s + (bias ? bias[n0 + r] : 0.0f));
-        }
+        store_rows(acc, rows, c[m], scale, bias, n0, y + m * N);
     }
 }
 
@@ -329,8 +329,6 @@ static inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 mask) {  // v 
     _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
 }
 
-static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
 //   y[m, :] = bf16(w * bf16(x[m, :] / sqrt(mean(x[m, :]^2) + eps)))      (fp32 inside; x, w, y bf16)
 void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, float eps) {
     for (int64_t m = 0; m < M; m++) {
@@ -343,9 +341,9 @@ void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int
         float ms = _mm512_reduce_add_ps(acc) / (float)K + eps;
         __m512 r = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(ms))));  // sqrt rounded once, as torch
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 n = round_to_bf16_ps(_mm512_mul_ps(bf16x16_to_ps(xm + k, tail16(K - k)), r));
-            store_bf16x16(y + m * K + k, round_to_bf16_ps(_mm512_mul_ps(n, bf16x16_to_ps(w + k, tail16(K - k)))),
-                          tail16(K - k));
+            __mmask16 mask = tail16(K - k);
+            __m512 n = round_to_bf16_ps(_mm512_mul_ps(bf16x16_to_ps(xm + k, mask), r));
+            store_bf16x16(y + m * K + k, round_to_bf16_ps(_mm512_mul_ps(n, bf16x16_to_ps(w + k, mask))), mask);
         }
     }
 }

@@ -116,16 +116,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: torch.Tensor, k: int):
+def _check(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x, contiguous, if the kernels can take it (bf16 on the CPU, k features); a ValueError otherwise."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
         raise ValueError(f"cpu kernels take bf16 CPU activations with {k} features; got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")
+    return x.contiguous()
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 x (..., K) and weight (N, K); bias fp32 or None."""
-    _check(x, weight.shape[1])
-    x = x.contiguous()
+    x = _check(x, weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     _library().qwen25_linear_bf16(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
                                   weight.shape[0], weight.shape[1], torch.get_num_threads())
@@ -139,8 +140,7 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def _scaled_linear(kernel, x, weight, scale, bias) -> torch.Tensor:
-    _check(x, weight.shape[1])
-    x = x.contiguous()
+    x = _check(x, weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     kernel(_ptr(weight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1], weight.shape[0],
            weight.shape[1], torch.get_num_threads())
@@ -163,8 +163,7 @@ def use_kernel(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rms_norm(x.float()).to(bf16) (RMSNorm.forward) for bf16 x (..., K) and weight (K,)."""
-    _check(x, weight.shape[0])
-    x = x.contiguous()
+    x = _check(x, weight.shape[0])
     out = torch.empty_like(x)
     _library().qwen25_rms_norm_bf16(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
@@ -174,9 +173,8 @@ def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     """model.rope.apply_rope for bf16 x (B, H, T, D) with unit stride in D (any other strides) and contiguous
     fp32 tables (B or 1, T, D); returns a contiguous tensor."""
     b, h, t, d = x.shape
-    _check(x, d)
-    if x.stride(-1) != 1 or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()) \
-            or cos.shape[-2:] != (t, d) or sin.shape != cos.shape or cos.shape[0] not in (1, b):
+    _check(x, d)  # x keeps its strides: the kernel takes them
+    if not _rope_layout(x, cos, sin):
         raise ValueError(f"rope kernel: unsupported layout x {tuple(x.shape)} {x.stride()}, tables {cos.dtype} "
                          f"{tuple(cos.shape)}")
     out = x.new_empty(b, h, t, d)
@@ -185,10 +183,16 @@ def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return out
 
 
+def _rope_layout(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether rope_bf16 takes these: unit stride in x's last dimension, contiguous fp32 (B or 1, T, D) tables."""
+    b, _, t, d = x.shape
+    return (x.stride(-1) == 1 and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape[-2:] == (t, d) and sin.shape == cos.shape and cos.shape[0] in (1, b))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The model's apply_rope, through the kernel for a few bf16 rows (decode) when the layout allows."""
-    if (use_kernel(x, Q8_MAX_ROWS * x.shape[1]) and x.stride(-1) == 1 and cos.dtype == torch.float32
-            and cos.is_contiguous() and sin.is_contiguous() and cos.shape[0] in (1, x.shape[0])):
+    if use_kernel(x, Q8_MAX_ROWS * x.shape[1]) and _rope_layout(x, cos, sin):
         return rope_bf16(x, cos, sin)
     return rope.apply_rope(x, cos, sin)
 

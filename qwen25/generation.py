@@ -113,10 +113,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     """Repetition penalty, padding-vocabulary mask, then (when sampling) temperature, top-k and top-p."""
     as_float = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = as_float.clone() if as_float is logits else as_float  # never write into the caller's tensor
-        logits[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
-    else:
-        logits = as_float
+        if as_float is logits:  # already fp32: never write into the caller's tensor
+            as_float = as_float.clone()
+        as_float[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
+    logits = as_float
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:

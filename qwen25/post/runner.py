@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..model import CausalLM, load_model, save_model
 from ..train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from ..train.loop import adamw as train_adamw
 from ..train.schedule import lr_at
 
 
@@ -104,13 +105,9 @@ def example_indices(step: int, batch_size: int, num_examples: int, seed: int) ->
 
 
 def adamw(model: torch.nn.Module, cfg: StageConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases and norms undecayed), torch's fused kernel on CPU and
-    CUDA, as in pre-training (train/loop.py build_optimizer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    """Pre-training's AdamW (train/loop.py) over the parameters that require grad."""
+    return train_adamw((p for p in model.parameters() if p.requires_grad), cfg.lr, cfg.betas, cfg.eps,
+                       cfg.weight_decay)
 
 
 def autocast(cfg: StageConfig):

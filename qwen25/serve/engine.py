@@ -85,46 +85,35 @@ class _PrefillView:
         return self.cache.k[layer, self.slot:self.slot + 1, :, :end], self.cache.v[layer, self.slot:self.slot + 1, :, :end]
 
 
-class _DecodeView:
-    """The cache protocol for one new token in each of the first `n` slots, each at its own length."""
+class _SlotsView:
+    """The cache protocol for the next tokens of several slots in one forward: row i holds `chunk` tokens of slot
+    slots[i] from position starts[i] on (a decode step: one token per slot; prompts of several slots: chunks
+    right-padded to the longest, whose padding keys land past the slot's prompt, where later tokens overwrite
+    them, and which nothing attends to). The engine passes `positions` as position_ids and `mask()`."""
 
     has_padding = False
 
-    def __init__(self, cache: SlotKVCache, n: int):
-        self.cache, self.n = cache, n
-        self.rows = torch.arange(n, device=cache.k.device)
-        self.positions = cache.lengths[:n].clone()
-        self.width = int(self.positions.max()) + 1
-
-    def reserve(self, n: int, valid=None) -> int:
-        return 0  # unused: the engine passes position_ids and an explicit mask
-
-    def update(self, layer: int, start: int, k, v):
-        self.cache.k[layer, self.rows, :, self.positions] = k[:, :, 0]
-        self.cache.v[layer, self.rows, :, self.positions] = v[:, :, 0]
-        return self.cache.k[layer, :self.n, :, :self.width], self.cache.v[layer, :self.n, :, :self.width]
-
-
-class _BatchPrefillView:
-    """The cache protocol for prompt chunks of several slots in one forward: row i holds the next tokens of slot
-    slots[i] from position starts[i] on, right-padded to the longest chunk (the padding's keys land past the
-    slot's prompt, where later tokens overwrite them, and nothing attends to them)."""
-
-    has_padding = False
-
-    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], chunk: int):
+    def __init__(self, cache: SlotKVCache, slots: list[int], starts: torch.Tensor, chunk: int):
         device = cache.k.device
-        self.cache, self.slots = cache, torch.tensor(slots, device=device)
-        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(chunk, device=device)
+        self.cache, self.n = cache, len(slots)
+        # slots 0..n-1 (decode): the cache rows are a slice, read without copying
+        self.rows = slice(0, self.n) if slots == list(range(self.n)) else torch.tensor(slots, device=device)
+        self.index = torch.tensor(slots, device=device)[:, None]
+        self.positions = starts.to(device)[:, None] + torch.arange(chunk, device=device)
         self.width = int(self.positions.max()) + 1
 
     def reserve(self, n: int, valid=None) -> int:
         return 0  # unused: the engine passes position_ids and an explicit mask
 
+    def mask(self) -> torch.Tensor:
+        """(rows, 1, chunk, width): a token sees its slot's keys up to its own position."""
+        keys = torch.arange(self.width, device=self.positions.device)
+        return (keys <= self.positions[:, :, None])[:, None]
+
     def update(self, layer: int, start: int, k, v):
-        self.cache.k[layer, self.slots[:, None], :, self.positions] = k.transpose(1, 2)
-        self.cache.v[layer, self.slots[:, None], :, self.positions] = v.transpose(1, 2)
-        return self.cache.k[layer, self.slots, :, :self.width], self.cache.v[layer, self.slots, :, :self.width]
+        self.cache.k[layer, self.index, :, self.positions] = k.transpose(1, 2)
+        self.cache.v[layer, self.index, :, self.positions] = v.transpose(1, 2)
+        return self.cache.k[layer, self.rows, :, :self.width], self.cache.v[layer, self.rows, :, :self.width]
 
 
 class PrefixCache:
@@ -295,10 +284,8 @@ class Engine:
         for row, (slot, n) in enumerate(chunks):
             prompt = self.running[slot].request.prompt
             ids[row, :n] = torch.tensor(prompt[starts[row]:starts[row] + n], device=self.device)
-        view = _BatchPrefillView(self.cache, slots, starts, width)
-        keys = torch.arange(view.width, device=self.device)
-        mask = (keys[None, None, :] <= view.positions[:, :, None])[:, None]  # causal within each slot
-        hidden = self.model(ids, position_ids=view.positions, cache=view, mask=mask, return_hidden=True)
+        view = _SlotsView(self.cache, slots, torch.tensor(starts), width)
+        hidden = self.model(ids, position_ids=view.positions, cache=view, mask=view.mask(), return_hidden=True)
         self.stats["prefill_forwards"] += 1
         last = hidden[torch.arange(len(slots), device=self.device), torch.tensor(sizes, device=self.device) - 1]
         complete = [row for row, (slot, n) in enumerate(chunks)
@@ -333,10 +320,8 @@ class Engine:
         tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
         for slot in slots:
             tokens[slot, 0] = self.running[slot].output[-1]
-        view = _DecodeView(self.cache, n)
-        keys = torch.arange(view.width, device=self.device)
-        mask = (keys[None, :] <= view.positions[:, None])[:, None, None, :]
-        logits = self.model(tokens, position_ids=view.positions[:, None], cache=view, mask=mask)[:, -1]
+        view = _SlotsView(self.cache, list(range(n)), self.cache.lengths[:n], 1)
+        logits = self.model(tokens, position_ids=view.positions, cache=view, mask=view.mask())[:, -1]
         for slot in slots:
             self.cache.lengths[slot] += 1
         self.stats["decode_steps"] += 1

@@ -15,7 +15,6 @@ and the two GGUF files into --work; later runs reuse them. llama-bench: `-t THRE
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -31,6 +30,7 @@ from decode import run_ours  # noqa: E402
 from serve import write_checkpoint  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402
+from qwen25.model import load_model  # noqa: E402
 from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
 
 
@@ -78,15 +78,8 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     ggufs = make_ggufs(args, work)
 
-    cfg = ModelConfig.from_preset("0.5b")
-    with torch.device("meta"):
-        from qwen25.model import CausalLM
-
-        base = CausalLM(cfg)
-    base = base.to_empty(device="cpu").to(torch.bfloat16)
-    base.init_weights(seed=0)
-    base.reset_rope()
-    ours = {"bf16": copy.deepcopy(base).eval(), "w8a8": base.eval()}
+    # the checkpoint the GGUF files were converted from, through our own loader
+    ours = {kind: load_model(work / "hf-0.5b", dtype="bf16") for kind in ("bf16", "w8a8")}
     prepare_for_decode(ours["bf16"])
     prepare_for_decode(ours["w8a8"], w8a8=True)
     prompt = torch.randint(0, 151643, (128,), generator=torch.Generator().manual_seed(0)).tolist()

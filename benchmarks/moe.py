@@ -4,7 +4,9 @@
                              [--repeat 3] [--hf-experts default,eager]
 
 Random weights (saved by us, loaded by transformers, logits checked equal first), one full forward over
-batch x seq tokens without a cache, best of --repeat after a warm-up. transformers runs with its default
+batch x seq tokens without a cache, best of --repeat after a warm-up. Ours runs twice: the plain model, and
+(bf16) the model as `qwen25 serve` prepares it (prepare_for_decode: fused projections, the compiled kernels:
+on a CPU with AMX the MoE kernel for the experts, C RMSNorm and RoPE). transformers runs with its default
 experts implementation (grouped_mm in v5) and, with --hf-experts, the others named there. Prints tokens/s
 for both (best of interleaved rounds), achieved GFLOP/s as a share of the measured matmul peak, the ratio,
 the same for one MoE block alone, the share of our forward spent in the MoE blocks, and a JSON line last.
@@ -13,6 +15,7 @@ the same for one MoE block alone, the share of our forward spent in the MoE bloc
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ from common import matmul_peak, result_line, timed  # noqa: E402
 from qwen25.config import ModelConfig, flops_per_token, param_count  # noqa: E402
 from qwen25.model import CausalLM, save_model  # noqa: E402
 from qwen25.model.moe import sparse_blocks  # noqa: E402
+from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,15 +54,16 @@ def moe_share(model, ids) -> float:
     return sum(spent) / total
 
 
-def compare_blocks(ours, peers, args, dtype) -> dict:
+def compare_blocks(mine: dict, peers: dict, args, dtype) -> dict:
     """tokens/s of the first sparse block alone (ours vs each peer's same layer) on the same hidden states."""
+    ours = mine["qwen25"]
     layer = next(i for i in range(ours.config.num_hidden_layers) if ours.config.is_sparse_layer(i))
     h = torch.randn(args.batch, args.seq, ours.config.hidden_size, dtype=dtype)
-    blocks = {"qwen25": ours.model.layers[layer].mlp} | {n: m.model.layers[layer].mlp for n, m in peers.items()}
+    blocks = {n: m.model.layers[layer].mlp for n, m in (mine | peers).items()}
     best = {name: float("inf") for name in blocks}
     ref = blocks["qwen25"](h)
-    for name, block in blocks.items():
-        assert (block(h) - ref).abs().max() < 1e-3, f"{name}: block output differs"
+    for name, block in blocks.items():  # bf16: torch's ops round 4 times inside an expert, the kernel once
+        assert (block(h) - ref).abs().max() < (1e-3 if dtype == torch.float32 else 0.05), f"{name}: output differs"
     for _ in range(args.repeat):
         for name, block in blocks.items():
             best[name] = min(best[name], timed(lambda b=block: b(h)))
@@ -88,6 +93,12 @@ def main(argv=None) -> int:
     ours = CausalLM(cfg)
     ours.init_weights(seed=0)
     ours = ours.to(dtype).eval()
+    mine = {"qwen25": ours}
+    if dtype == torch.bfloat16:
+        served = copy.deepcopy(ours)
+        mine["qwen25 served"] = served
+        print(f"qwen25 served: {prepare_for_decode(served)}; "
+              f"{sum(type(b).__name__ == 'KernelMoeBlock' for b in sparse_blocks(served))} MoE blocks on the kernel")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
     active = param_count(cfg, activated=True)
@@ -105,10 +116,12 @@ def main(argv=None) -> int:
 
     with torch.inference_mode():
         ref = ours(ids[:1, :64]).float()
-        for name, hf in peers.items():
-            diff = (hf(ids[:1, :64]).logits.float() - ref).abs().max().item()
+        for name, model in ({n: m for n, m in mine.items() if m is not ours} | peers).items():
+            out = model(ids[:1, :64])
+            diff = (getattr(out, "logits", out).float() - ref).abs().max().item()
             print(f"max |logits difference| vs {name}: {diff:.2e}")
-        runs = {"qwen25": lambda: ours(ids)} | {n: (lambda m=m: m(ids).logits) for n, m in peers.items()}
+        runs = ({n: (lambda m=m: m(ids)) for n, m in mine.items()}
+                | {n: (lambda m=m: m(ids).logits) for n, m in peers.items()})
         best = {name: float("inf") for name in runs}
         for fn in runs.values():
             fn()  # warm-up
@@ -123,21 +136,26 @@ def main(argv=None) -> int:
         for name, seconds in best.items():
             print(f"{name:<32} {tokens / seconds:10.1f} tokens/s  ({seconds * 1e3:.0f} ms per forward, "
                   f"{flops / seconds / 1e9:.1f} GFLOP/s = {flops / seconds / peak:.0%} of peak)")
-        block_rates = compare_blocks(ours, peers, args, dtype)
+        block_rates = compare_blocks(mine, peers, args, dtype)
+    for name, model in mine.items():
+        print(f"{name} spends {moe_share(model, ids):.0%} of the forward in the MoE blocks")
     share = moe_share(ours, ids)
-    print(f"qwen25 spends {share:.0%} of the forward in the MoE blocks")
-    peer_rates = {n: r for n, r in results.items() if n != "qwen25"}
+    peer_rates = {n: r for n, r in results.items() if n not in mine}
     for name, rate in peer_rates.items():
-        print(f"ratio qwen25 / {name}: {results['qwen25'] / rate:.2f}x forward, "
-              f"{block_rates['qwen25'] / block_rates[name]:.2f}x MoE block alone")
+        for me in mine:
+            print(f"ratio {me} / {name}: {results[me] / rate:.2f}x forward, "
+                  f"{block_rates[me] / block_rates[name]:.2f}x MoE block alone")
     first = next(iter(peer_rates))
+    best = max(mine, key=results.get)
     print(result_line("moe_forward", preset=args.preset, dtype=args.dtype, batch=args.batch, seq=args.seq,
                       threads=args.threads, qwen25_tokens_per_s=round(results["qwen25"], 1),
                       transformers_tokens_per_s={n: round(r, 1) for n, r in peer_rates.items()},
                       ratio=round(results["qwen25"] / peer_rates[first], 3), moe_share=round(share, 3),
+                      served_tokens_per_s=round(results.get("qwen25 served", 0.0), 1),
+                      best_ratio=round(results[best] / peer_rates[first], 3),
                       matmul_peak_gflops=round(peak / 1e9, 1), forward_gflop=round(flops / 1e9, 2),
                       block_tokens_per_s=block_rates,
-                      block_ratio=round(block_rates["qwen25"] / block_rates[first], 3)))
+                      block_ratio=round(block_rates[best] / block_rates[first], 3)))
     return 0
 
 

@@ -37,6 +37,16 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch
     return weights, experts
 
 
+def group_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(order, token_of, counts) for expert ids (tokens, top_k): the (token, slot) assignments sorted by expert
+    (stable, so each expert's tokens stay in order), the token of each sorted assignment, and the assignments
+    per expert (a host list: the one sync per block)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order // experts.shape[1], counts
+
+
 def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                     modules: Sequence[nn.Module]) -> torch.Tensor:
     """sum_k weights[t, k] * modules[experts[t, k]](x[t]) for every token t, each expert called once.
@@ -48,10 +58,7 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     tokens, top_k = experts.shape
     if tokens == 0:
         return torch.zeros_like(x)
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # assignment slots grouped by expert, tokens in order
-    counts = torch.bincount(flat, minlength=len(modules)).tolist()  # the one host sync per block
-    token_of = order // top_k
+    order, token_of, counts = group_by_expert(experts, len(modules))
     rows = x.index_select(0, token_of)
     outputs, start = [], 0
     for module, n in zip(modules, counts):

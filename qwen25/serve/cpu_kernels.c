@@ -11,6 +11,8 @@
 //
 // W, Q, x row-major and contiguous; bias and scale fp32 (bias may be NULL); x and y bf16 stored as uint16.
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
 
 #define ROWS 4
 #define INLINE static inline __attribute__((always_inline))
+#define PARALLEL_MIN (1 << 15)  // elementwise kernels use threads from this many elements on
 #define AHEAD 2  // prefetch this many row blocks ahead (1-8 measured within 7% of each other)
 
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
@@ -36,6 +39,29 @@ static inline __m512 bf16x16_to_ps(const uint16_t* p, __mmask16 mask) {
 
 static inline __mmask16 tail16(int64_t left) {  // the first min(left, 16) lanes (none for left <= 0)
     return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+static inline __m512 round_to_bf16_ps(__m512 v) {  // fp32 lanes rounded to bf16 values (nearest even), NaN kept
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
+
+static inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 mask) {  // v must hold bf16 values already
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+static inline __m512 exp_ps(__m512 x) {  // e^x in fp32 (~1e-7 relative): 2^n * poly(r), r = x - n ln 2
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    const float c[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
 }
 
 // The first weight element of the block AHEAD blocks on (this block's own at the end): what to prefetch.
@@ -312,25 +338,229 @@ void qwen25_linear_q8(const uint8_t* Wu, const float* scale, const uint16_t* x, 
     free(xq);
 }
 
+// ---- A mixture-of-experts block's experts in one call (AMX) ----------------------------------------------------
+//
+// For the (token, expert) assignments grouped by expert, with routing weights w:
+//
+//   h[a, :]   = bf16(silu(x[t_a] Wg_e^T) * (x[t_a] Wu_e^T))          (fp32 inside, rounded to bf16 once)
+//   out[t_a] += w[a] * (h[a, :] Wd_e^T)                               (fp32, experts in ascending order)
+//
+// The weights are packed once into AMX's B-tile layout, P[n / 16][k / 2][n % 16][k % 2] = W[n][k], so that a
+// tile of 16 outputs x 32 inputs is one contiguous kilobyte; the tokens' rows are the A tiles, and the products
+// come out as 16 tokens x 16 outputs with the tokens in rows, ready for the SwiGLU and for the weighted sum.
+// Phase 1 splits (block of up to 32 assignments, group of output features) between threads; phase 2 splits the
+// output columns, so each element of out has one writer and its sum runs in the same order whatever the thread
+// count and whatever other tokens share the call (batch invariance). wgu holds Wg's blocks then Wu's.
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define MOE_ROWS 32   // assignments per block: two A tiles share each B tile
+#define MOE_JBLOCKS 4 // phase 1: 16-feature blocks of the intermediate per unit of work
+
+static void tile_config_16x64(void) {  // every tile 16 rows of 64 bytes
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+typedef struct {
+    int64_t start, rows, expert;  // assignments [start, start + rows) of one expert, rows <= MOE_ROWS
+} moe_block;
+
+// c[t][r][i] = sum_k a[r][k] * B_t[k][i] for a block's rows r < 16 (and 16-31 when two), K inputs: a is
+// row-major with K columns, b0 and b1 two packed 16-output tiles columns (c[0], c[2]: rows 0-15, c[1], c[3]: 16-31).
+INLINE void moe_tiles(const uint16_t* a, const uint16_t* b0, const uint16_t* b1, int64_t K, int two,
+                      float c[4][16][16]) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (two) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+    for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, a + k, K * 2);
+        _tile_loadd(6, b0 + k * 16, 64);
+        _tile_loadd(7, b1 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 4, 7);
+        if (two) {
+            _tile_loadd(5, a + 16 * K + k, K * 2);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(2, c[2], 64);
+    if (two) {
+        _tile_stored(1, c[1], 64);
+        _tile_stored(3, c[3], 64);
+    }
+}
+
+// h = silu(gate) * up for intermediate features [16 jb, 16 jb + 16) of a block's gathered rows xg (MOE_ROWS x H),
+// into hb (MOE_ROWS x I). two: rows 16-31 exist.
+INLINE void moe_gate_up(const uint16_t* xg, const uint16_t* wg, const uint16_t* wu, uint16_t* hb, int64_t H,
+                        int64_t I, int64_t jb, int two) {
+    float c[4][16][16];
+    moe_tiles(xg, wg + jb * 16 * H, wu + jb * 16 * H, H, two, c);
+    for (int r = 0; r < (two ? 32 : 16); r++) {
+        __m512 g = _mm512_loadu_ps(c[r / 16][r % 16]), u = _mm512_loadu_ps(c[2 + r / 16][r % 16]);
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store_bf16x16(hb + r * I + jb * 16, round_to_bf16_ps(_mm512_mul_ps(s, u)), 0xffff);
+    }
+}
+
+// out[token[r], 32 op .. 32 op + 32) += w[r] * (h[r] Wd^T) for the block's rows, from hb (MOE_ROWS x I).
+INLINE void moe_down(const uint16_t* hb, const uint16_t* wd, const int64_t* token, const float* w, float* out,
+                     int64_t H, int64_t I, int64_t op, int64_t rows, int two) {
+    float c[4][16][16];
+    moe_tiles(hb, wd + 2 * op * 16 * I, wd + (2 * op + 1) * 16 * I, I, two, c);
+    for (int64_t r = 0; r < rows; r++) {
+        float* o = out + token[r] * H + op * 32;
+        __m512 wr = _mm512_set1_ps(w[r]);
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(wr, _mm512_loadu_ps(c[r / 16][r % 16]))));
+        _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16),
+                                               _mm512_mul_ps(wr, _mm512_loadu_ps(c[2 + r / 16][r % 16]))));
+    }
+}
+#endif
+
+// Routing for qwen25_moe_bf16: each token's top_k experts by router logit (the order of the softmax; ties to the
+// lower expert id), weight p_e = softmax(logits)_e in fp32 (renormalised over the k when norm), and the
+// assignments grouped by expert with tokens ascending (a counting sort): token (T*k), w (T*k), offsets (E + 1).
+// logits (T x E) fp32; E <= 1024 and top_k <= E.
+void qwen25_moe_route(const float* logits, int64_t T, int64_t E, int64_t top_k, int norm, int64_t* token, float* w,
+                      int64_t* offsets, int threads) {
+    int64_t* chosen = (int64_t*)malloc(sizeof(int64_t) * T * top_k);
+    float* weight = (float*)malloc(sizeof(float) * T * top_k);
+#pragma omp parallel for schedule(static) num_threads(threads) if (T * E >= PARALLEL_MIN / 4)
+    for (int64_t t = 0; t < T; t++) {
+        const float* l = logits + t * E;
+        int64_t* c = chosen + t * top_k;
+        float p[E], top = l[0], picked = 0.0f;
+        __mmask16 open[(E + 15) / 16];  // the experts not chosen yet, 16 per mask
+        for (int64_t e = 1; e < E; e++) top = l[e] > top ? l[e] : top;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t e = 0; e < E; e += 16) {
+            __mmask16 m = open[e / 16] = tail16(E - e);
+            __m512 v = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, l + e), _mm512_set1_ps(top)));
+            _mm512_mask_storeu_ps(p + e, m, v);
+            acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, v));
+        }
+        const float sum = _mm512_reduce_add_ps(acc);
+        for (int64_t j = 0; j < top_k; j++) {  // the j-th largest logit, the lowest id among equals
+            float most = -INFINITY;
+            for (int64_t e = 0; e < E; e += 16) {
+                __mmask16 m = open[e / 16];
+                most = fmaxf(most, _mm512_mask_reduce_max_ps(m, _mm512_maskz_loadu_ps(m, l + e)));
+            }
+            int64_t best = -1;
+            for (int64_t e = 0; e < E && best < 0; e += 16) {
+                __mmask16 hit = _mm512_mask_cmp_ps_mask(open[e / 16], _mm512_maskz_loadu_ps(open[e / 16], l + e),
+                                                        _mm512_set1_ps(most), _CMP_EQ_OQ);
+                if (hit) best = e + __builtin_ctz(hit);
+            }
+            for (int64_t e = 0; e < E && best < 0; e += 16)  // only NaNs left: the first of them
+                if (open[e / 16]) best = e + __builtin_ctz(open[e / 16]);
+            c[j] = best, open[best / 16] &= (__mmask16)~(1u << (best % 16));
+            picked += (weight[t * top_k + j] = p[best] / sum);
+        }
+        if (norm)
+            for (int64_t j = 0; j < top_k; j++) weight[t * top_k + j] /= picked;
+    }
+    for (int64_t e = 0; e <= E; e++) offsets[e] = 0;
+    for (int64_t a = 0; a < T * top_k; a++) offsets[chosen[a] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    int64_t* next = (int64_t*)malloc(sizeof(int64_t) * E);
+    memcpy(next, offsets, sizeof(int64_t) * E);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < top_k; j++) {
+            int64_t a = next[chosen[t * top_k + j]]++;
+            token[a] = t, w[a] = weight[t * top_k + j];
+        }
+    free(next);
+    free(weight);
+    free(chosen);
+}
+
+// x (T x H) bf16; wgu (E, 2I/16, H/2, 16, 2) and wd (E, H/16, I/2, 16, 2) packed bf16; token (A) the assignments'
+// token rows grouped by expert, offsets (E + 1) where each expert's start, w (A) fp32; out (T x H) fp32, added to.
+// Needs H % 32 == 0 and I % 32 == 0; returns 0, or -1 where AMX is unavailable (nothing done).
+int qwen25_moe_bf16(const uint16_t* x, const uint16_t* wgu, const uint16_t* wd, const int64_t* token,
+                    const int64_t* offsets, const float* w, float* out, int64_t H, int64_t I, int64_t E, int threads) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (qwen25_amx() != 1) return -1;
+    int64_t nblocks = 0;
+    for (int64_t e = 0; e < E; e++) nblocks += (offsets[e + 1] - offsets[e] + MOE_ROWS - 1) / MOE_ROWS;
+    moe_block* blocks = (moe_block*)malloc(sizeof(moe_block) * (nblocks + 1));
+    nblocks = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t s = offsets[e]; s < offsets[e + 1]; s += MOE_ROWS)
+            blocks[nblocks++] = (moe_block){s, offsets[e + 1] - s < MOE_ROWS ? offsets[e + 1] - s : MOE_ROWS, e};
+    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (nblocks * MOE_ROWS * I + 1));
+    const int64_t jchunks = (I / 16 + MOE_JBLOCKS - 1) / MOE_JBLOCKS;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config_16x64();
+        uint16_t* xg = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * MOE_ROWS * H);
+        int64_t gathered = -1;  // the block whose rows are in xg
+#pragma omp for schedule(static)
+        for (int64_t unit = 0; unit < nblocks * jchunks; unit++) {
+            const int64_t bi = unit / jchunks, jc = unit % jchunks;
+            const moe_block* b = blocks + bi;
+            if (gathered != bi) {
+                for (int64_t r = 0; r < MOE_ROWS; r++) {
+                    if (r < b->rows) memcpy(xg + r * H, x + token[b->start + r] * H, sizeof(uint16_t) * H);
+                    else memset(xg + r * H, 0, sizeof(uint16_t) * H);
+                }
+                gathered = bi;
+            }
+            const uint16_t* wg = wgu + b->expert * 2 * I * H;
+            for (int64_t jb = jc * MOE_JBLOCKS; jb < (jc + 1) * MOE_JBLOCKS && jb < I / 16; jb++) {
+                if (b->rows > 16)
+                    moe_gate_up(xg, wg, wg + I * H, h + bi * MOE_ROWS * I, H, I, jb, 1);
+                else
+                    moe_gate_up(xg, wg, wg + I * H, h + bi * MOE_ROWS * I, H, I, jb, 0);
+            }
+        }  // the implicit barrier: all of h is written
+        // phase 2: this thread's output columns, for every block (its rows of h stay in L1 across the columns)
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t pairs = H / 32, op0 = pairs * id / nt, op1 = pairs * (id + 1) / nt;
+        for (int64_t bi = 0; bi < nblocks; bi++) {
+            const moe_block* b = blocks + bi;
+            const uint16_t* hb = h + bi * MOE_ROWS * I;
+            const uint16_t* wde = wd + b->expert * H * I;
+            for (int64_t op = op0; op < op1; op++) {
+                if (b->rows > 16)
+                    moe_down(hb, wde, token + b->start, w + b->start, out, H, I, op, b->rows, 1);
+                else
+                    moe_down(hb, wde, token + b->start, w + b->start, out, H, I, op, b->rows, 0);
+            }
+        }
+        free(xg);
+        _tile_release();
+    }
+    free(h);
+    free(blocks);
+    return 0;
+#else
+    (void)x, (void)wgu, (void)wd, (void)token, (void)offsets, (void)w, (void)out, (void)H, (void)I, (void)E;
+    (void)threads;
+    return -1;
+#endif
+}
+
 // ---- RMSNorm and RoPE of a few rows, as the model computes them ------------------------------------------------
 //
 // One call each instead of the ~9 small torch ops (casts, pow, mean, rsqrt, multiplies, cat) a decode step pays
-// per norm and per rotation. Built with -ffp-contract=off, so a * b + c rounds twice, as torch's ops do.
-
-static inline __m512 round_to_bf16_ps(__m512 v) {  // fp32 lanes rounded to bf16 values (nearest even), NaN kept
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
-}
-
-static inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 mask) {  // v must hold bf16 values already
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-}
+// per norm and per rotation, and one pass over the data instead of ~9 for a prompt's rows (split between threads
+// from PARALLEL_MIN elements on). Built with -ffp-contract=off, so a * b + c rounds twice, as torch's ops do.
 
 //   y[m, :] = bf16(w * bf16(x[m, :] / sqrt(mean(x[m, :]^2) + eps)))      (fp32 inside; x, w, y bf16)
-void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, float eps) {
+void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, float eps,
+                          int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= PARALLEL_MIN)
     for (int64_t m = 0; m < M; m++) {
         const uint16_t* xm = x + m * K;
         __m512 acc = _mm512_setzero_ps();
@@ -352,8 +582,9 @@ void qwen25_rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int
 // x[b, h, t, d] at x + b*sb + h*sh + t*st + d; cos/sin[b, t, d] at + b*cb + t*D + d (cb = 0: one table for all);
 // out contiguous (B, H, T, D).
 void qwen25_rope_bf16(const uint16_t* x, int64_t sb, int64_t sh, int64_t st, const float* cos, const float* sin,
-                      int64_t cb, uint16_t* out, int64_t B, int64_t H, int64_t T, int64_t D) {
+                      int64_t cb, uint16_t* out, int64_t B, int64_t H, int64_t T, int64_t D, int threads) {
     const int64_t half = D / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (B * H * T * D >= PARALLEL_MIN)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < T; t++) {

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import rope
-from ..model.transformer import Attention, RMSNorm
+from ..model.moe import SparseMoeBlock
+from ..model.transformer import MLP, Attention, RMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,11 @@ def _library() -> ctypes.CDLL | None:
     lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.qwen25_linear_q8.argtypes = lib.qwen25_linear_int8.argtypes
-    lib.qwen25_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
-    lib.qwen25_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64]
+    lib.qwen25_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.qwen25_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.qwen25_moe_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.qwen25_moe_route.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
+    lib.qwen25_moe_route.restype = None
     lib.qwen25_rms_norm_bf16.restype = lib.qwen25_rope_bf16.restype = None
     lib.qwen25_linear_bf16.restype = lib.qwen25_linear_int8.restype = lib.qwen25_linear_q8.restype = None
     return lib
@@ -155,17 +159,19 @@ def linear_q8(x: torch.Tensor, weight_u8: torch.Tensor, scale: torch.Tensor,
     return _scaled_linear(_library().qwen25_linear_q8, x, weight_u8, scale, bias)
 
 
-def use_kernel(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
-    """Whether a call with activations x should take the compiled kernel (few bf16 rows, CPU, no autograd)."""
-    return (x.dtype == torch.bfloat16 and x.numel() <= max_rows * x.shape[-1] and x.device.type == "cpu"
-            and not x.requires_grad and available())
+def use_kernel(x: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
+    """Whether a call with activations x should take the compiled kernel (bf16, CPU, no autograd; at most max_rows
+    rows unless None)."""
+    return (x.dtype == torch.bfloat16 and (max_rows is None or x.numel() <= max_rows * x.shape[-1])
+            and x.device.type == "cpu" and not x.requires_grad and available())
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rms_norm(x.float()).to(bf16) (RMSNorm.forward) for bf16 x (..., K) and weight (K,)."""
     x = _check(x, weight.shape[0])
     out = torch.empty_like(x)
-    _library().qwen25_rms_norm_bf16(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
+    _library().qwen25_rms_norm_bf16(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps,
+                                    torch.get_num_threads())
     return out
 
 
@@ -179,7 +185,7 @@ def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
                          f"{tuple(cos.shape)}")
     out = x.new_empty(b, h, t, d)
     _library().qwen25_rope_bf16(_ptr(x), x.stride(0), x.stride(1), x.stride(2), _ptr(cos), _ptr(sin),
-                                0 if cos.shape[0] == 1 else t * d, _ptr(out), b, h, t, d)
+                                0 if cos.shape[0] == 1 else t * d, _ptr(out), b, h, t, d, torch.get_num_threads())
     return out
 
 
@@ -191,8 +197,8 @@ def _rope_layout(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The model's apply_rope, through the kernel for a few bf16 rows (decode) when the layout allows."""
-    if use_kernel(x, Q8_MAX_ROWS * x.shape[1]) and _rope_layout(x, cos, sin):
+    """The model's apply_rope, through the kernel for bf16 activations when the layout allows."""
+    if use_kernel(x, None) and _rope_layout(x, cos, sin):
         return rope_bf16(x, cos, sin)
     return rope.apply_rope(x, cos, sin)
 
@@ -217,21 +223,114 @@ class DecodeLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class DecodeRMSNorm(RMSNorm):
-    """An inference-only RMSNorm (bf16 weight) that takes the compiled kernel for a few rows, torch's ops else."""
+class KernelRMSNorm(RMSNorm):
+    """An inference-only RMSNorm (bf16 weight) that takes the compiled kernel for bf16 activations (one pass over
+    a prompt's rows instead of torch's ~9), torch's ops else. The same result but for the order of the fp32 sum of
+    squares, which moves about one output in 10^5 by one bf16 step."""
 
     def __init__(self, norm: RMSNorm):
         nn.Module.__init__(self)
         self.weight, self.eps = norm.weight.requires_grad_(False), norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernel(x, Q8_MAX_ROWS):
+        if use_kernel(x, None):
             return rms_norm_bf16(x, self.weight, self.eps)
         return super().forward(x)
 
 
+def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """(..., N, K) weights as AMX B tiles: (..., N / 16, K / 2, 16, 2), packed[.., n // 16, k // 2, n % 16, k % 2] =
+    weight[.., n, k], so that 16 outputs x 32 inputs are one contiguous kilobyte."""
+    *lead, n, k = weight.shape
+    return weight.reshape(*lead, n // 16, 16, k // 2, 2).transpose(-3, -2).contiguous()
+
+
+def moe_bf16(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token: torch.Tensor,
+             offsets: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[token[a]] += weights[a] * expert_e(x[token[a]]) for the assignments a of each expert e, in place.
+
+    expert_e(v) = down_e(bf16(silu(gate_e v) * up_e v)), products in fp32. x (T, H) bf16 contiguous; gate_up
+    (E, 2I, H) and down (E, H, I) bf16 packed with pack_tiles (gate's I rows then up's); token (A,) int64 rows of x
+    grouped by expert, offsets (E + 1,) int64 where each expert's assignments start; weights (A,) fp32; out (T, H)
+    fp32. H and I multiples of 32; AMX only (see amx())."""
+    e, h, i = down.shape[0], x.shape[1], down.shape[-3] * 2
+    if not amx() or h % 32 or i % 32 or out.dtype != torch.float32 or gate_up.shape[:2] != (e, 2 * i // 16):
+        raise ValueError(f"moe kernel: needs AMX and packed weights with hidden and intermediate sizes multiples of "
+                         f"32; got x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}")
+    _library().qwen25_moe_bf16(_ptr(_check(x, h)), _ptr(gate_up), _ptr(down), _ptr(token.contiguous()),
+                               _ptr(offsets.contiguous()), _ptr(weights.contiguous()), _ptr(out), h, i, e,
+                               torch.get_num_threads())
+    return out
+
+
+def moe_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, ...]:
+    """(token, offsets, weights) for moe_bf16 from router logits (T, E): model.moe.route's choice (top-k of the fp32
+    softmax, renormalised if norm_topk_prob) with the assignments grouped by expert, tokens ascending."""
+    logits = logits.float().contiguous()
+    t, e = logits.shape
+    token, weights = torch.empty(t * top_k, dtype=torch.int64), torch.empty(t * top_k)
+    offsets = torch.empty(e + 1, dtype=torch.int64)
+    _library().qwen25_moe_route(_ptr(logits), t, e, top_k, int(norm_topk_prob), _ptr(token), _ptr(weights),
+                                _ptr(offsets), torch.get_num_threads())
+    return token, offsets, weights
+
+
+def _mlp_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate and up stacked (2I, H), down (H, I)) of a SwiGLU MLP, fused (fuse_projections) or not."""
+    gate_up = mlp.gate_up_proj.weight if mlp.gate_up_proj is not None else torch.cat(
+        [mlp.gate_proj.weight, mlp.up_proj.weight])
+    return gate_up.detach(), mlp.down_proj.weight.detach()
+
+
+class KernelMoeBlock(SparseMoeBlock):
+    """An inference-only SparseMoeBlock whose routed and shared experts run in one AMX kernel call each.
+
+    The router and the shared expert's gate stay Linear layers; the experts' weights are kept only as AMX tiles
+    (pack_tiles), so the block holds the same bytes as before. Each token's experts add up in fp32 (in expert
+    order, then the shared expert), rounded to bf16 once; inside an expert only the SwiGLU's output is rounded
+    to bf16 (torch's ops round gate, up, silu and their product), so the result is closer to the exact one.
+    """
+
+    def __init__(self, block: SparseMoeBlock):
+        nn.Module.__init__(self)
+        self.num_experts, self.top_k, self.norm_topk_prob = block.num_experts, block.top_k, block.norm_topk_prob
+        self.gate, self.shared_expert_gate = block.gate, block.shared_expert_gate
+        self.router_logits = None
+        routed = [_mlp_weights(m) for m in block.experts]
+        self.register_buffer("gate_up", pack_tiles(torch.stack([g for g, _ in routed])), persistent=False)
+        self.register_buffer("down", pack_tiles(torch.stack([d for _, d in routed])), persistent=False)
+        del routed
+        gate_up, down = _mlp_weights(block.shared_expert)
+        self.register_buffer("shared_gate_up", pack_tiles(gate_up[None]), persistent=False)
+        self.register_buffer("shared_down", pack_tiles(down[None]), persistent=False)
+
+    @staticmethod
+    def fits(block: nn.Module) -> bool:
+        """Whether a block can take the kernel: a bf16 CPU SparseMoeBlock of plain (or fused) bf16 Linear experts,
+        hidden and intermediate sizes multiples of 32, on a CPU with AMX."""
+        if type(block) is not SparseMoeBlock or not amx():
+            return False
+        mlps = [*block.experts, block.shared_expert]
+        linears = [m for mlp in mlps for m in mlp.children() if m is not None]
+        return (all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+                    for m in linears)
+                and all(m.weight.shape[0] % 32 == 0 and m.weight.shape[1] % 32 == 0 for m in linears))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).contiguous()
+        logits = self.gate(x)
+        self.router_logits = logits
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        moe_bf16(x, self.gate_up, self.down, *moe_route(logits, self.top_k, self.norm_topk_prob), out)
+        shared = torch.sigmoid(self.shared_expert_gate(x).float()).reshape(-1)
+        everyone = torch.arange(x.shape[0])
+        moe_bf16(x, self.shared_gate_up, self.shared_down, everyone, torch.tensor([0, x.shape[0]]), shared, out)
+        return out.to(x.dtype).view(shape)
+
+
 def use_cpu_kernels(model: nn.Module) -> int:
-    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear, every RMSNorm for a DecodeRMSNorm,
+    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear, every RMSNorm for a KernelRMSNorm,
     and the attention layers' RoPE for the kernel's; returns how many linear layers were swapped.
 
     Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
@@ -242,8 +341,9 @@ def use_cpu_kernels(model: nn.Module) -> int:
 
     if not available():
         return 0
+    replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)
     replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.bfloat16
-                    and m.weight.device.type == "cpu", DecodeRMSNorm)
+                    and m.weight.device.type == "cpu", KernelRMSNorm)
     for module in model.modules():
         if isinstance(module, Attention):
             module.apply_rope = apply_rope
@@ -272,6 +372,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
         quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
     if kernels:
         use_cpu_kernels(model)
-    uses = "compiled AVX-512 kernels for decode" if compiled else "torch's kernels"
+    uses = ("compiled AVX-512 kernels (decode matmuls, norms, RoPE" + (", AMX experts" if amx() else "") + ")"
+            if compiled else "torch's kernels")
     quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
     return f"{compute}{quant}, fused projections, {uses}"

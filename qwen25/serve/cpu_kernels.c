@@ -368,17 +368,55 @@ typedef struct {
     int64_t start, rows, expert;  // assignments [start, start + rows) of one expert, rows <= MOE_ROWS
 } moe_block;
 
+// What is left to do with a finished pass's C tiles (stored in c): the SwiGLU of phase 1 into hb (rows of
+// intermediate features [16 jb, 16 jb + 16)), or phase 2's weighted sum into out (columns [32 op, 32 op + 32)).
+// The next pass does it a slice of rows per k step, so the vector units work while the tile unit multiplies.
+typedef struct {
+    int kind, rows;  // kind: 0 nothing, 1 SwiGLU, 2 weighted sum; rows: how many rows of c to take
+    int add;         // the weighted sum: added to out, or written
+    float (*c)[16][16];
+    uint16_t* hb;
+    int64_t I, jb;
+    const int64_t* token;
+    const float* w;
+    float* out;
+    int64_t H, op;
+} moe_pending;
+
+INLINE void moe_finish(const moe_pending* p, int r0, int r1) {
+    if (p->kind == 1)
+        for (int r = r0; r < r1; r++) {  // h = silu(gate) * up, rounded to bf16 once
+            __m512 g = _mm512_loadu_ps(p->c[r / 16][r % 16]), u = _mm512_loadu_ps(p->c[2 + r / 16][r % 16]);
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            store_bf16x16(p->hb + r * p->I + p->jb * 16, round_to_bf16_ps(_mm512_mul_ps(silu, u)), 0xffff);
+        }
+    else if (p->kind == 2)
+        for (int r = r0; r < r1; r++) {  // out[token[r], 32 op ..] += w[r] * y[r]
+            float* o = p->out + p->token[r] * p->H + p->op * 32;
+            __m512 wr = _mm512_set1_ps(p->w[r]);
+            __m512 y0 = _mm512_mul_ps(wr, _mm512_loadu_ps(p->c[r / 16][r % 16]));
+            __m512 y1 = _mm512_mul_ps(wr, _mm512_loadu_ps(p->c[2 + r / 16][r % 16]));
+            _mm512_storeu_ps(o, p->add ? _mm512_add_ps(_mm512_loadu_ps(o), y0) : y0);
+            _mm512_storeu_ps(o + 16, p->add ? _mm512_add_ps(_mm512_loadu_ps(o + 16), y1) : y1);
+        }
+}
+
 // c[t][r][i] = sum_k a[r][k] * B_t[k][i] for a block's rows r < 16 (and 16-31 when two), K inputs: a is
-// row-major with K columns, b0 and b1 two packed 16-output tiles columns (c[0], c[2]: rows 0-15, c[1], c[3]: 16-31).
+// row-major with K columns, b0 and b1 two packed 16-output tile columns (c[0], c[2]: rows 0-15, c[1], c[3]:
+// rows 16-31); meanwhile finishes the pending pass, which is then empty.
 INLINE void moe_tiles(const uint16_t* a, const uint16_t* b0, const uint16_t* b1, int64_t K, int two,
-                      float c[4][16][16]) {
+                      float c[4][16][16], moe_pending* pending) {
     _tile_zero(0);
     _tile_zero(2);
     if (two) {
         _tile_zero(1);
         _tile_zero(3);
     }
-    for (int64_t k = 0; k < K; k += 32) {
+    const int64_t steps = K / 32;
+    int done = 0;
+    for (int64_t s = 0; s < steps; s++) {
+        const int64_t k = s * 32;
         _tile_loadd(4, a + k, K * 2);
         _tile_loadd(6, b0 + k * 16, 64);
         _tile_loadd(7, b1 + k * 16, 64);
@@ -389,7 +427,11 @@ INLINE void moe_tiles(const uint16_t* a, const uint16_t* b0, const uint16_t* b1,
             _tile_dpbf16ps(1, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
+        int upto = (int)(pending->rows * (s + 1) / steps);
+        moe_finish(pending, done, upto);
+        done = upto;
     }
+    pending->kind = 0;
     _tile_stored(0, c[0], 64);
     _tile_stored(2, c[2], 64);
     if (two) {
@@ -397,34 +439,95 @@ INLINE void moe_tiles(const uint16_t* a, const uint16_t* b0, const uint16_t* b1,
         _tile_stored(3, c[3], 64);
     }
 }
-
-// h = silu(gate) * up for intermediate features [16 jb, 16 jb + 16) of a block's gathered rows xg (MOE_ROWS x H),
-// into hb (MOE_ROWS x I). two: rows 16-31 exist.
-INLINE void moe_gate_up(const uint16_t* xg, const uint16_t* wg, const uint16_t* wu, uint16_t* hb, int64_t H,
-                        int64_t I, int64_t jb, int two) {
-    float c[4][16][16];
-    moe_tiles(xg, wg + jb * 16 * H, wu + jb * 16 * H, H, two, c);
-    for (int r = 0; r < (two ? 32 : 16); r++) {
-        __m512 g = _mm512_loadu_ps(c[r / 16][r % 16]), u = _mm512_loadu_ps(c[2 + r / 16][r % 16]);
-        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store_bf16x16(hb + r * I + jb * 16, round_to_bf16_ps(_mm512_mul_ps(s, u)), 0xffff);
-    }
-}
-
-// out[token[r], 32 op .. 32 op + 32) += w[r] * (h[r] Wd^T) for the block's rows, from hb (MOE_ROWS x I).
-INLINE void moe_down(const uint16_t* hb, const uint16_t* wd, const int64_t* token, const float* w, float* out,
-                     int64_t H, int64_t I, int64_t op, int64_t rows, int two) {
-    float c[4][16][16];
-    moe_tiles(hb, wd + 2 * op * 16 * I, wd + (2 * op + 1) * 16 * I, I, two, c);
-    for (int64_t r = 0; r < rows; r++) {
-        float* o = out + token[r] * H + op * 32;
-        __m512 wr = _mm512_set1_ps(w[r]);
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(wr, _mm512_loadu_ps(c[r / 16][r % 16]))));
-        _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16),
-                                               _mm512_mul_ps(wr, _mm512_loadu_ps(c[2 + r / 16][r % 16]))));
-    }
-}
 #endif
+
+// x (T x H) bf16; wgu (E, 2I/16, H/2, 16, 2) and wd (E, H/16, I/2, 16, 2) packed bf16; token (A) the assignments'
+// token rows grouped by expert, offsets (E + 1) where each expert's start, w (A) fp32; out (T x H) fp32: added to
+// when add, else written (then every token must have exactly one assignment). y (T x H) bf16 or NULL: when given,
+// out rounded to bf16 once everything is added. Needs H % 32 == 0 and I % 32 == 0; returns 0, or -1 where AMX is
+// unavailable (nothing done).
+int qwen25_moe_bf16(const uint16_t* x, const uint16_t* wgu, const uint16_t* wd, const int64_t* token,
+                    const int64_t* offsets, const float* w, float* out, int add, uint16_t* y, int64_t T, int64_t H,
+                    int64_t I, int64_t E, int threads) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (qwen25_amx() != 1) return -1;
+    int64_t nblocks = 0;
+    for (int64_t e = 0; e < E; e++) nblocks += (offsets[e + 1] - offsets[e] + MOE_ROWS - 1) / MOE_ROWS;
+    moe_block* blocks = (moe_block*)malloc(sizeof(moe_block) * (nblocks + 1));
+    nblocks = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t s = offsets[e]; s < offsets[e + 1]; s += MOE_ROWS)
+            blocks[nblocks++] = (moe_block){s, offsets[e + 1] - s < MOE_ROWS ? offsets[e + 1] - s : MOE_ROWS, e};
+    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (nblocks * MOE_ROWS * I + 1));
+    const int64_t jchunks = (I / 16 + MOE_JBLOCKS - 1) / MOE_JBLOCKS;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config_16x64();
+        uint16_t* xg = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * MOE_ROWS * H);
+        float c[2][4][16][16];  // the pass being multiplied and the one being finished
+        int cur = 0;
+        moe_pending pending = {.kind = 0, .I = I, .H = H, .out = out, .add = add};
+        int64_t gathered = -1;  // the block whose rows are in xg
+        // phase 1: h = silu(x Wg^T) * (x Wu^T) for (block, group of intermediate features) units
+#pragma omp for schedule(static) nowait
+        for (int64_t unit = 0; unit < nblocks * jchunks; unit++) {
+            const int64_t bi = unit / jchunks, jc = unit % jchunks;
+            const moe_block* b = blocks + bi;
+            if (gathered != bi) {
+                for (int64_t r = 0; r < MOE_ROWS; r++) {
+                    if (r < b->rows) memcpy(xg + r * H, x + token[b->start + r] * H, sizeof(uint16_t) * H);
+                    else memset(xg + r * H, 0, sizeof(uint16_t) * H);
+                }
+                gathered = bi;
+            }
+            const uint16_t* wg = wgu + b->expert * 2 * I * H;
+            for (int64_t jb = jc * MOE_JBLOCKS; jb < (jc + 1) * MOE_JBLOCKS && jb < I / 16; jb++) {
+                if (b->rows > 16)
+                    moe_tiles(xg, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 1, c[cur], &pending);
+                else
+                    moe_tiles(xg, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 0, c[cur], &pending);
+                pending.kind = 1, pending.rows = b->rows > 16 ? 32 : 16, pending.c = c[cur];
+                pending.hb = h + bi * MOE_ROWS * I, pending.jb = jb;
+                cur ^= 1;
+            }
+        }
+        moe_finish(&pending, 0, pending.rows);
+        pending.kind = 0;
+#pragma omp barrier
+        // phase 2: this thread's output columns, for every block (its rows of h stay in L1 across the columns)
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t pairs = H / 32, op0 = pairs * id / nt, op1 = pairs * (id + 1) / nt;
+        for (int64_t bi = 0; bi < nblocks; bi++) {
+            const moe_block* b = blocks + bi;
+            const uint16_t* hb = h + bi * MOE_ROWS * I;
+            const uint16_t* wde = wd + b->expert * H * I;
+            for (int64_t op = op0; op < op1; op++) {
+                if (b->rows > 16)
+                    moe_tiles(hb, wde + 2 * op * 16 * I, wde + (2 * op + 1) * 16 * I, I, 1, c[cur], &pending);
+                else
+                    moe_tiles(hb, wde + 2 * op * 16 * I, wde + (2 * op + 1) * 16 * I, I, 0, c[cur], &pending);
+                pending.kind = 2, pending.rows = (int)b->rows, pending.c = c[cur];
+                pending.token = token + b->start, pending.w = w + b->start, pending.op = op;
+                cur ^= 1;
+            }
+        }
+        moe_finish(&pending, 0, pending.rows);
+        if (y)  // this thread's columns are complete
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t k = op0 * 32; k < op1 * 32; k += 16)
+                    store_bf16x16(y + t * H + k, round_to_bf16_ps(_mm512_loadu_ps(out + t * H + k)), 0xffff);
+        free(xg);
+        _tile_release();
+    }
+    free(h);
+    free(blocks);
+    return 0;
+#else
+    (void)x, (void)wgu, (void)wd, (void)token, (void)offsets, (void)w, (void)out, (void)add, (void)y, (void)T;
+    (void)H, (void)I, (void)E, (void)threads;
+    return -1;
+#endif
+}
 
 // Routing for qwen25_moe_bf16: each token's top_k experts by router logit (the order of the softmax; ties to the
 // lower expert id), weight p_e = softmax(logits)_e in fp32 (renormalised over the k when norm), and the
@@ -482,73 +585,6 @@ void qwen25_moe_route(const float* logits, int64_t T, int64_t E, int64_t top_k, 
     free(next);
     free(weight);
     free(chosen);
-}
-
-// x (T x H) bf16; wgu (E, 2I/16, H/2, 16, 2) and wd (E, H/16, I/2, 16, 2) packed bf16; token (A) the assignments'
-// token rows grouped by expert, offsets (E + 1) where each expert's start, w (A) fp32; out (T x H) fp32, added to.
-// Needs H % 32 == 0 and I % 32 == 0; returns 0, or -1 where AMX is unavailable (nothing done).
-int qwen25_moe_bf16(const uint16_t* x, const uint16_t* wgu, const uint16_t* wd, const int64_t* token,
-                    const int64_t* offsets, const float* w, float* out, int64_t H, int64_t I, int64_t E, int threads) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (qwen25_amx() != 1) return -1;
-    int64_t nblocks = 0;
-    for (int64_t e = 0; e < E; e++) nblocks += (offsets[e + 1] - offsets[e] + MOE_ROWS - 1) / MOE_ROWS;
-    moe_block* blocks = (moe_block*)malloc(sizeof(moe_block) * (nblocks + 1));
-    nblocks = 0;
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t s = offsets[e]; s < offsets[e + 1]; s += MOE_ROWS)
-            blocks[nblocks++] = (moe_block){s, offsets[e + 1] - s < MOE_ROWS ? offsets[e + 1] - s : MOE_ROWS, e};
-    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (nblocks * MOE_ROWS * I + 1));
-    const int64_t jchunks = (I / 16 + MOE_JBLOCKS - 1) / MOE_JBLOCKS;
-#pragma omp parallel num_threads(threads)
-    {
-        tile_config_16x64();
-        uint16_t* xg = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * MOE_ROWS * H);
-        int64_t gathered = -1;  // the block whose rows are in xg
-#pragma omp for schedule(static)
-        for (int64_t unit = 0; unit < nblocks * jchunks; unit++) {
-            const int64_t bi = unit / jchunks, jc = unit % jchunks;
-            const moe_block* b = blocks + bi;
-            if (gathered != bi) {
-                for (int64_t r = 0; r < MOE_ROWS; r++) {
-                    if (r < b->rows) memcpy(xg + r * H, x + token[b->start + r] * H, sizeof(uint16_t) * H);
-                    else memset(xg + r * H, 0, sizeof(uint16_t) * H);
-                }
-                gathered = bi;
-            }
-            const uint16_t* wg = wgu + b->expert * 2 * I * H;
-            for (int64_t jb = jc * MOE_JBLOCKS; jb < (jc + 1) * MOE_JBLOCKS && jb < I / 16; jb++) {
-                if (b->rows > 16)
-                    moe_gate_up(xg, wg, wg + I * H, h + bi * MOE_ROWS * I, H, I, jb, 1);
-                else
-                    moe_gate_up(xg, wg, wg + I * H, h + bi * MOE_ROWS * I, H, I, jb, 0);
-            }
-        }  // the implicit barrier: all of h is written
-        // phase 2: this thread's output columns, for every block (its rows of h stay in L1 across the columns)
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t pairs = H / 32, op0 = pairs * id / nt, op1 = pairs * (id + 1) / nt;
-        for (int64_t bi = 0; bi < nblocks; bi++) {
-            const moe_block* b = blocks + bi;
-            const uint16_t* hb = h + bi * MOE_ROWS * I;
-            const uint16_t* wde = wd + b->expert * H * I;
-            for (int64_t op = op0; op < op1; op++) {
-                if (b->rows > 16)
-                    moe_down(hb, wde, token + b->start, w + b->start, out, H, I, op, b->rows, 1);
-                else
-                    moe_down(hb, wde, token + b->start, w + b->start, out, H, I, op, b->rows, 0);
-            }
-        }
-        free(xg);
-        _tile_release();
-    }
-    free(h);
-    free(blocks);
-    return 0;
-#else
-    (void)x, (void)wgu, (void)wd, (void)token, (void)offsets, (void)w, (void)out, (void)H, (void)I, (void)E;
-    (void)threads;
-    return -1;
-#endif
 }
 
 // ---- RMSNorm and RoPE of a few rows, as the model computes them ------------------------------------------------

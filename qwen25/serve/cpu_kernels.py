@@ -29,7 +29,7 @@ from torch import nn
 
 from ..model import rope
 from ..model.moe import SparseMoeBlock
-from ..model.transformer import MLP, Attention, RMSNorm
+from ..model.transformer import MLP, Attention, RMSNorm, concat_linears
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def _library() -> ctypes.CDLL | None:
     lib.qwen25_linear_q8.argtypes = lib.qwen25_linear_int8.argtypes
     lib.qwen25_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.qwen25_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
-    lib.qwen25_moe_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.qwen25_moe_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, i64,
+                                    ctypes.c_int]
     lib.qwen25_moe_route.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
     lib.qwen25_moe_route.restype = None
     lib.qwen25_rms_norm_bf16.restype = lib.qwen25_rope_bf16.restype = None
@@ -246,20 +247,23 @@ def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
 
 
 def moe_bf16(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, token: torch.Tensor,
-             offsets: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[token[a]] += weights[a] * expert_e(x[token[a]]) for the assignments a of each expert e, in place.
+             offsets: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, add: bool = True,
+             y: torch.Tensor | None = None) -> torch.Tensor:
+    """out[token[a]] += weights[a] * expert_e(x[token[a]]) for the assignments a of each expert e, in place (written
+    instead of added to when not add: then each token needs exactly one assignment); y, if given, gets out in bf16.
 
     expert_e(v) = down_e(bf16(silu(gate_e v) * up_e v)), products in fp32. x (T, H) bf16 contiguous; gate_up
     (E, 2I, H) and down (E, H, I) bf16 packed with pack_tiles (gate's I rows then up's); token (A,) int64 rows of x
     grouped by expert, offsets (E + 1,) int64 where each expert's assignments start; weights (A,) fp32; out (T, H)
-    fp32. H and I multiples of 32; AMX only (see amx())."""
+    fp32, y (T, H) bf16. H and I multiples of 32; AMX only (see amx())."""
     e, h, i = down.shape[0], x.shape[1], down.shape[-3] * 2
-    if not amx() or h % 32 or i % 32 or out.dtype != torch.float32 or gate_up.shape[:2] != (e, 2 * i // 16):
+    if (not amx() or h % 32 or i % 32 or out.dtype != torch.float32 or out.shape != x.shape
+            or gate_up.shape[:2] != (e, 2 * i // 16) or (y is not None and (y.dtype, y.shape) != (x.dtype, x.shape))):
         raise ValueError(f"moe kernel: needs AMX and packed weights with hidden and intermediate sizes multiples of "
                          f"32; got x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}")
     _library().qwen25_moe_bf16(_ptr(_check(x, h)), _ptr(gate_up), _ptr(down), _ptr(token.contiguous()),
-                               _ptr(offsets.contiguous()), _ptr(weights.contiguous()), _ptr(out), h, i, e,
-                               torch.get_num_threads())
+                               _ptr(offsets.contiguous()), _ptr(weights.contiguous()), _ptr(out), int(add), _ptr(y),
+                               x.shape[0], h, i, e, torch.get_num_threads())
     return out
 
 
@@ -283,18 +287,19 @@ def _mlp_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class KernelMoeBlock(SparseMoeBlock):
-    """An inference-only SparseMoeBlock whose routed and shared experts run in one AMX kernel call each.
+    """An inference-only SparseMoeBlock whose shared and routed experts run in one AMX kernel call each.
 
-    The router and the shared expert's gate stay Linear layers; the experts' weights are kept only as AMX tiles
-    (pack_tiles), so the block holds the same bytes as before. Each token's experts add up in fp32 (in expert
-    order, then the shared expert), rounded to bf16 once; inside an expert only the SwiGLU's output is rounded
-    to bf16 (torch's ops round gate, up, silu and their product), so the result is closer to the exact one.
+    The router and the shared expert's gate become one Linear (`router`, their outputs side by side); the experts'
+    weights are kept only as AMX tiles (pack_tiles), so the block holds the same bytes as before. A token's
+    output is summed in fp32 (the shared expert, then its experts in id order) and rounded to bf16 once; inside an
+    expert only the SwiGLU's output is rounded to bf16 (torch's ops round gate, up, silu and their product), so
+    the result is closer to the exact one than the torch block's.
     """
 
     def __init__(self, block: SparseMoeBlock):
         nn.Module.__init__(self)
         self.num_experts, self.top_k, self.norm_topk_prob = block.num_experts, block.top_k, block.norm_topk_prob
-        self.gate, self.shared_expert_gate = block.gate, block.shared_expert_gate
+        self.router = concat_linears([block.gate, block.shared_expert_gate])
         self.router_logits = None
         routed = [_mlp_weights(m) for m in block.experts]
         self.register_buffer("gate_up", pack_tiles(torch.stack([g for g, _ in routed])), persistent=False)
@@ -317,16 +322,16 @@ class KernelMoeBlock(SparseMoeBlock):
                 and all(m.weight.shape[0] % 32 == 0 and m.weight.shape[1] % 32 == 0 for m in linears))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).contiguous()
-        logits = self.gate(x)
-        self.router_logits = logits
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        moe_bf16(x, self.gate_up, self.down, *moe_route(logits, self.top_k, self.norm_topk_prob), out)
-        shared = torch.sigmoid(self.shared_expert_gate(x).float()).reshape(-1)
-        everyone = torch.arange(x.shape[0])
-        moe_bf16(x, self.shared_gate_up, self.shared_down, everyone, torch.tensor([0, x.shape[0]]), shared, out)
-        return out.to(x.dtype).view(shape)
+        shape, t = x.shape, x.numel() // x.shape[-1]
+        x = x.reshape(t, shape[-1]).contiguous()
+        logits = self.router(x)
+        self.router_logits = logits[:, :self.num_experts]
+        out, y = torch.empty(x.shape, dtype=torch.float32), torch.empty_like(x)
+        moe_bf16(x, self.shared_gate_up, self.shared_down, torch.arange(t), torch.tensor([0, t]),
+                 torch.sigmoid(logits[:, -1].float()), out, add=False)
+        moe_bf16(x, self.gate_up, self.down, *moe_route(self.router_logits, self.top_k, self.norm_topk_prob), out,
+                 y=y)
+        return y.view(shape)
 
 
 def use_cpu_kernels(model: nn.Module) -> int:

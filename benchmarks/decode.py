@@ -1,4 +1,5 @@
-"""Decode and prefill speed at the Qwen2.5-0.5B shape: qwen25 vs transformers, same weights, same process.
+"""Decode and prefill speed at the Qwen2.5-0.5B shape (or any preset, MoE too): qwen25 vs transformers, same
+weights, same process.
 
     python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32] [--no-int8]
         [--no-kernels] [--rounds 3]
@@ -84,25 +85,27 @@ def main():
                     help="qwen25 with its compiled AVX-512 decode kernels where the CPU has them (serve's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     cfg = ModelConfig.from_preset(args.preset)
+    hf_name = "Qwen2Moe" if cfg.model_type == "qwen2_moe" else "Qwen2"
+    hf_config, hf_model = getattr(transformers, f"{hf_name}Config"), getattr(transformers, f"{hf_name}ForCausalLM")
     bandwidth = read_bandwidth()
     print(f"preset {args.preset}: {param_count(cfg) / 1e6:.0f}M parameters, {args.threads} threads, "
           f"prompt {args.prompt}, new {args.new}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     torch.manual_seed(0)
-    prompt = torch.randint(0, 151643, (args.prompt,)).tolist()
+    prompt = torch.randint(0, min(151643, cfg.vocab_size), (args.prompt,)).tolist()
     results = {}
     for name in args.dtypes.split(","):
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        hf_cfg = Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+        hf_cfg = hf_config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
         with torch.device("meta"):
             ours = CausalLM(cfg)
         ours = ours.to_empty(device="cpu").to(dtype)
         ours.init_weights(seed=0)
         ours.reset_rope()
         ours.eval()
-        hf = Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+        hf = hf_model(hf_cfg).to(dtype).eval()
         hf.load_state_dict(ours.state_dict(), strict=False)
         print(f"[{name}] qwen25 as `qwen25 serve` prepares it: {prepare_for_decode(ours, kernels=args.kernels)}")
         run_ours(ours, prompt[:16], 4)  # warm-up
@@ -111,7 +114,7 @@ def main():
                   for _ in range(args.rounds)]  # interleaved: a busy spell of the machine hits both
         o_prefill, o_decode = median_round([r[0] for r in rounds])
         h_prefill, h_decode = median_round([r[1] for r in rounds])
-        weight_bytes = param_count(cfg) * (2 if dtype == torch.bfloat16 else 4)
+        weight_bytes = param_count(cfg, activated=True) * (2 if dtype == torch.bfloat16 else 4)  # read a step
         share = weight_bytes * o_decode / bandwidth
         print(f"[{name}] decode  qwen25 {o_decode:7.2f} tok/s   transformers {h_decode:7.2f} tok/s   "
               f"ratio {o_decode / h_decode:.2f}x   ({weight_bytes * o_decode / 1e9:.1f} GB/s, {share:.0%} of measured)")

@@ -479,3 +479,21 @@ def test_moe_blocks_take_the_kernel_in_a_prepared_model():
     odd = moe_model(moe_intermediate_size=48).to(torch.bfloat16)  # not a multiple of 32
     cpu_kernels.prepare_for_decode(odd)
     assert not any(isinstance(m, cpu_kernels.KernelMoeBlock) for m in odd.modules())
+
+
+@needs_amx
+def test_engine_serves_a_prepared_moe_model():
+    """The serving engine runs a MoE model whose blocks take the kernel (prefill through the engine's cache
+    views, decode steps of one row): its replies equal generate() on the same prepared model, and a batch of
+    requests decodes too (different row counts per step may round differently, so only lengths are checked)."""
+    from qwen25.serve import Engine
+
+    model = moe_model().to(torch.bfloat16)
+    cpu_kernels.prepare_for_decode(model)
+    assert isinstance(model.model.layers[0].mlp, cpu_kernels.KernelMoeBlock)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (7, 30, 12)]
+    params = SamplingParams(max_new_tokens=6)
+    single = Engine(model, max_batch=1, max_len=64).generate(prompts, params)
+    assert single == [generate(model, [p], params)[0] for p in prompts]
+    assert [len(out) for out in Engine(model, max_batch=3, max_len=64).generate(prompts, params)] == [6, 6, 6]

@@ -497,3 +497,18 @@ def test_engine_serves_a_prepared_moe_model():
     single = Engine(model, max_batch=1, max_len=64).generate(prompts, params)
     assert single == [generate(model, [p], params)[0] for p in prompts]
     assert [len(out) for out in Engine(model, max_batch=3, max_len=64).generate(prompts, params)] == [6, 6, 6]
+
+
+@needs_amx
+def test_moe_kernel_keeps_a_nan_token_to_itself():
+    """A NaN in one token's hidden state makes that token's output NaN (silu(NaN) must not come out finite) and
+    leaves the other tokens' outputs as they were."""
+    x, w_gu, w_d, logits = moe_problem(40, 4, 2, 64, 64, seed=1)
+    gu, d = cpu_kernels.pack_tiles(w_gu), cpu_kernels.pack_tiles(w_d)
+    route = cpu_kernels.moe_route(logits, 2, False)
+    clean = cpu_kernels.moe_bf16(x, gu, d, *route, torch.zeros(40, 64))
+    x[7, 5] = float("nan")
+    out = cpu_kernels.moe_bf16(x, gu, d, *route, torch.zeros(40, 64))
+    assert out[7].isnan().all()
+    others = torch.arange(40) != 7
+    assert torch.equal(out[others], clean[others])

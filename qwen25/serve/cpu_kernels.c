@@ -54,14 +54,17 @@ static inline void store_bf16x16(uint16_t* p, __m512 v, __mmask16 mask) {  // v 
 }
 
 static inline __m512 exp_ps(__m512 x) {  // e^x in fp32 (~1e-7 relative): 2^n * poly(r), r = x - n ln 2
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    // below -87 the result is 0 (e^-87 is near the smallest normal float: no denormals, which cost microcode
+    // assists on every later operation); NaN stays NaN (max and min return their second operand for a NaN)
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
     const float c[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
     __m512 p = _mm512_set1_ps(c[0]);
     for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
 }
 
 // The first weight element of the block AHEAD blocks on (this block's own at the end): what to prefetch.

@@ -74,6 +74,20 @@ def test_loglikelihood_equals_direct_computation(models):
         assert greedy == all(argmax[t - 1] == ids[t] for t in range(len(ctx_ids), len(ids)))
 
 
+def test_loglikelihood_projects_only_the_continuation_positions(models):
+    """The vocabulary projection runs on the positions that predict continuation tokens, not on every position
+    of the padded batch (full-vocabulary fp32 log-probs of a whole batch would not fit in memory at Qwen's size)."""
+    _, lm = models
+    requests = [([5, 6, 7, 8, 9, 10, 11, 12], [13, 14]), ([20, 21], [22]), ([30] * 20, [31, 32, 33])]
+    rows = []
+    hook = lm.model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        lm.loglikelihood_tokens(requests)
+    finally:
+        hook.remove()
+    assert rows == [2 + 1 + 3]
+
+
 def test_rolling_loglikelihood_and_bits_per_byte(models):
     hf, lm = models
     text = _words(random.Random(1), 30)

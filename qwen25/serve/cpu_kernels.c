@@ -356,8 +356,12 @@ void qwen25_linear_q8(const uint8_t* Wu, const float* scale, const uint16_t* x, 
 // count and whatever other tokens share the call (batch invariance). wgu holds Wg's blocks then Wu's.
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define MOE_ROWS 32   // assignments per block: two A tiles share each B tile
-#define MOE_JBLOCKS 4 // phase 1: 16-feature blocks of the intermediate per unit of work
+#define MOE_ROWS 32   // assignments per pass: two A tiles share each B tile
+#define MOE_GROUP_BYTES (512 << 10)  // weight tiles a unit keeps in cache while it goes through rows
+
+typedef struct {
+    int64_t expert, start, end, jb0, jb1;  // assignments [start, end) of one expert, feature blocks [jb0, jb1)
+} moe_unit;
 
 static void tile_config_16x64(void) {  // every tile 16 rows of 64 bytes
     tile_config cfg;
@@ -366,10 +370,6 @@ static void tile_config_16x64(void) {  // every tile 16 rows of 64 bytes
     for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
 }
-
-typedef struct {
-    int64_t start, rows, expert;  // assignments [start, start + rows) of one expert, rows <= MOE_ROWS
-} moe_block;
 
 // What is left to do with a finished pass's C tiles (stored in c): the SwiGLU of phase 1 into hb (rows of
 // intermediate features [16 jb, 16 jb + 16)), or phase 2's weighted sum into out (columns [32 op, 32 op + 32)).
@@ -454,76 +454,108 @@ int qwen25_moe_bf16(const uint16_t* x, const uint16_t* wgu, const uint16_t* wd, 
                     int64_t I, int64_t E, int threads) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (qwen25_amx() != 1) return -1;
-    int64_t nblocks = 0;
-    for (int64_t e = 0; e < E; e++) nblocks += (offsets[e + 1] - offsets[e] + MOE_ROWS - 1) / MOE_ROWS;
-    moe_block* blocks = (moe_block*)malloc(sizeof(moe_block) * (nblocks + 1));
-    nblocks = 0;
+    const int64_t A = offsets[E];
+    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (A + MOE_ROWS) * I);  // the SwiGLU outputs, per assignment
+    // phase 1's units: feature blocks grouped by the bytes of their weights; an expert's rows split when there
+    // would be too few units to keep every thread busy (the shared expert is one expert)
+    const int64_t blocks = I / 16, per = MOE_GROUP_BYTES / (64 * H) > 1 ? MOE_GROUP_BYTES / (64 * H) : 1;
+    const int64_t groups = (blocks + per - 1) / per, wanted = 8 * (int64_t)threads;
+    int64_t span = A + MOE_ROWS;  // rows per unit
+    if (E * groups < wanted) span = ((A * groups + wanted - 1) / wanted + MOE_ROWS - 1) / MOE_ROWS * MOE_ROWS;
+    int64_t nunits = 0;
+    for (int64_t e = 0; e < E; e++) nunits += (offsets[e + 1] - offsets[e] + span - 1) / span * groups;
+    moe_unit* units = (moe_unit*)malloc(sizeof(moe_unit) * (nunits + 1));
+    // The rows of x each pass multiplies: gathered by the pass itself into a small buffer when one unit covers all
+    // features (each row is then gathered once), else gathered once for all units into xg, in assignment order
+    // (each expert's rows contiguous) with MOE_ROWS zero rows after the last, which a partial pass reads.
+    const int local = groups == 1;
+    uint16_t* xg = local ? NULL : (uint16_t*)malloc(sizeof(uint16_t) * (A + MOE_ROWS) * H);
+    nunits = 0;
     for (int64_t e = 0; e < E; e++)
-        for (int64_t s = offsets[e]; s < offsets[e + 1]; s += MOE_ROWS)
-            blocks[nblocks++] = (moe_block){s, offsets[e + 1] - s < MOE_ROWS ? offsets[e + 1] - s : MOE_ROWS, e};
-    uint16_t* h = (uint16_t*)malloc(sizeof(uint16_t) * (nblocks * MOE_ROWS * I + 1));
-    const int64_t jchunks = (I / 16 + MOE_JBLOCKS - 1) / MOE_JBLOCKS;
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t r = offsets[e]; r < offsets[e + 1]; r += span)
+                units[nunits++] = (moe_unit){e, r, r + span < offsets[e + 1] ? r + span : offsets[e + 1], g * per,
+                                             (g + 1) * per < blocks ? (g + 1) * per : blocks};
 #pragma omp parallel num_threads(threads)
     {
+        uint16_t* xl = local ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * MOE_ROWS * H) : NULL;
+        if (!local)
+#pragma omp for schedule(static)
+            for (int64_t a = 0; a < A + MOE_ROWS; a++) {
+                if (a < A) memcpy(xg + a * H, x + token[a] * H, sizeof(uint16_t) * H);
+                else memset(xg + a * H, 0, sizeof(uint16_t) * H);
+            }
         tile_config_16x64();
-        uint16_t* xg = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * MOE_ROWS * H);
         float c[2][4][16][16];  // the pass being multiplied and the one being finished
         int cur = 0;
         moe_pending pending = {.kind = 0, .I = I, .H = H, .out = out, .add = add};
-        int64_t gathered = -1;  // the block whose rows are in xg
-        // phase 1: h = silu(x Wg^T) * (x Wu^T) for (block, group of intermediate features) units
-#pragma omp for schedule(static) nowait
-        for (int64_t unit = 0; unit < nblocks * jchunks; unit++) {
-            const int64_t bi = unit / jchunks, jc = unit % jchunks;
-            const moe_block* b = blocks + bi;
-            if (gathered != bi) {
-                for (int64_t r = 0; r < MOE_ROWS; r++) {
-                    if (r < b->rows) memcpy(xg + r * H, x + token[b->start + r] * H, sizeof(uint16_t) * H);
-                    else memset(xg + r * H, 0, sizeof(uint16_t) * H);
+        // Phase 1: h = silu(x Wg^T) * (x Wu^T), in units of (rows of one expert, group of 16-feature blocks).
+        // A group's weight tiles (~MOE_GROUP_BYTES) stay in cache across the unit's rows, so the weights are read
+        // once per call; a pass's rows stay in cache across the group's blocks. Units go to whichever thread is
+        // free (experts get different numbers of rows).
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t u = 0; u < nunits; u++) {
+            const moe_unit* unit = units + u;
+            const uint16_t* wg = wgu + unit->expert * 2 * I * H;
+            for (int64_t r0 = unit->start; r0 < unit->end; r0 += MOE_ROWS) {
+                // a last pass of fewer rows reads the next expert's (or zero) rows; only its own results are kept
+                const int64_t rows = unit->end - r0 < MOE_ROWS ? unit->end - r0 : MOE_ROWS;
+                const uint16_t* a = xg + r0 * H;
+                if (local) {
+                    for (int64_t r = 0; r < MOE_ROWS; r++) {
+                        if (r < rows) memcpy(xl + r * H, x + token[r0 + r] * H, sizeof(uint16_t) * H);
+                        else memset(xl + r * H, 0, sizeof(uint16_t) * H);
+                    }
+                    a = xl;
                 }
-                gathered = bi;
-            }
-            const uint16_t* wg = wgu + b->expert * 2 * I * H;
-            for (int64_t jb = jc * MOE_JBLOCKS; jb < (jc + 1) * MOE_JBLOCKS && jb < I / 16; jb++) {
-                if (b->rows > 16)
-                    moe_tiles(xg, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 1, c[cur], &pending);
-                else
-                    moe_tiles(xg, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 0, c[cur], &pending);
-                pending.kind = 1, pending.rows = b->rows > 16 ? 32 : 16, pending.c = c[cur];
-                pending.hb = h + bi * MOE_ROWS * I, pending.jb = jb;
-                cur ^= 1;
+                for (int64_t jb = unit->jb0; jb < unit->jb1; jb++) {
+                    if (rows > 16)
+                        moe_tiles(a, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 1, c[cur], &pending);
+                    else
+                        moe_tiles(a, wg + jb * 16 * H, wg + I * H + jb * 16 * H, H, 0, c[cur], &pending);
+                    pending.kind = 1, pending.rows = (int)rows, pending.c = c[cur];
+                    pending.hb = h + r0 * I, pending.jb = jb;
+                    cur ^= 1;
+                }
             }
         }
         moe_finish(&pending, 0, pending.rows);
         pending.kind = 0;
 #pragma omp barrier
-        // phase 2: this thread's output columns, for every block (its rows of h stay in L1 across the columns)
+        // Phase 2: this thread's output columns (each element of out has one writer), expert by expert, in groups
+        // of column pairs whose down-projection tiles (2 x 16 x I each, ~MOE_GROUP_BYTES in all) stay in cache
+        // across the expert's rows, while a pass's rows of h stay in cache across the group's columns.
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t pairs = H / 32, op0 = pairs * id / nt, op1 = pairs * (id + 1) / nt;
-        for (int64_t bi = 0; bi < nblocks; bi++) {
-            const moe_block* b = blocks + bi;
-            const uint16_t* hb = h + bi * MOE_ROWS * I;
-            const uint16_t* wde = wd + b->expert * H * I;
-            for (int64_t op = op0; op < op1; op++) {
-                if (b->rows > 16)
-                    moe_tiles(hb, wde + 2 * op * 16 * I, wde + (2 * op + 1) * 16 * I, I, 1, c[cur], &pending);
-                else
-                    moe_tiles(hb, wde + 2 * op * 16 * I, wde + (2 * op + 1) * 16 * I, I, 0, c[cur], &pending);
-                pending.kind = 2, pending.rows = (int)b->rows, pending.c = c[cur];
-                pending.token = token + b->start, pending.w = w + b->start, pending.op = op;
-                cur ^= 1;
-            }
+        const int64_t group = MOE_GROUP_BYTES / (64 * I) > 1 ? MOE_GROUP_BYTES / (64 * I) : 1;
+        for (int64_t e = 0; e < E; e++) {
+            const uint16_t* wde = wd + e * H * I;
+            for (int64_t g0 = op0; g0 < op1; g0 += group)
+                for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += MOE_ROWS) {
+                    const int64_t rows = offsets[e + 1] - r0 < MOE_ROWS ? offsets[e + 1] - r0 : MOE_ROWS;
+                    for (int64_t op = g0; op < g0 + group && op < op1; op++) {
+                        const uint16_t *b0 = wde + 2 * op * 16 * I, *b1 = b0 + 16 * I;
+                        if (rows > 16)
+                            moe_tiles(h + r0 * I, b0, b1, I, 1, c[cur], &pending);
+                        else
+                            moe_tiles(h + r0 * I, b0, b1, I, 0, c[cur], &pending);
+                        pending.kind = 2, pending.rows = (int)rows, pending.c = c[cur];
+                        pending.token = token + r0, pending.w = w + r0, pending.op = op;
+                        cur ^= 1;
+                    }
+                }
         }
         moe_finish(&pending, 0, pending.rows);
         if (y)  // this thread's columns are complete
             for (int64_t t = 0; t < T; t++)
                 for (int64_t k = op0 * 32; k < op1 * 32; k += 16)
                     store_bf16x16(y + t * H + k, round_to_bf16_ps(_mm512_loadu_ps(out + t * H + k)), 0xffff);
-        free(xg);
+        free(xl);
         _tile_release();
     }
+    free(units);
     free(h);
-    free(blocks);
+    free(xg);
     return 0;
 #else
     (void)x, (void)wgu, (void)wd, (void)token, (void)offsets, (void)w, (void)out, (void)add, (void)y, (void)T;

@@ -397,8 +397,10 @@ def moe_emulated(x, w_gu, w_d, token, offsets, weights) -> torch.Tensor:
 
 @needs_amx
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", [(300, 8, 2, 64, 96), (5, 4, 4, 32, 32),
-                                                                (1, 16, 4, 128, 64)])
+                                                                (1, 16, 4, 128, 64), (70, 6, 2, 1024, 192)])
 def test_moe_kernel_is_the_emulated_expert_sum_and_batch_invariant(tokens, experts, top_k, hidden, inter):
+    """Also the layouts the kernel picks by size: rows split over units (few experts), features split over units
+    with the rows gathered once (hidden 1024: a unit's weight tiles hold 8 of the 12 feature blocks)."""
     from qwen25.model.moe import group_by_expert, route
 
     x, w_gu, w_d, logits = moe_problem(tokens, experts, top_k, hidden, inter, seed=tokens + experts)

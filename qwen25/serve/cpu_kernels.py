@@ -4,8 +4,8 @@ A decode step multiplies one activation row per running request by every weight 
 memory bandwidth. torch's bf16 `linear` streams the 0.5B model's weights at ~18 GB/s on this project's CPU
 and its int8-weight kernel at ~15 GB/s; `cpu_kernels.c` reads them at ~30 GB/s (benchmarks/decode.py).
 RMSNorm and RoPE take one pass over the rows of a decode step or a prompt. On CPUs with AMX a mixture-of-experts
-block runs its experts in two kernel calls (KernelMoeBlock): 2.3-3x transformers' MoE block, and a mini-moe
-forward 2.0-2.1x transformers' (benchmarks/moe.py).
+block runs its experts in two kernel calls (KernelMoeBlock): a mini-moe forward ~2x transformers', its MoE blocks
+2.6-3x, one Qwen1.5-MoE-A2.7B layer 1.6x (benchmarks/moe.py).
 
 The C source is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a per-user cache
 (`$XDG_CACHE_HOME/qwen25` or `~/.cache/qwen25`), keyed by the source, the flags and the CPU's feature flags,

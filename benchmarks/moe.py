@@ -33,7 +33,7 @@ from common import matmul_peak, result_line, timed  # noqa: E402
 from qwen25.config import ModelConfig, flops_per_token, param_count  # noqa: E402
 from qwen25.model import CausalLM, save_model  # noqa: E402
 from qwen25.model.moe import sparse_blocks  # noqa: E402
-from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
+from qwen25.serve.cpu_kernels import KernelMoeBlock, prepare_for_decode  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         served = copy.deepcopy(ours)
         mine["qwen25 served"] = served
         print(f"qwen25 served: {prepare_for_decode(served)}; "
-              f"{sum(type(b).__name__ == 'KernelMoeBlock' for b in sparse_blocks(served))} MoE blocks on the kernel")
+              f"{sum(isinstance(b, KernelMoeBlock) for b in sparse_blocks(served))} MoE blocks on the kernel")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
     active = param_count(cfg, activated=True)
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
             print(f"{name:<32} {tokens / seconds:10.1f} tokens/s  ({seconds * 1e3:.0f} ms per forward, "
                   f"{flops / seconds / 1e9:.1f} GFLOP/s = {flops / seconds / peak:.0%} of peak)")
         block_rates = compare_blocks(mine, peers, args, dtype)
-    for name, model in mine.items():
-        print(f"{name} spends {moe_share(model, ids):.0%} of the forward in the MoE blocks")
-    share = moe_share(ours, ids)
+    shares = {name: moe_share(model, ids) for name, model in mine.items()}
+    for name, share in shares.items():
+        print(f"{name} spends {share:.0%} of the forward in the MoE blocks")
     peer_rates = {n: r for n, r in results.items() if n not in mine}
     for name, rate in peer_rates.items():
         for me in mine:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     print(result_line("moe_forward", preset=args.preset, overrides=overrides, dtype=args.dtype, batch=args.batch,
                       seq=args.seq, threads=args.threads, qwen25_tokens_per_s=round(results["qwen25"], 1),
                       transformers_tokens_per_s={n: round(r, 1) for n, r in peer_rates.items()},
-                      ratio=round(results["qwen25"] / peer_rates[first], 3), moe_share=round(share, 3),
+                      ratio=round(results["qwen25"] / peer_rates[first], 3), moe_share=round(shares["qwen25"], 3),
                       served_tokens_per_s=round(results.get("qwen25 served", 0.0), 1),
                       best_ratio=round(results[best] / peer_rates[first], 3),
                       matmul_peak_gflops=round(peak / 1e9, 1), forward_gflop=round(flops / 1e9, 2),

@@ -351,9 +351,9 @@ void qwen25_linear_q8(const uint8_t* Wu, const float* scale, const uint16_t* x, 
 // The weights are packed once into AMX's B-tile layout, P[n / 16][k / 2][n % 16][k % 2] = W[n][k], so that a
 // tile of 16 outputs x 32 inputs is one contiguous kilobyte; the tokens' rows are the A tiles, and the products
 // come out as 16 tokens x 16 outputs with the tokens in rows, ready for the SwiGLU and for the weighted sum.
-// Phase 1 splits (block of up to 32 assignments, group of output features) between threads; phase 2 splits the
-// output columns, so each element of out has one writer and its sum runs in the same order whatever the thread
-// count and whatever other tokens share the call (batch invariance). wgu holds Wg's blocks then Wu's.
+// Phase 1 hands out units of (rows of one expert, group of feature blocks) to threads; phase 2 splits the output
+// columns, so each element of out has one writer and its sum runs in the same order whatever the thread count and
+// whatever other tokens share the call (batch invariance). wgu holds Wg's blocks then Wu's.
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define MOE_ROWS 32   // assignments per pass: two A tiles share each B tile
@@ -622,7 +622,7 @@ void qwen25_moe_route(const float* logits, int64_t T, int64_t E, int64_t top_k, 
     free(chosen);
 }
 
-// ---- RMSNorm and RoPE of a few rows, as the model computes them ------------------------------------------------
+// ---- RMSNorm and RoPE, as the model computes them -------------------------------------------------------------
 //
 // One call each instead of the ~9 small torch ops (casts, pow, mean, rsqrt, multiplies, cat) a decode step pays
 // per norm and per rotation, and one pass over the data instead of ~9 for a prompt's rows (split between threads

@@ -275,6 +275,8 @@ def moe_route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[t
     softmax, renormalised if norm_topk_prob) with the assignments grouped by expert, tokens ascending."""
     logits = logits.float().contiguous()
     t, e = logits.shape
+    if e > 1024:  # the kernel keeps a token's probabilities on the stack
+        raise ValueError(f"moe routing kernel: at most 1024 experts, got {e}")
     token, weights = torch.empty(t * top_k, dtype=torch.int64), torch.empty(t * top_k)
     offsets = torch.empty(e + 1, dtype=torch.int64)
     _library().qwen25_moe_route(_ptr(logits), t, e, top_k, int(norm_topk_prob), _ptr(token), _ptr(weights),

@@ -128,6 +128,13 @@ def test_end_to_end(finished_run):
     for domain, row in report["mixture"]["domains"].items():
         assert abs(row["weight_out"] - row["target_weight"]) < 0.08, (domain, row)
     assert (out / "stats.json").is_file() and (out / "stats.png").stat().st_size > 10_000
+    # effective tokens: every step after the quality step counts D and D_eff = sum(q * n) of what it kept
+    after = report["stages"][-2]  # the mixture (pack has no documents to score)
+    eff = after["effective_tokens"]
+    assert eff["total"]["tokens"] == after["tokens_out"] == sum(r["tokens"] for d, r in eff.items() if d != "total")
+    assert 0 < eff["total"]["effective_tokens"] < eff["total"]["tokens"] and eff["total"]["unscored_tokens"] == 0
+    assert "effective_tokens" not in steps["00_filters"] or steps["00_filters"]["effective_tokens"]["total"][
+        "effective_tokens"] == 0  # no quality score yet: no D_eff
     # the hand-over: the trainer's batch reader takes the shards as they are
     from qwen25.train.data import ShardBatches, target_mask
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from datatrove.data import Document
+
 from qwen25.data.domains import classify_format, classify_topic, domain_of
 from qwen25.data.mixture import BINS, hash01, merge_histograms, mixture_copies, plan_mixture
 from qwen25.data.pipeline import DataPipeline, quiet_datatrove_logs
@@ -341,3 +343,22 @@ def test_datatrove_heuristic_filters_run_offline():
     assert filters["gopher_repetition"].filter(Document(text=repeated, id="r")) == (False, "dup_line_frac")
     with pytest.raises(ValueError, match="unknown filters \\['bloom'\\]"):
         make_filters({"bloom": {}}, lambda name: None)
+
+
+def test_effective_tokens_equal_a_hand_computation():
+    """D and D_eff = sum(q * n) per domain and in total, as the pipeline's stats report them."""
+    from qwen25.data.stats import effective_tokens
+    from qwen25.data.steps import EffectiveTokens
+
+    docs = [Document(text="a", id="1", metadata={"token_count": 100, "quality_score": 0.9, "domain": "code"}),
+            Document(text="b", id="2", metadata={"token_count": 50, "quality_score": 0.2, "domain": "code"}),
+            Document(text="c", id="3", metadata={"token_count": 40, "quality_score": 0.5, "domain": "science"}),
+            Document(text="d", id="4", metadata={"token_count": 10, "domain": "science"}),  # never scored
+            Document(text="e", id="5", metadata={})]  # not counted: no token count
+    step = EffectiveTokens()
+    assert [d.id for d in step.run(iter(docs))] == ["1", "2", "3", "4", "5"]  # passes everything on
+    table = effective_tokens({k: v["total"] for k, v in step.stats.to_dict()["stats"].items()})
+    assert table["code"] == {"tokens": 150, "effective_tokens": pytest.approx(90 + 10), "quality": pytest.approx(100 / 150)}
+    assert table["science"]["tokens"] == 50 and table["science"]["effective_tokens"] == pytest.approx(20)
+    assert table["total"]["tokens"] == 200 and table["total"]["effective_tokens"] == pytest.approx(120)
+    assert table["total"]["quality"] == pytest.approx(0.6) and table["total"]["unscored_tokens"] == 10

@@ -194,10 +194,11 @@ class DataPipeline:
 
     def tail(self, folder: Path) -> list:
         """The end of a step's pipeline: count tokens (once: later steps find metadata token_count, and datatrove's
-        readers and writers report it as doc_len_tokens) when there is a tokenizer, then write the documents."""
-        from .steps import TokenCounter
+        readers and writers report it as doc_len_tokens) and effective tokens (q * n per domain, once documents
+        have a quality score) when there is a tokenizer, then write the documents."""
+        from .steps import EffectiveTokens, TokenCounter
 
-        counter = [TokenCounter(self.tokenizer_dir)] if self.tokenizer_dir else []
+        counter = [TokenCounter(self.tokenizer_dir), EffectiveTokens()] if self.tokenizer_dir else []
         return [*counter, self.writer(folder)]
 
     def exclusion(self, name: str):

@@ -38,7 +38,26 @@ def summarize_stage(label: str, step_stats: list[dict], seconds: float) -> dict:
     domains = {k[len("domain_"):]: v for s in step_stats for k, v in s["stats"].items() if k.startswith("domain_")}
     if domains:
         out["domains"] = domains
+    counted = [s["stats"] for s in step_stats if _clean(s["name"]) == "effective tokens"]
+    if counted:
+        out["effective_tokens"] = effective_tokens(counted[-1])
     return out
+
+
+def effective_tokens(stats: dict) -> dict:
+    """{domain: {tokens, effective_tokens, quality}} and "total" from an EffectiveTokens step's stats: D = sum n and
+    D_eff = sum q * n over the documents of each domain; quality = D_eff / D, the token-weighted mean score.
+    Documents without a quality score count in tokens but not in D_eff (and make the total's quality a lower bound)."""
+    domains = sorted({k.split("/", 1)[1] for k in stats if k.startswith("tokens/")})
+    table = {}
+    for d in domains:
+        n, eff = stats.get(f"tokens/{d}", 0), stats.get(f"effective_tokens/{d}", 0.0)
+        table[d] = {"tokens": int(n), "effective_tokens": float(eff), "quality": eff / n if n else 0.0}
+    n = sum(r["tokens"] for r in table.values())
+    eff = sum(r["effective_tokens"] for r in table.values())
+    table["total"] = {"tokens": n, "effective_tokens": eff, "quality": eff / n if n else 0.0,
+                      "unscored_tokens": int(stats.get("unscored_tokens", 0))}
+    return table
 
 
 def mixture_table(extra: dict) -> dict | None:
@@ -123,6 +142,12 @@ def format_report(report: dict) -> str:
         for d, row in report["mixture"]["domains"].items():
             lines.append(f"{'':<21}{d:<14} {row['weight_in']:>7.3f} {row['target_weight']:>7.3f} "
                          f"{row['weight_out']:>7.3f}")
+    final = next((s["effective_tokens"] for s in reversed(report["stages"]) if "effective_tokens" in s), None)
+    if final and final["total"]["effective_tokens"]:
+        lines.append(f"\neffective tokens after the last step: {'domain':<14} {'D':>10} {'D_eff':>10} {'q':>6}")
+        for d, row in final.items():
+            lines.append(f"{'':<38}{d:<14} {row['tokens']:>10} {row['effective_tokens']:>10.0f} "
+                         f"{row['quality']:>6.3f}")
     if "pack" in report:
         p = report["pack"]
         lines.append(f"\npacked {p['documents']} documents, {p['tokens']} tokens into {p['rows']} rows of "

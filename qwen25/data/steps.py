@@ -116,6 +116,31 @@ class TokenCounter(PipelineStep):
         yield from flush()
 
 
+class EffectiveTokens(PipelineStep):
+    """Counts tokens and quality-weighted tokens per domain, passing every document on unchanged.
+
+    The report's "not every token counts equally": a document of n tokens with quality score q in (0, 1] (the
+    quality step's metadata quality_score) contributes q * n effective tokens, so D_eff = sum(q * n) beside
+    |D| = sum(n). Stats: tokens/DOMAIN, effective_tokens/DOMAIN (documents with no domain count as "all"), and
+    unscored_tokens for documents the quality step never saw (they have no q and add nothing to D_eff)."""
+
+    name = "effective tokens"
+    type = "📊 - STATS"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            n = doc.metadata.get("token_count")
+            if n is not None:
+                domain = doc.metadata.get("domain", "all")
+                self.stat_update(f"tokens/{domain}", value=int(n))
+                q = doc.metadata.get("quality_score")
+                if q is None:
+                    self.stat_update("unscored_tokens", value=int(n))
+                else:
+                    self.stat_update(f"effective_tokens/{domain}", value=float(q) * int(n))
+            yield doc
+
+
 class DecontaminationFilter(BaseFilter):
     """Drops documents that meet the LCS rule against any test item (decontam.py); sets metadata token_count.
 

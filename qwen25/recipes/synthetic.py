@@ -140,3 +140,12 @@ def passkey_documents(n: int, seed: int, min_fillers: int = 1, max_fillers: int 
     rng = random.Random(seed)
     return [passkey_document(rng, rng.randint(min_fillers, max_fillers)) for _ in range(n)]
 
+
+SPAM = ("BUY NOW!!! Best price on {item}, free shipping, limited offer, order today and save {n}% on every "
+        "{item}. Click here, click here, deal of the day, discount coupon, checkout now, sale sale sale!")
+
+
+def spam_text(rng: random.Random, sentences: int = 5) -> str:
+    """A low-quality web document (the kind the quality filter must drop): `sentences` spam sentences."""
+    return " ".join(SPAM.format(item=rng.choice(["shoes", "phones", "watches"]), n=rng.randint(10, 90))
+                    for _ in range(sentences))

@@ -32,12 +32,8 @@ from .corpus import stdlib_documents
 from .runner import RecipeRun
 from .synthetic import (
     arithmetic_problems, passkey_answer_start, passkey_document, passkey_documents, problem_document,
-    problem_messages,
-    tool_conversations,
+    problem_messages, spam_text, tool_conversations,
 )
-
-SPAM = ("BUY NOW!!! Best price on {item}, free shipping, limited offer, order today and save {n}% on every "
-        "{item}. Click here, click here, deal of the day, discount coupon, checkout now, sale sale sale!")
 
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=True)
@@ -121,9 +117,8 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     docs += [{"id": f"copy/{i}", "text": d["text"].replace("\n\n", "\n", 3),
               "metadata": {"source": "duplicate", "rating": 4.5}}
              for i, d in enumerate(stdlib[:cfg["duplicates"]])]  # near-duplicates: MinHash must drop them
-    docs += [{"id": f"spam/{i}", "text": " ".join(SPAM.format(item=rng.choice(["shoes", "phones", "watches"]),
-                                                               n=rng.randint(10, 90)) for _ in range(5)),
-              "metadata": {"source": "spam", "rating": 0.5}} for i in range(cfg["spam_docs"])]
+    docs += [{"id": f"spam/{i}", "text": spam_text(rng), "metadata": {"source": "spam", "rating": 0.5}}
+             for i in range(cfg["spam_docs"])]
     docs += [{"id": f"leak/{i}", "text": problem_document(p), "metadata": {"source": "leak", "rating": 4.0}}
              for i, p in enumerate(test[:cfg["leaks"]])]  # test items pasted into the corpus: decontamination
     # Synthetic task data is held out from the test set by construction (distinct questions); it joins the kept

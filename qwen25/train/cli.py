@@ -1,4 +1,4 @@
-"""`qwen25 train CONFIG`, `qwen25 sweep CONFIG`, `qwen25 fit-scaling SWEEP_DIR`.
+"""`qwen25 train CONFIG`, `qwen25 sweep CONFIG`, `qwen25 fit-scaling SWEEP_DIR`, `qwen25 fit-loss-law SWEEP_DIR`.
 
 Every command also runs under torchrun (`torchrun --nproc_per_node 2 -m qwen25.cli train CONFIG.yaml`):
 the process group starts from torchrun's environment and the loop shards the model with FSDP2.
@@ -64,8 +64,18 @@ def cmd_fit_scaling(args) -> int:
     return 0
 
 
+def cmd_fit_loss_law(args) -> int:
+    from .loss_law import LAW_FILE, describe, write_loss_law
+
+    result = write_loss_law(args.sweep_dir, args.out)
+    out = Path(args.out) if args.out else Path(args.sweep_dir) / LAW_FILE
+    print(describe(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def add_train_commands(subparsers) -> None:
-    """Register train, sweep and fit-scaling on the `qwen25` parser."""
+    """Register train, sweep, fit-scaling and fit-loss-law on the `qwen25` parser."""
     p = subparsers.add_parser(
         "train", help="pre-train from a YAML config (token shards; phases; torchrun for FSDP2)",
         description="Train (or resume) a run described by a YAML file of TrainConfig options (see "
@@ -93,3 +103,13 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("sweep_dir", help="the sweep's out_dir")
     p.add_argument("--out", help="where to write the fit JSON (default SWEEP_DIR/fit.json)")
     p.set_defaults(func=cmd_fit_scaling)
+
+    p = subparsers.add_parser(
+        "fit-loss-law", help="fit L(N, D) and L(N, D_eff = quality x D) to a quality sweep",
+        description="Read SWEEP_DIR/results.jsonl of a sweep with a `data` axis (corpora of known quality) and "
+                    "`eval_data` (clean held-out shards); fit L = E + A/N^alpha + B/D^beta with D the tokens "
+                    "trained and with D_eff = quality x tokens, each with leave-one-out and budget-extrapolation "
+                    "errors; write loss_law.json and loss_law.png.")
+    p.add_argument("sweep_dir", help="the sweep's out_dir")
+    p.add_argument("--out", help="where to write the JSON (default SWEEP_DIR/loss_law.json)")
+    p.set_defaults(func=cmd_fit_loss_law)

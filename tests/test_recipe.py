@@ -40,6 +40,15 @@ def test_report_has_every_section_and_plot(fast_run):
         assert png in text
     assert "| total |" in text
     assert "Model: dense" in text
+    # the report card: a smoke-run warning on --fast, the summary, MFU and the machine, three samples
+    assert "A smoke run (`--fast`)" in text.split("## Summary")[0] and "Pre-training loss still falls" in text
+    summary = text.split("## Summary")[1].split("## ")[0]
+    for row in ("| data |", "| loss law |", "| pre-training phase 1 |", "| pre-training (ABF) |", "| long context |",
+                "| SFT |", "| reward model |", "| DPO (online merging) |", "| GRPO |", "| serve |"):
+        assert row in summary, row
+    assert "median MFU" in text and "Machine:" in text
+    assert text.count("```") == 6 and "## Samples after pre-training" in text
+    assert "stages/loss_law/loss_law.png" in text
     # every passkey prompt's result is kept beside the heat map, and the metric is their accuracy
     rows = read_jsonl(run / "stages/eval_pretrain/passkey_dca.jsonl")
     base = min(r["length"] for r in rows)
@@ -136,3 +145,45 @@ def test_passkey_prompts_leave_room_for_the_answer(fast_run):
             prompt = passkey_sample(tok, k * cfg["phase1_len"] - ANSWER_ROOM, depth, MAX_PASSKEY).ids
             assert k * cfg["phase1_len"] - ANSWER_ROOM - per_filler < len(prompt)  # filled to within one filler
             assert len(prompt) + longest_answer <= k * cfg["phase1_len"]
+
+
+def test_loss_law_stage_fits_both_laws(fast_run):
+    """The recipe's quality sweep: corpora with more spam have a lower recorded quality, every run has a held-out
+    loss, and both fits (D and D_eff) come with their held-out errors."""
+    run, _ = fast_run
+    law = json.loads((run / "stages/loss_law/loss_law.json").read_text())
+    cfg = recipe_config(fast=True)["loss_law"]
+    assert len(law["points"]) == len(cfg["models"]) * len(cfg["tokens"]) * len(cfg["fractions"])
+    quality = {p["name"].rsplit("_", 1)[1]: p["quality"] for p in law["points"]}
+    assert quality["spam00"] > quality["spam50"] > 0
+    metrics = _metrics(run, "loss_law")
+    for key in ("law_D_loo_rmse", "law_D_eff_loo_rmse"):
+        assert math.isfinite(metrics[key])
+
+
+def test_ablations_run_every_arm_and_write_the_table(fast_run):
+    """`--ablations` at the fast size with 2 seeds: every arm trains per seed, seed 0 reuses the recipe's own
+    checkpoints, ablations.md holds the claims table, a rerun redoes nothing and the report cites the seeds."""
+    from qwen25.recipes.ablations import run_ablations
+
+    run, _ = fast_run
+    path = run_ablations(run, fast=True, seeds=2)
+    results = json.loads((run / "ablations/results.json").read_text())["results"]
+    assert set(results) == {"base", "no_quality_dedup", "no_mixture", "lr_x3", "lr_div3", "abf", "no_abf"}
+    assert all(len(values) == 2 for arm in results.values() for values in arm.values())
+    assert results["base"]["heldout_bits_per_byte"][0] == pytest.approx(
+        _metrics(run, "eval_phase1")["heldout_bits_per_byte"])  # seed 0 is the recipe's phase 1
+    assert results["base"]["heldout_bits_per_byte"][1] != results["base"]["heldout_bits_per_byte"][0]
+    # without the quality filter the spam stays in phase 1's data
+    no_filter = json.loads((run / "ablations/stages/data_no_quality_dedup/done.json").read_text())["metrics"]
+    assert no_filter["tokens_phase1"] > _metrics(run, "data")["tokens_phase1"]
+    cfg = json.loads((run / "ablations/stages/s1_phase2_no_abf/phase2/final/config.json").read_text())
+    assert cfg["rope_theta"] == 10_000
+    text = path.read_text()
+    for claim in ("quality filter + dedup", "ABF in phase 2", "`lr: auto` vs 3x higher", "DCA vs rope at 8x"):
+        assert claim in text, claim
+    stamp = (run / "ablations/stages/s1_phase1_base/done.json").stat().st_mtime
+    run_ablations(run, fast=True, seeds=2)
+    assert (run / "ablations/stages/s1_phase1_base/done.json").stat().st_mtime == stamp
+    report = run_recipe(run, fast=True).read_text()
+    assert "over 2 seeds" in report.split("## Summary")[1].split("## ")[0]

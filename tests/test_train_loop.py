@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections import Counter
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -144,3 +145,35 @@ def test_optimizer_is_fused_adamw_equal_to_the_per_tensor_loop():
         loop.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_mfu_counts_the_flops_torch_counts(tmp_path):
+    """The MFU the loop logs is flops_per_token(training) x tokens/s / peak, and flops_per_token is what torch's
+    FLOP counter sees in one forward + backward: every matmul of the projections, MLP and lm_head exactly, and the
+    causal half of the attention's batched matmuls (attention in its math form, which the counter charges for the
+    full square of scores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qwen25.config import ModelConfig, flops_per_token
+    from qwen25.model import CausalLM
+
+    cfg = ModelConfig.from_preset("tiny")
+    batch, seq = 2, 64
+    model = CausalLM(cfg)
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1)).backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(by_op) == {"aten.mm", "aten.addmm", "aten.bmm"}
+    assert by_op["aten.mm"] + by_op["aten.addmm"] + by_op["aten.bmm"] / 2 == \
+        flops_per_token(cfg, seq, training=True) * batch * seq
+
+    train_cfg = TrainConfig(out_dir=str(tmp_path), model="tiny", steps=3, batch_size=4, seq_len=32, lr=1e-3,
+                            save_every=1000, dtype="fp32", peak_flops=1e9, tensorboard=False)
+    train(train_cfg, TokenWindows(markov_corpus(2000), 4, 32), progress=False)
+    for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()):
+        assert row["mfu"] == pytest.approx(flops_per_token(cfg, 32, training=True) * row["tokens_per_s"] / 1e9, rel=1e-9)

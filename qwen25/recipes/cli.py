@@ -14,7 +14,12 @@ def cmd_recipe(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / ("recipe-tiny" + "-moe" * args.moe + "-fast" * args.fast)
-    report = run_recipe(out, fast=args.fast, moe=args.moe)
+    if args.ablations:
+        from .ablations import run_ablations
+
+        path = run_ablations(out, fast=args.fast, moe=args.moe, seeds=args.seeds)
+        print(f"ablations: {path}")
+    report = run_recipe(out, fast=args.fast, moe=args.moe)  # after the ablations: the report cites them
     print(f"report: {report}")
     return 0
 
@@ -31,5 +36,9 @@ def add_recipe_command(subparsers) -> None:
     p.add_argument("--fast", action="store_true", help="a ~2-minute version (what the tests run)")
     p.add_argument("--moe", action="store_true", help="the MoE variant: routed + shared experts in every layer")
     p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-moe][-fast])")
+    p.add_argument("--ablations", action="store_true",
+                   help="after the recipe, rerun each pre-training claim with one thing removed over --seeds seeds "
+                        "(OUT/ablations.md; about 2 hours; resumable)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per ablation arm")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_recipe)

@@ -97,3 +97,18 @@ def evaluate_stage(model_dir: str | Path, data: dict, out_dir: Path, passkey: di
         metrics.update(passkey_scores(model, tokenizer, passkey["base_len"], passkey["multiples"],
                                       passkey["variants"], out_dir, passkey.get("trials", 2)))
     return metrics
+
+
+def sample_generations(model_dir: str | Path, prompts: list[tuple[str, str]], out: Path,
+                       max_new_tokens: int = 40) -> dict:
+    """Greedy continuations of (what, prompt text) pairs, written to out/samples.json (the report shows them)."""
+    import json
+
+    model = load_model(model_dir, dtype="fp32")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    lm = ModelLM(model, tokenizer, batch_size=len(prompts))
+    outputs = lm.generate_ids([tokenizer.encode(p, allowed_special="none") for _, p in prompts],
+                              max_new_tokens=max_new_tokens)
+    samples = [{"what": what, "prompt": prompt, "output": text} for (what, prompt), text in zip(prompts, outputs)]
+    (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    return {"metrics": {"samples": len(samples)}}

@@ -22,7 +22,7 @@ def scored_documents(pipeline: Path) -> list[dict]:
     """{id, text, quality} of the documents the data pipeline kept (its last stage, the mixture)."""
     from ..data.steps import SafeJsonlReader
 
-    stage = sorted((pipeline / "stages").glob("*_mixture"))[-1]
+    stage = sorted(p for p in (pipeline / "stages").iterdir() if p.is_dir())[-1]
     return [{"id": d.id, "text": d.text, "quality": float(d.metadata["quality_score"])}
             for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
 

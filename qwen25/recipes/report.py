@@ -73,27 +73,135 @@ def describe_model(model_dir: Path) -> str:
             f"{param_count(cfg, embeddings=False, activated=True):,} without embeddings).")
 
 
+def machine() -> str:
+    """The machine a run's numbers come from: CPU, the kernels torch picks, threads, torch and Python versions."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    return (f"{cpu}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def _ablation_results(root: Path) -> dict:
+    path = root / "ablations" / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _get(records: dict, stage: str, key: str):
+    r = records.get(stage)
+    return r.metrics.get(key) if r else None
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def summary_rows(records: dict, ablations: dict, cfg_multiples: list[int]) -> list[str]:
+    """The report card: one row per stage, its headline number in this run and what it is measured against."""
+    seeds = {(r["with"], r["metric"]): r for r in ablations.get("summary", [])}
+
+    def against(arm_metric: tuple[str, str], label: str) -> str:
+        row = next((r for (w, m), r in seeds.items() if r["without"] == arm_metric[0] and m == arm_metric[1]), None)
+        if row is None:
+            return f"{label}: run `--ablations`"
+        verdict = "shown" if row["shown"] else "not shown"
+        return (f"{label}: {row['without_mean']:.3f} ± {row['without_sd']:.3f} vs {row['with_mean']:.3f} ± "
+                f"{row['with_sd']:.3f} over {len(row['with_values'])} seeds ({verdict})")
+
+    m4 = cfg_multiples[1] if len(cfg_multiples) > 1 else cfg_multiples[0]
+    m16 = cfg_multiples[-1]
+    rows = ["| stage | headline | this run | against |", "|---|---|---|---|"]
+    data = records.get("data")
+    if data:
+        d = data.metrics
+        rows.append(f"| data | spam / near-duplicates / test leaks dropped; quality of what is kept (D_eff / D) | "
+                    f"{d.get('dropped_quality')} / {d.get('dropped_minhash')} / {d.get('dropped_decontaminate')}; "
+                    f"q = {_num(d.get('kept_quality'))} | planted: see the corpus stage |")
+    law = records.get("loss_law")
+    if law:
+        m = law.metrics
+        rows.append(f"| loss law | leave-one-out error of L(N, D_eff) vs L(N, D) (nats) | "
+                    f"{_num(m.get('law_D_eff_loo_rmse'), 4)} | L(N, D): {_num(m.get('law_D_loo_rmse'), 4)} |")
+    pre = records.get("pretrain")
+    rows.append(f"| pre-training phase 1 | held-out bits per byte | {_num(_get(records, 'eval_phase1', 'heldout_bits_per_byte'))} "
+                f"| {against(('no_quality_dedup', 'heldout_bits_per_byte'), 'no quality filter + dedup')} |")
+    if pre:
+        rows.append(f"| phase 1 learning rate | the scaling fit's `lr: auto` | {_num(pre.metrics.get('lr_from_fit'), 5)} | "
+                    f"{against(('lr_x3', 'final_train_loss'), '3x higher')}; {against(('lr_div3', 'final_train_loss'), '3x lower')} |")
+    rows.append(f"| pre-training (ABF) | passkey 1x / {m4}x, plain RoPE | "
+                f"{_num(_get(records, 'eval_pretrain', 'passkey_1x_rope'))} / {_num(_get(records, 'eval_pretrain', f'passkey_{m4}x_rope'))} "
+                f"| {against(('no_abf', f'passkey_{m4}x_rope'), 'no ABF')} |")
+    rows.append(f"| long context | passkey {m16}x: DCA / YaRN / plain RoPE | "
+                f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_dca'))} / "
+                f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_yarn'))} / "
+                f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_rope'))} | keys far outside DCA's window: ablations.md |")
+    rows.append(f"| SFT | arithmetic accuracy; tool calls exactly right | {_num(_get(records, 'eval_sft', 'arith_acc'))}; "
+                f"{_num(_get(records, 'eval_sft', 'tool_call_correct'))} | pre-trained: "
+                f"{_num(_get(records, 'eval_pretrain', 'arith_acc'))}; {_num(_get(records, 'eval_pretrain', 'tool_call_correct'))} |")
+    rows.append(f"| reward model | held-out pair accuracy | {_num(_get(records, 'rm', 'rm_heldout_acc'))} | chance: 0.500 |")
+    rows.append(f"| DPO (online merging) | arithmetic accuracy | {_num(_get(records, 'eval_dpo', 'arith_acc'))} | "
+                f"SFT: {_num(_get(records, 'eval_sft', 'arith_acc'))} |")
+    rows.append(f"| GRPO | mean reward, second half of the steps; accuracy | "
+                f"{_num(_get(records, 'grpo', 'grpo_reward_second_half'))}; {_num(_get(records, 'eval_grpo', 'arith_acc'))} | "
+                f"first half: {_num(_get(records, 'grpo', 'grpo_reward_first_half'))}; before GRPO: "
+                f"{_num(_get(records, 'eval_dpo', 'arith_acc'))} |")
+    rows.append(f"| serve | one chat completion over HTTP | {'ok' if _get(records, 'serve', 'serve_ok') else '-'} | |")
+    return rows
+
+
+def _samples(root: Path) -> list[str]:
+    path = root / "stages" / "samples" / "samples.json"
+    if not path.is_file():
+        return []
+    lines = ["## Samples after pre-training (greedy)", ""]
+    for s in json.loads(path.read_text()):
+        lines += [f"**{s['what']}**", "", "```", s["prompt"] + "⟨" + s["output"] + "⟩", "```", ""]
+    return lines
+
+
 def write_report(run: RecipeRun, fast: bool) -> Path:
     """Write run.dir/report.md (and curves.png) from the finished stages; returns the report's path."""
     root = run.dir
     records = list(run.records.values())
+    by_name = {r.name: r for r in records}
     evals = [r for r in records if r.name.startswith("eval_")]
     stages = [r for r in records if not r.name.startswith("eval_")]
     keys = EVAL_KEYS + sorted({k for r in evals for k in r.metrics if k.startswith("passkey_")})
     curves = plot_curves(root, root / "curves.png")
-    lines = [f"# The Qwen2.5 recipe in miniature ({'fast' if fast else 'full'} run)", "",
-             f"Command: `{run.command}` (rerun it to resume; finished stages are skipped).", "",
-             describe_model(root / "model"), "",
-             "## Evaluation after each stage", "", metrics_table(evals, keys), "",
-             "Bits per byte on held-out standard-library files (lower is better); arithmetic accuracy on held-out "
-             "word problems (`_plain`: the pre-training text format, otherwise a chat prompt); tool calls: "
-             "well-formed `<tool_call>` with the right function and arguments; passkey at k x the phase-1 context "
-             "with plain RoPE, YaRN or Dual Chunk Attention.", "",
-             "## Stage metrics", "", stage_table(stages), ""]
+    pre = by_name.get("pretrain")
+    lines = [f"# The Qwen2.5 recipe in miniature ({'fast' if fast else 'full'} run)", ""]
+    if fast:
+        first, last = (pre.metrics.get("phase1_loss_first"), pre.metrics.get("phase1_loss_last")) if pre else (None, None)
+        lines += [f"> **A smoke run (`--fast`)**: toy sizes and a few steps, to show that every stage runs. Its numbers "
+                  f"mean nothing; `qwen25 recipe tiny` (`make demo`) gives the real ones. Pre-training loss still falls: "
+                  f"{_num(first)} -> {_num(last)} over phase 1.", ""]
+    lines += [f"Command: `{run.command}` (rerun it to resume; finished stages are skipped).", "",
+              describe_model(root / "model"), ""]
+    if pre and "pretrain_mfu_median" in pre.metrics:
+        lines += [f"Pre-training: median MFU {pre.metrics['pretrain_mfu_median']:.1%} of the measured "
+                  f"{pre.metrics.get('pretrain_dtype', 'fp32')} matmul peak; "
+                  f"{sum(r.seconds for r in records):.0f} s for the whole run. Machine: {machine()}.", ""]
+    multiples = sorted({int(k.split("_")[1][:-1]) for k in keys if k.startswith("passkey_")}) or [1]
+    lines += ["## Summary", ""] + summary_rows(by_name, _ablation_results(root), multiples) + [""]
+    lines += ["With 3 seeds per arm, `against` gives mean ± standard deviation and whether every seed of one arm "
+              "beats every seed of the other (ablations.md). On one machine a rerun of the same commit gives the same "
+              "numbers (training is deterministic for a given CPU and thread count); another CPU rounds differently "
+              "and moves them by about the seed spread.", ""]
+    lines += _samples(root)
+    lines += ["## Evaluation after each stage", "", metrics_table(evals, keys), "",
+              "Bits per byte on held-out standard-library files (lower is better); arithmetic accuracy on held-out "
+              "word problems (`_plain`: the pre-training text format, otherwise a chat prompt); tool calls: "
+              "well-formed `<tool_call>` with the right function and arguments; passkey at k x the phase-1 context "
+              "with plain RoPE, YaRN or Dual Chunk Attention.", "",
+              "## Stage metrics", "", stage_table(stages), ""]
     if curves:
         lines += ["## Curves", "", "![training curves](curves.png)", ""]
     pictures = [("data pipeline: documents per step and the domain mixture", "stages/data/pipeline/stats.png"),
-                ("scaling-law fit", "stages/scaling/fit.png")]
+                ("scaling-law fit", "stages/scaling/fit.png"),
+                ("loss law: held-out loss against D and D_eff", "stages/loss_law/loss_law.png")]
     pictures += [(f"passkey after pre-training, {v}", f"stages/eval_pretrain/passkey_{v}.png")
                  for v in ("rope", "yarn", "dca")]
     lines += ["## Plots", ""] + [f"![{t}]({p})" for t, p in pictures if (root / p).is_file()] + [""]

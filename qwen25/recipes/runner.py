@@ -65,6 +65,13 @@ class RecipeRun:
     def done(self, name: str) -> bool:
         return (self.dir / "stages" / name / "done.json").is_file()
 
+    def record(self, name: str) -> StageRecord:
+        """The record of a finished stage (an error naming the stage when it has not finished)."""
+        marker = self.dir / "stages" / name / "done.json"
+        if not marker.is_file():
+            raise RecipeError(f"stage {name!r} of {self.dir} has not finished; run the recipe first")
+        return StageRecord(**json.loads(marker.read_text()))
+
     def stage(self, name: str, fn: Callable[[Path], dict]) -> StageRecord:
         """Run a stage unless it has finished before; fn returns {"metrics": {...}, "outputs": {...}, "notes": []}."""
         marker = self.dir / "stages" / name / "done.json"

@@ -27,6 +27,7 @@ import random
 import shutil
 from pathlib import Path
 
+from ..data.domains import classify_format, classify_topic, domain_of
 from ..utils import read_jsonl, write_jsonl
 from .corpus import stdlib_documents
 from .runner import RecipeRun
@@ -54,7 +55,12 @@ CONFIGS = {
         rejection=dict(prompts=200, samples_per_prompt=4),
         rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
         grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
-        passkey=dict(multiples=[1, 4, 16], trials=8)),  # 40 prompts per length and method
+        passkey=dict(multiples=[1, 4, 16], trials=8),  # 40 prompts per length and method
+        # the loss law: the sweep's 2 model sizes x 3 token budgets x 4 shares of spam in the corpus (24 small runs)
+        loss_law=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
+                              dict(hidden_size=64, intermediate_size=192)],
+                      tokens=[50_000, 100_000, 200_000], fractions=[0.0, 0.25, 0.5, 0.75], batch_size=8),
+        ablations=dict(long_multiples=[8, 16])),
     "fast": dict(
         seed=0, corpus_bytes=300_000, heldout_docs=4, arith_train=400, arith_test=20, tool_train=100,
         tool_test=8, passkey_docs=300, spam_docs=60, leaks=5, duplicates=5, vocab_size=512,
@@ -69,7 +75,11 @@ CONFIGS = {
         rejection=dict(prompts=16, samples_per_prompt=2),
         rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
         grpo=dict(steps=2, queries_per_step=2, group_size=4, lr=2e-5),
-        passkey=dict(multiples=[1, 4], trials=1)),
+        passkey=dict(multiples=[1, 4], trials=1),
+        loss_law=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
+                              dict(hidden_size=64, intermediate_size=192)],
+                      tokens=[2_048, 4_096, 8_192], fractions=[0.0, 0.5], batch_size=4),
+        ablations=dict(long_multiples=[8])),
 }
 
 
@@ -110,6 +120,8 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     rng = random.Random(cfg["seed"])
     stdlib = list(stdlib_documents(max_bytes=cfg["corpus_bytes"]))
     heldout = [{"text": d["text"]} for d in stdlib[-cfg["heldout_docs"]:] if d["metadata"]["source"] == "stdlib-code"]
+    by_domain = [{"text": d["text"], "domain": domain_of(classify_topic(d["text"]), classify_format(d["text"]))}
+                 for d in stdlib[-cfg["heldout_docs"]:]]  # code and documentation, per mixture domain
     stdlib = stdlib[:-cfg["heldout_docs"]]
     test = arithmetic_problems(cfg["arith_test"], seed=cfg["seed"] + 1)
     train = arithmetic_problems(cfg["arith_train"], seed=cfg["seed"] + 2, exclude={p["question"] for p in test})
@@ -134,6 +146,7 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     write_jsonl(out / "arith_test.jsonl", test)
     write_jsonl(out / "arith_train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
+    write_jsonl(out / "heldout_domains.jsonl", by_domain)
     write_jsonl(out / "tool_train.jsonl", tool_conversations(cfg["tool_train"], cfg["seed"] + 4))
     write_jsonl(out / "tool_test.jsonl", tool_conversations(cfg["tool_test"], cfg["seed"] + 5))
     sources = {}
@@ -161,17 +174,34 @@ def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
 
 
 def kept_documents(pipeline: Path) -> list[tuple[str, str]]:
-    """(id, text) of the documents the data pipeline kept: the output of its last stage (the mixture) under
-    `pipeline` (the pipeline's output folder)."""
+    """(id, text) of the documents the data pipeline kept: the output of its last step (the mixture, unless an
+    ablation left it out) under `pipeline` (the pipeline's output folder)."""
     from ..data.steps import SafeJsonlReader
 
-    stage = sorted((pipeline / "stages").glob("*_mixture"))[-1]
+    stage = sorted(p for p in (pipeline / "stages").iterdir() if p.is_dir())[-1]
     return [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
 
 
-def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> dict:
+def pipeline_steps(corpus: Path, skip: tuple[str, ...] = ()) -> list[dict]:
+    """The data pipeline's steps for the recipe's corpus (`skip`: step names left out, for the ablations)."""
+    steps = [
+        {"quality": {"rate": {"kind": "field", "field": "rating"}, "sample_rate": 0.5, "threshold": 0.5}},
+        {"minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8}},
+        {"domains": {}},
+        {"decontaminate": {"test_sets": [{"path": str(corpus / "arith_test.jsonl"), "fields": ["question"]}],
+                           "window": 256, "stride": 64}},
+        # the report's policy as rates: down-sample over-represented web domains, up-sample high-value ones
+        {"mixture": {"factors": {"ecommerce": 0.2, "social_media": 0.2, "entertainment": 0.2, "technology": 1.5,
+                                 "science": 2.0, "academia": 2.0}, "unlisted_rate": 1.0, "max_repeat": 2}},
+    ]
+    return [s for s in steps if next(iter(s)) not in skip]
+
+
+def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path, skip: tuple[str, ...] = (),
+                      phase1_only: bool = False) -> dict:
     """The data pipeline on the corpus, then packing: the kept documents plus the synthetic task data, in rows of
-    phase 1's length and (with longer passkey documents) of phase 2's."""
+    phase 1's length and (with longer passkey documents) of phase 2's. `skip` leaves steps out and `phase1_only`
+    packs phase 1's rows only (the ablations' data variants)."""
     from ..data.pack import is_packed, pack_documents
     from ..data.pipeline import DataPipeline
     from ..tokenizer import Tokenizer
@@ -179,17 +209,7 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     config = {
         "output": str(out / "pipeline"), "tokenizer": str(tokenizer),
         "input": {"kind": "jsonl", "path": str(corpus / "raw"), "text_key": "text"},
-        "executor": {"kind": "local", "tasks": 2, "workers": 2},
-        "steps": [
-            {"quality": {"rate": {"kind": "field", "field": "rating"}, "sample_rate": 0.5, "threshold": 0.5}},
-            {"minhash": {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8}},
-            {"domains": {}},
-            {"decontaminate": {"test_sets": [{"path": str(corpus / "arith_test.jsonl"), "fields": ["question"]}],
-                               "window": 256, "stride": 64}},
-            # the report's policy as rates: down-sample over-represented web domains, up-sample high-value ones
-            {"mixture": {"factors": {"ecommerce": 0.2, "social_media": 0.2, "entertainment": 0.2, "technology": 1.5,
-                                     "science": 2.0, "academia": 2.0}, "unlisted_rate": 1.0, "max_repeat": 2}},
-        ]}
+        "executor": {"kind": "local", "tasks": 2, "workers": 2}, "steps": pipeline_steps(corpus, skip)}
     stats = DataPipeline(config).run()
     tok = Tokenizer.from_dir(tokenizer)
     kept = kept_documents(out / "pipeline")
@@ -207,9 +227,10 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
     n2 = n1 + len(spread)
     replay = [i for i in range(n1) if not docs[i][0].startswith("passkey")]
     packs, encoded = {}, None
-    for name, seq_len, part in (("shards", cfg["phase1_len"], range(n1)),
-                                ("shards_long", cfg["phase2_len"], [*range(n1, n2), *replay]),
-                                ("shards_retrieval", cfg["phase1_len"], [*range(n2, len(docs)), *replay])):
+    sets = (("shards", cfg["phase1_len"], range(n1)),
+            ("shards_long", cfg["phase2_len"], [*range(n1, n2), *replay]),
+            ("shards_retrieval", cfg["phase1_len"], [*range(n2, len(docs)), *replay]))
+    for name, seq_len, part in sets[:1] if phase1_only else sets:
         if not is_packed(out / name):
             ids, masks = encoded = encoded or tokenize_with_loss_masks(tok, docs)
             pack_documents([ids[i] for i in part], [docs[i][0] for i in part], out / name, seq_len,
@@ -217,12 +238,15 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path) -> di
                            loss_masks=[masks[i] for i in part])
         packs[name] = json.loads((out / name / "index.json").read_text())
     drops = {s["step"].split("_", 1)[1]: s["docs_in"] - s["docs_out"] for s in stats["stages"]}
+    eff = stats["stages"][-1].get("effective_tokens", {}).get("total", {})
     return {"metrics": {**{f"dropped_{k}": v for k, v in drops.items() if k != "mixture"},
                         "mixture_out_minus_in": -drops.get("mixture", 0), "docs_kept": len(kept),
-                        "tokens_phase1": packs["shards"]["num_tokens"], "tokens_phase2": packs["shards_long"]["num_tokens"],
-                        "tokens_retrieval": packs["shards_retrieval"]["num_tokens"]},
-            "outputs": {"shards": out / "shards", "shards_long": out / "shards_long",
-                        "shards_retrieval": out / "shards_retrieval",
+                        "kept_tokens": eff.get("tokens", 0), "kept_effective_tokens": round(eff.get("effective_tokens", 0)),
+                        "kept_quality": eff.get("quality", 0.0),
+                        **{f"tokens_{label}": packs[name]["num_tokens"] for name, label in
+                           (("shards", "phase1"), ("shards_long", "phase2"), ("shards_retrieval", "retrieval"))
+                           if name in packs}},
+            "outputs": {**{name: out / name for name in packs},
                         "stats_png": out / "pipeline" / "stats.png", "stats": out / "pipeline" / "stats.json"}}
 
 
@@ -271,40 +295,80 @@ def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
             "outputs": {"fit": out / "fit.json", "plot": out / "fit.png"}}
 
 
-def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path) -> dict:
-    """Phase 1 at phase1_len (base 10K, lr from the fit); phase 2 raises the base to 1M (ABF) in two progressive
-    stages: 2a at phase 1's length on passkey documents with the other text replayed (retrieval re-learnt under the
-    new base where rows are cheap: a model this small loses it entirely when the base changes), 2 at phase2_len on
-    long documents."""
+def pretraining_phases(cfg: dict, data: dict, lr: float, abf: bool = True,
+                       names: tuple[str, ...] = ("phase1", "phase2a", "phase2")) -> list[dict]:
+    """The pre-training phases of the recipe's config (those in `names`): phase 1 at phase1_len (RoPE base 10K,
+    `lr`), then the ABF phases (base 1M; 10K with abf=False, the ablation), each from the previous one's weights.
+    Phases missing from the config are left out."""
+    theta = 1_000_000 if abf else 10_000
+    specs = {"phase1": lambda: {"seq_len": cfg["phase1_len"], "rope_theta": 10_000, "data": str(data["shards"]),
+                                "lr": lr, **cfg["phase1"]},
+             "phase2a": lambda: {"seq_len": cfg["phase1_len"], "rope_theta": theta,
+                                 "data": str(data["shards_retrieval"]), **cfg["phase2a"]},
+             "phase2": lambda: {"seq_len": cfg["phase2_len"], "rope_theta": theta, "data": str(data["shards_long"]),
+                                **cfg["phase2"]}}
+    return [{"name": name, **specs[name]()} for name in names if cfg.get(name)]
+
+
+def phase1_lr(cfg: dict, model_dir: Path, data: dict, fit: Path) -> float:
+    """Phase 1's learning rate from the scaling fit (`lr: auto` at the phase's N and D)."""
     from ..train.loop import TrainConfig, resolve_config
+
+    return resolve_config(TrainConfig.from_dict({
+        "out_dir": "unused", "model": str(model_dir), "data": str(data["shards"]),
+        "seq_len": cfg["phase1_len"], "lr": "auto", "scaling_fit": str(fit), **cfg["phase1"]})).lr
+
+
+def train_phases(cfg: dict, model_dir: Path, phases: list[dict], out: Path, seed: int, init: Path | None = None,
+                 progress: bool = True) -> None:
+    """Run phases in order into out/NAME (resumable), from random init (seed) or from `init`'s weights."""
     from ..train.phases import run_phases
 
-    p1 = resolve_config(TrainConfig.from_dict({
-        "out_dir": str(out / "phase1"), "model": str(model_dir), "data": str(data["shards"]),
-        "seq_len": cfg["phase1_len"], "lr": "auto", "scaling_fit": str(fit), **cfg["phase1"]}))
-    common = {"out_dir": str(out), "model": str(model_dir), "dtype": "fp32", "warmup": 10, "seed": cfg["seed"],
-              "save_every": 50, "keep_last": 2, "tensorboard": False}
-    run_phases({**common, "phases": [
-        {"name": "phase1", "seq_len": cfg["phase1_len"], "rope_theta": 10_000, "data": str(data["shards"]),
-         "lr": p1.lr, **cfg["phase1"]},
-        {"name": "phase2a", "seq_len": cfg["phase1_len"], "rope_theta": 1_000_000,
-         "data": str(data["shards_retrieval"]), **cfg["phase2a"]},
-        {"name": "phase2", "seq_len": cfg["phase2_len"], "rope_theta": 1_000_000, "data": str(data["shards_long"]),
-         **cfg["phase2"]}]}, progress=True)
-    losses = {}
-    for phase in ("phase1", "phase2a", "phase2"):
-        first, last = _first_last_metrics(out / phase)
-        losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = first["loss"], last["loss"]
-    return {"metrics": {"lr_from_fit": p1.lr, **losses},
-            "outputs": {"phase1": out / "phase1" / "final", "phase2a": out / "phase2a" / "final",
-                        "final": out / "phase2" / "final",
-                        "metrics1": out / "phase1" / "metrics.jsonl", "metrics2a": out / "phase2a" / "metrics.jsonl",
-                        "metrics2": out / "phase2" / "metrics.jsonl"}}
+    start = {"model": str(init), "init_from": str(init)} if init else {"model": str(model_dir)}
+    run_phases({"out_dir": str(out), **start, "dtype": cfg.get("dtype", "fp32"), "warmup": 10, "seed": seed,
+                "save_every": 50, "keep_last": 2, "tensorboard": False, "phases": phases}, progress=progress)
+
+
+def run_pretraining(cfg: dict, model_dir: Path, data: dict, fit: Path, out: Path) -> dict:
+    """Phase 1 at phase1_len (base 10K, lr from the fit); phase 2 raises the base to 1M (ABF) and trains at
+    phase2_len (after 2a at phase 1's length, when the config has it)."""
+    lr = phase1_lr(cfg, model_dir, data, fit)
+    phases = pretraining_phases(cfg, data, lr)
+    train_phases(cfg, model_dir, phases, out, cfg["seed"])
+    losses, mfu = {}, []
+    for phase in [p["name"] for p in phases]:
+        rows = _metrics_rows(out / phase)
+        losses[f"{phase}_loss_first"], losses[f"{phase}_loss_last"] = rows[0]["loss"], rows[-1]["loss"]
+        mfu += [r["mfu"] for r in rows[1:] if "mfu" in r]
+    outputs = {p["name"]: out / p["name"] / "final" for p in phases}
+    outputs.update({f"metrics{p['name'][5:]}": out / p["name"] / "metrics.jsonl" for p in phases})
+    outputs["final"] = out / phases[-1]["name"] / "final"
+    median_mfu = sorted(mfu)[len(mfu) // 2] if mfu else 0.0
+    # Fingerprints of the weights: two runs that print the same ones trained bit for bit alike (same CPU kind and
+    # thread count); where they differ, the first phase that differs says where the runs parted.
+    notes = [f"weights sha256 after {name}: {weights_digest(path)}" for name, path in outputs.items()
+             if name.startswith("phase")]
+    return {"metrics": {"lr_from_fit": lr, **losses, "pretrain_mfu_median": median_mfu}, "outputs": outputs,
+            "notes": notes}
+
+
+def weights_digest(model_dir: Path) -> str:
+    """The first 16 hex digits of the sha256 of a checkpoint's safetensors files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ---- stages 6-10: post-training -----------------------------------------------------------------------------------
+def _metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+
+
 def _first_last_metrics(out: Path) -> tuple[dict, dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rows = _metrics_rows(out)
     return rows[0], rows[-1]
 
 
@@ -469,9 +533,32 @@ def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
+def sample_prompts(corpus: Path) -> list[tuple[str, str]]:
+    """Three prompts the pre-trained model continues in the report: held-out code, a docstring, a word problem."""
+    code = read_jsonl(corpus / "heldout.jsonl")[0]["text"]
+    start = code.find("\ndef ")
+    problem = read_jsonl(corpus / "arith_test.jsonl")[0]
+    return [("held-out standard-library code", code[start + 1:start + 1 + code[start + 1:].find(":") + 1] + "\n"),
+            ("a docstring", 'def read_lines(path):\n    """'),
+            ("a held-out word problem (pre-training text format)", f"Question: {problem['question']}\nSolution:")]
+
+
+def passkey_variants(cfg: dict) -> dict:
+    """The inference variants passkey retrieval is measured with: plain RoPE, YaRN (scaled from phase 2's length
+    to the longest prompt) and Dual Chunk Attention (chunks of 3/4 of phase 2's length, local window 1/8)."""
+    longest = max(cfg["passkey"]["multiples"]) * cfg["phase1_len"]
+    return {"rope": None,
+            "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": max(1.0, longest / cfg["phase2_len"]),
+                                      "original_max_position_embeddings": cfg["phase2_len"]}},
+            "dca": {"dual_chunk_attention_config": {"chunk_size": cfg["phase2_len"] * 3 // 4,
+                                                    "local_size": cfg["phase2_len"] // 8,
+                                                    "original_max_position_embeddings": cfg["phase2_len"]}}}
+
+
 def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
-    from .evaluate import evaluate_stage
+    from .evaluate import evaluate_stage, sample_generations
+    from .loss_law import run_loss_law
     from .report import write_report
 
     cfg = recipe_config(fast, moe)
@@ -484,6 +571,8 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     data = run.stage("data", lambda d: run_data_pipeline(cfg, corpus, tok, d))
     model_dir = write_model_dir(cfg, tok, root / "model")
     scaling = run.stage("scaling", lambda d: run_scaling(cfg, model_dir, Path(data.outputs["shards"]), d))
+    run.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(data.outputs["stats"]).parent, tok,
+                                                 corpus / "heldout.jsonl", Path(scaling.outputs["fit"]), d))
     pre = run.stage("pretrain", lambda d: run_pretraining(cfg, model_dir, {k: Path(v) for k, v in data.outputs.items()},
                                                           Path(scaling.outputs["fit"]), d))
     for phase in ("phase1", "phase2a", "final"):
@@ -491,14 +580,8 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
 
     held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
             "tool_test": read_jsonl(corpus / "tool_test.jsonl")}
-    base_len = cfg["phase1_len"]
-    variants = {"rope": None,
-                "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": max(1.0, max(cfg["passkey"]["multiples"]) * base_len / cfg["phase2_len"]),
-                                          "original_max_position_embeddings": cfg["phase2_len"]}},
-                "dca": {"dual_chunk_attention_config": {"chunk_size": cfg["phase2_len"] * 3 // 4,
-                                                        "local_size": cfg["phase2_len"] // 8,
-                                                        "original_max_position_embeddings": cfg["phase2_len"]}}}
-    passkey = dict(base_len=base_len, variants=variants, **cfg["passkey"])
+    variants = passkey_variants(cfg)
+    passkey = dict(base_len=cfg["phase1_len"], variants=variants, **cfg["passkey"])
 
     def evaluation(name: str, model: Path, **kw):
         return run.stage(f"eval_{name}", lambda d: {"metrics": evaluate_stage(model, held, d, **kw)})
@@ -508,6 +591,7 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
     evaluation("phase2a", Path(pre.outputs["phase2a"]), plain=True, chat=False,
                passkey=dict(passkey, multiples=cfg["passkey"]["multiples"][:2], variants={"rope": None}))
     evaluation("pretrain", Path(pre.outputs["final"]), plain=True, chat=True, passkey=passkey)
+    run.stage("samples", lambda d: sample_generations(Path(pre.outputs["final"]), sample_prompts(corpus), d))
     sft = run.stage("sft", lambda d: run_sft(cfg, Path(pre.outputs["final"]), corpus, tok, d))
     evaluation("sft", Path(sft.outputs["final"]))
     rs = run.stage("rejection", lambda d: run_rejection(cfg, Path(sft.outputs["final"]), corpus, d))
@@ -516,6 +600,7 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
                                              Path(rs.outputs["pairs"]), d))
     evaluation("dpo", Path(dpo.outputs["final"]))
     grpo = run.stage("grpo", lambda d: run_grpo(cfg, Path(dpo.outputs["final"]), corpus, d))
-    evaluation("grpo", Path(grpo.outputs["final"]), passkey=dict(passkey, variants={"dca": variants["dca"]}))
+    evaluation("grpo", Path(grpo.outputs["final"]),  # does DCA retrieval survive post-training (longest prompts)
+               passkey=dict(passkey, multiples=cfg["passkey"]["multiples"][-1:], variants={"dca": variants["dca"]}))
     run.stage("serve", lambda d: run_serve_smoke(Path(grpo.outputs["final"]), corpus))
     return write_report(run, fast)

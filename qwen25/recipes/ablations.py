@@ -1,0 +1,204 @@
+"""`qwen25 recipe tiny --ablations`: each pre-training claim of the report, rerun with one thing removed, over seeds.
+
+| claim | with | without | metric |
+|---|---|---|---|
+| quality filtering and dedup help | the pipeline as is | no quality filter, no MinHash dedup | held-out bits per byte |
+| the domain mixture helps the domains it up-samples | mixture | no mixture | held-out bits per byte per domain |
+| ABF (RoPE base 10K -> 1M) lets the long phase read far | base 1M in phase 2 | base 10K in phase 2 | passkey at 4x |
+| DCA extends retrieval past the trained length | DCA | plain RoPE, YaRN | passkey at 8x and 16x, keys at every depth |
+| `lr: auto` from the scaling fit is near the best rate | the fit's rate | 3x higher, 3x lower | phase 1's final loss |
+
+Every arm trains with seeds 0..S-1 (model init and data order); the data variants keep phase 1's token budget
+(same steps and rows), so only what the documents are changes. Seed 0's "with" arms are the main recipe run's
+own checkpoints. The run lives in OUT/ablations/ (resumable stage by stage, like the recipe) and writes
+OUT/ablations.md: per cell the mean, the standard deviation and every seed's value, and per claim whether the
+difference is shown: every seed of the claimed-better arm beats every seed of the other (with 3 seeds a chance
+ordering does that one time in 20).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from ..utils import read_jsonl
+from .runner import RecipeRun
+
+FAR_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # at 8x and 16x these keys sit far outside DCA's local window
+
+
+def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], min_docs: int = 3) -> dict:
+    """Held-out bits per byte of a checkpoint on the recipe's held-out set (as its evaluations report it), and on
+    the held-out documents of each mixture domain with min_docs or more."""
+    from ..evals.harness import ModelLM, run_task
+    from ..evals.task import make_task
+    from ..model import load_model
+    from ..tokenizer import Tokenizer
+
+    lm = ModelLM(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), batch_size=16)
+
+    def bpb(group):
+        task = make_task({"name": "heldout", "kind": "perplexity"}, examples=[{"text": d["text"]} for d in group])
+        return run_task(task, lm, progress=False).metrics["bits_per_byte"]
+
+    out = {"heldout_bits_per_byte": bpb(heldout)}
+    for domain in sorted({d["domain"] for d in docs}):
+        group = [d for d in docs if d["domain"] == domain]
+        if len(group) >= min_docs:
+            out[f"heldout_bpb_{domain}"] = bpb(group)
+    return out
+
+
+def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dict, out: Path) -> dict:
+    """Passkey accuracy per multiple and variant (recipes/evaluate.py), and over the far depths only."""
+    from ..model import load_model
+    from ..tokenizer import Tokenizer
+    from .evaluate import passkey_scores
+
+    metrics = passkey_scores(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), cfg["phase1_len"],
+                             multiples, variants, out, cfg["passkey"]["trials"])
+    for name in variants:
+        rows = read_jsonl(out / f"passkey_{name}.jsonl")
+        for m in multiples:
+            n = cfg["phase1_len"] * m
+            far = [r["correct"] for r in rows if r["length"] <= n and r["length"] > n // 2 and r["depth"] in FAR_DEPTHS]
+            metrics[f"passkey_{m}x_{name}_far"] = sum(far) / max(1, len(far))
+    return metrics
+
+
+def final_train_loss(run_dir: Path) -> float:
+    """Mean training loss over the last fifth of a run's steps (the scaling sweep's score)."""
+    from ..train.scaling import final_loss
+
+    return final_loss(run_dir)
+
+
+def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3) -> Path:
+    """The recipe (resumed or run first), then every ablation arm for `seeds` seeds; returns OUT/ablations.md."""
+    from .tiny import (_with_tokenizer, passkey_variants, phase1_lr, pretraining_phases, recipe_config,
+                       run_data_pipeline, run_recipe, train_phases, write_model_dir)
+
+    out = Path(out)
+    run_recipe(out, fast=fast, moe=moe)
+    cfg = recipe_config(fast, moe)
+    main = RecipeRun(out, cfg, log=lambda *_: None)
+    corpus, tok = out / "stages" / "corpus", out / "stages" / "tokenizer"
+    data = {k: Path(v) for k, v in main.record("data").outputs.items()}
+    pre = main.record("pretrain")
+    fit = Path(main.record("scaling").outputs["fit"])
+    model_dir = write_model_dir(cfg, tok, out / "model")
+    lr = phase1_lr(cfg, model_dir, data, fit)
+    abl = RecipeRun(out / "ablations", {"recipe": cfg, "seeds": seeds})
+    heldout, domains = read_jsonl(corpus / "heldout.jsonl"), read_jsonl(corpus / "heldout_domains.jsonl")
+    variants = passkey_variants(cfg)
+    data_variants = {"no_quality_dedup": ("quality", "minhash"), "no_mixture": ("mixture",)}
+    shards = {"base": data}
+    for name, skip in data_variants.items():
+        rec = abl.stage(f"data_{name}", lambda d, skip=skip: run_data_pipeline(cfg, corpus, tok, d, skip, True))
+        shards[name] = {k: Path(v) for k, v in rec.outputs.items()}
+    phase1 = {"base": ("base", 1.0), "no_quality_dedup": ("no_quality_dedup", 1.0),
+              "no_mixture": ("no_mixture", 1.0), "lr_x3": ("base", 3.0), "lr_div3": ("base", 1 / 3)}
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(arm: str, metrics: dict) -> None:
+        for key, value in metrics.items():
+            results.setdefault(arm, {}).setdefault(key, []).append(value)
+
+    for seed in range(seeds):
+        reuse = seed == cfg["seed"]  # the main run is this seed's "with" arm
+        finals = {}
+        for arm, (data_name, lr_scale) in phase1.items():
+            if reuse and arm == "base":
+                finals[arm] = Path(pre.outputs["phase1"])
+            else:
+                stage = f"s{seed}_phase1_{arm}"
+                phases = pretraining_phases(cfg, shards[data_name], lr * lr_scale, names=("phase1",))
+                abl.stage(stage, lambda d, phases=phases: train_phases(cfg, model_dir, phases, d, seed, progress=False)
+                          or {})
+                finals[arm] = _with_tokenizer(out / "ablations" / "stages" / stage / "phase1" / "final", tok)
+            ev = abl.stage(f"s{seed}_eval_phase1_{arm}", lambda d, m=finals[arm]: {"metrics": {
+                **heldout_by_domain(m, heldout, domains), "final_train_loss": final_train_loss(m.parent)}})
+            record(arm, ev.metrics)
+        for arm, abf in (("abf", True), ("no_abf", False)):
+            if reuse and abf:
+                final = Path(pre.outputs["final"])
+            else:
+                stage = f"s{seed}_phase2_{arm}"
+                phases = pretraining_phases(cfg, data, lr, abf=abf, names=("phase2a", "phase2"))
+                abl.stage(stage, lambda d, phases=phases: train_phases(cfg, model_dir, phases, d, seed,
+                                                                        init=finals["base"], progress=False) or {})
+                final = _with_tokenizer(out / "ablations" / "stages" / stage / phases[-1]["name"] / "final", tok)
+            multiples = cfg["passkey"]["multiples"][:2]
+            grid = variants if abf else {"rope": None}
+            ev = abl.stage(f"s{seed}_eval_phase2_{arm}", lambda d, m=final, g=grid, abf=abf: {"metrics": {
+                **passkey_grid(m, cfg, multiples, {"rope": None}, d),
+                **(passkey_grid(m, cfg, cfg["ablations"]["long_multiples"], g, d / "long") if abf else {})}})
+            record(arm, ev.metrics)
+    path = out / "ablations.md"
+    summary = summarize(results, cfg)
+    (out / "ablations" / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
+    path.write_text(ablations_markdown(summary, results, abl.command, seeds))
+    return path
+
+
+def claims(cfg: dict) -> list[dict]:
+    """The claims the ablation table tests: (arm, metric) with and without, and which way is better."""
+    long = cfg["ablations"]["long_multiples"]
+    out = [
+        {"claim": "quality filter + dedup", "metric": "heldout_bits_per_byte", "with": "base", "without": "no_quality_dedup",
+         "better": "lower"},
+        {"claim": "`lr: auto` vs 3x higher", "metric": "final_train_loss", "with": "base", "without": "lr_x3", "better": "lower"},
+        {"claim": "`lr: auto` vs 3x lower", "metric": "final_train_loss", "with": "base", "without": "lr_div3", "better": "lower"},
+        {"claim": "ABF in phase 2", "metric": f"passkey_{cfg['passkey']['multiples'][1]}x_rope", "with": "abf",
+         "without": "no_abf", "better": "higher"},
+    ]
+    for domain in ("technology", "code", "general"):
+        out.insert(1, {"claim": f"domain mixture ({domain})", "metric": f"heldout_bpb_{domain}", "with": "base",
+                       "without": "no_mixture", "better": "lower"})
+    for m in long:
+        for other in ("rope", "yarn"):
+            out.append({"claim": f"DCA vs {other} at {m}x, far keys", "metric": (f"passkey_{m}x_dca_far", f"passkey_{m}x_{other}_far"),
+                        "with": "abf", "without": "abf", "better": "higher"})
+    return out
+
+
+def summarize(results: dict, cfg: dict) -> list[dict]:
+    """One row per claim: each arm's values, mean and sd, the difference and whether the seeds show it."""
+    rows = []
+    for c in claims(cfg):
+        key_with, key_without = c["metric"] if isinstance(c["metric"], tuple) else (c["metric"], c["metric"])
+        a = results.get(c["with"], {}).get(key_with, [])
+        b = results.get(c["without"], {}).get(key_without, [])
+        if not a or not b:
+            continue
+        sign = -1 if c["better"] == "lower" else 1
+        shown = min(sign * x for x in a) > max(sign * y for y in b)
+        rows.append({**c, "metric": key_with if key_with == key_without else f"{key_with} vs {key_without}",
+                     "with_values": a, "without_values": b, "with_mean": statistics.fmean(a),
+                     "without_mean": statistics.fmean(b), "with_sd": statistics.pstdev(a) if len(a) > 1 else 0.0,
+                     "without_sd": statistics.pstdev(b) if len(b) > 1 else 0.0,
+                     "difference": statistics.fmean(a) - statistics.fmean(b), "shown": shown})
+    return rows
+
+
+def _cell(values: list[float], mean: float, sd: float) -> str:
+    return f"{mean:.3f} ± {sd:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
+def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: int) -> str:
+    """ablations.md: the claims table and every arm's metrics."""
+    lines = ["# Ablations of the recipe's pre-training claims", "",
+             f"Command: `{command}`; {seeds} seeds per arm (model init and data order). A cell is mean ± standard "
+             "deviation (every seed's value). **Shown** means every seed of the claimed-better arm beats every seed "
+             "of the other; otherwise the difference is within the seed spread and the claim is not shown here.", "",
+             "| claim | metric | with | without | difference | shown |", "|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['claim']} | {r['metric']} | {_cell(r['with_values'], r['with_mean'], r['with_sd'])} | "
+                     f"{_cell(r['without_values'], r['without_mean'], r['without_sd'])} | {r['difference']:+.3f} | "
+                     f"{'**yes**' if r['shown'] else 'no'} |")
+    lines += ["", "## Every arm's metrics (mean over seeds)", "", "| arm | metric | mean | values |", "|---|---|---|---|"]
+    for arm, metrics in results.items():
+        for key, values in metrics.items():
+            lines.append(f"| {arm} | {key} | {statistics.fmean(values):.4f} | {', '.join(f'{v:.4f}' for v in values)} |")
+    return "\n".join(lines) + "\n"

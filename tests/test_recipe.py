@@ -180,7 +180,8 @@ def test_ablations_run_every_arm_and_write_the_table(fast_run):
     cfg = json.loads((run / "ablations/stages/s1_phase2_no_abf/phase2/final/config.json").read_text())
     assert cfg["rope_theta"] == 10_000
     text = path.read_text()
-    for claim in ("quality filter + dedup", "ABF in phase 2", "`lr: auto` vs 3x higher", "DCA vs rope at 8x"):
+    for claim in ("quality filter + dedup", "ABF in phase 2", "`lr: auto` vs 3x higher", "DCA vs rope at 8x",
+                  "## The loss law on a larger grid"):
         assert claim in text, claim
     stamp = (run / "ablations/stages/s1_phase1_base/done.json").stat().st_mtime
     run_ablations(run, fast=True, seeds=2)

@@ -26,6 +26,17 @@ from ..utils import read_jsonl
 from .runner import RecipeRun
 
 FAR_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # at 8x and 16x these keys sit far outside DCA's local window
+_LAW_MODELS = [dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
+               dict(hidden_size=64, intermediate_size=192)]
+# The ablations' own settings (kept apart from the recipe's config: changing them never invalidates a finished
+# recipe run): 8x and 16x with 4 keys per depth (20 prompts per cell), and the loss law on budgets 3x the demo's.
+SETTINGS = {
+    "full": dict(long_multiples=[8, 16], long_trials=4,
+                 loss_law=dict(models=_LAW_MODELS, tokens=[150_000, 300_000, 600_000],
+                               fractions=[0.0, 0.25, 0.5, 0.75], batch_size=8)),
+    "fast": dict(long_multiples=[8], long_trials=1,
+                 loss_law=dict(models=_LAW_MODELS, tokens=[2_048, 4_096, 8_192], fractions=[0.0, 0.5], batch_size=4)),
+}
 
 
 def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], min_docs: int = 3) -> dict:
@@ -50,14 +61,15 @@ def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], mi
     return out
 
 
-def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dict, out: Path) -> dict:
+def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dict, out: Path,
+                 trials: int | None = None) -> dict:
     """Passkey accuracy per multiple and variant (recipes/evaluate.py), and over the far depths only."""
     from ..model import load_model
     from ..tokenizer import Tokenizer
     from .evaluate import passkey_scores
 
     metrics = passkey_scores(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), cfg["phase1_len"],
-                             multiples, variants, out, cfg["passkey"]["trials"])
+                             multiples, variants, out, trials or cfg["passkey"]["trials"])
     for name in variants:
         rows = read_jsonl(out / f"passkey_{name}.jsonl")
         for m in multiples:
@@ -89,7 +101,8 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
     fit = Path(main.record("scaling").outputs["fit"])
     model_dir = write_model_dir(cfg, tok, out / "model")
     lr = phase1_lr(cfg, model_dir, data, fit)
-    abl = RecipeRun(out / "ablations", {"recipe": cfg, "seeds": seeds})
+    settings = SETTINGS["fast" if fast else "full"]
+    abl = RecipeRun(out / "ablations", {"recipe": cfg, "seeds": seeds, "settings": settings})
     heldout, domains = read_jsonl(corpus / "heldout.jsonl"), read_jsonl(corpus / "heldout_domains.jsonl")
     variants = passkey_variants(cfg)
     data_variants = {"no_quality_dedup": ("quality", "minhash"), "no_mixture": ("mixture",)}
@@ -133,18 +146,25 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
             grid = variants if abf else {"rope": None}
             ev = abl.stage(f"s{seed}_eval_phase2_{arm}", lambda d, m=final, g=grid, abf=abf: {"metrics": {
                 **passkey_grid(m, cfg, multiples, {"rope": None}, d),
-                **(passkey_grid(m, cfg, cfg["ablations"]["long_multiples"], g, d / "long") if abf else {})}})
+                **(passkey_grid(m, cfg, settings["long_multiples"], g, d / "long",
+                                settings["long_trials"]) if abf else {})}})
             record(arm, ev.metrics)
+    # the loss law on a larger grid than the demo's (more tokens per run, three model sizes)
+    from .loss_law import run_loss_law
+
+    law = abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,
+                                                       tok, corpus / "heldout.jsonl", fit, d, settings["loss_law"]))
     path = out / "ablations.md"
-    summary = summarize(results, cfg)
-    (out / "ablations" / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
-    path.write_text(ablations_markdown(summary, results, abl.command, seeds))
+    summary = summarize(results, cfg, settings)
+    (out / "ablations" / "results.json").write_text(json.dumps({"results": results, "summary": summary,
+                                                                "loss_law": law.metrics}, indent=1))
+    path.write_text(ablations_markdown(summary, results, abl.command, seeds, law.metrics))
     return path
 
 
-def claims(cfg: dict) -> list[dict]:
+def claims(cfg: dict, settings: dict) -> list[dict]:
     """The claims the ablation table tests: (arm, metric) with and without, and which way is better."""
-    long = cfg["ablations"]["long_multiples"]
+    long = settings["long_multiples"]
     out = [
         {"claim": "quality filter + dedup", "metric": "heldout_bits_per_byte", "with": "base", "without": "no_quality_dedup",
          "better": "lower"},
@@ -163,10 +183,10 @@ def claims(cfg: dict) -> list[dict]:
     return out
 
 
-def summarize(results: dict, cfg: dict) -> list[dict]:
+def summarize(results: dict, cfg: dict, settings: dict) -> list[dict]:
     """One row per claim: each arm's values, mean and sd, the difference and whether the seeds show it."""
     rows = []
-    for c in claims(cfg):
+    for c in claims(cfg, settings):
         key_with, key_without = c["metric"] if isinstance(c["metric"], tuple) else (c["metric"], c["metric"])
         a = results.get(c["with"], {}).get(key_with, [])
         b = results.get(c["without"], {}).get(key_without, [])
@@ -186,8 +206,8 @@ def _cell(values: list[float], mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
 
 
-def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: int) -> str:
-    """ablations.md: the claims table and every arm's metrics."""
+def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: int, law: dict | None = None) -> str:
+    """ablations.md: the claims table, the loss law on the larger grid, and every arm's metrics."""
     lines = ["# Ablations of the recipe's pre-training claims", "",
              f"Command: `{command}`; {seeds} seeds per arm (model init and data order). A cell is mean ± standard "
              "deviation (every seed's value). **Shown** means every seed of the claimed-better arm beats every seed "
@@ -197,6 +217,15 @@ def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: 
         lines.append(f"| {r['claim']} | {r['metric']} | {_cell(r['with_values'], r['with_mean'], r['with_sd'])} | "
                      f"{_cell(r['without_values'], r['without_mean'], r['without_sd'])} | {r['difference']:+.3f} | "
                      f"{'**yes**' if r['shown'] else 'no'} |")
+    if law:
+        lines += ["", "## The loss law on a larger grid", "",
+                  "Held-out loss of every run of the quality sweep (`ablations/stages/loss_law/`, plot `loss_law.png`) "
+                  "fitted with D = tokens trained and with D_eff = quality x tokens (nats):", "",
+                  "| fit | rmse | leave-one-out rmse | largest budget predicted from the smaller |", "|---|---|---|---|"]
+        for key in ("D", "D_eff"):
+            lines.append(f"| L(N, {key}) | {law.get(f'law_{key}_rmse', float('nan')):.4f} | "
+                         f"{law.get(f'law_{key}_loo_rmse', float('nan')):.4f} | "
+                         f"{law.get(f'law_{key}_extrapolation_rmse', float('nan')):.4f} |")
     lines += ["", "## Every arm's metrics (mean over seeds)", "", "| arm | metric | mean | values |", "|---|---|---|---|"]
     for arm, metrics in results.items():
         for key, values in metrics.items():

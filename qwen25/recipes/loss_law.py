@@ -79,12 +79,13 @@ def build_quality_corpora(pipeline: Path, tokenizer: Path, heldout: Path, out: P
 
 
 def run_loss_law(cfg: dict, model_dir: Path, pipeline: Path, tokenizer: Path, heldout: Path, fit: Path,
-                 out: Path) -> dict:
-    """The quality sweep and both loss-law fits (a recipe stage): metrics, loss_law.json and loss_law.png."""
+                 out: Path, law: dict | None = None) -> dict:
+    """The quality sweep and both loss-law fits (a recipe stage): metrics, loss_law.json and loss_law.png. `law`
+    (models, tokens, fractions, batch_size) defaults to the recipe's cfg["loss_law"]."""
     from ..train.loss_law import write_loss_law
     from ..train.scaling import run_sweep
 
-    law = cfg["loss_law"]
+    law = law or cfg["loss_law"]
     corpora, held = build_quality_corpora(pipeline, tokenizer, heldout, out / "corpora", law["fractions"],
                                           max(law["tokens"]), cfg["phase1_len"], cfg["seed"])
     run_sweep({"out_dir": str(out), "eval_data": str(held),

@@ -125,6 +125,10 @@ def summary_rows(records: dict, ablations: dict, cfg_multiples: list[int]) -> li
         m = law.metrics
         rows.append(f"| loss law | leave-one-out error of L(N, D_eff) vs L(N, D) (nats) | "
                     f"{_num(m.get('law_D_eff_loo_rmse'), 4)} | L(N, D): {_num(m.get('law_D_loo_rmse'), 4)} |")
+    if ablations.get("loss_law"):
+        m = ablations["loss_law"]
+        rows.append(f"| loss law, larger grid (`--ablations`) | leave-one-out error of L(N, D_eff) vs L(N, D) | "
+                    f"{_num(m.get('law_D_eff_loo_rmse'), 4)} | L(N, D): {_num(m.get('law_D_loo_rmse'), 4)} |")
     pre = records.get("pretrain")
     rows.append(f"| pre-training phase 1 | held-out bits per byte | {_num(_get(records, 'eval_phase1', 'heldout_bits_per_byte'))} "
                 f"| {against(('no_quality_dedup', 'heldout_bits_per_byte'), 'no quality filter + dedup')} |")

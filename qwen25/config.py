@@ -77,10 +77,11 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, written back unchanged
 
     def __post_init__(self):
-        for name in _REQUIRED_KEYS + ("num_key_value_heads",):
+        for name in _REQUIRED_KEYS + ("num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self._check_values()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -107,6 +108,53 @@ class ModelConfig:
             raise ConfigError(f"model_type {self.model_type!r} is not a Qwen2.5 model ('qwen2', or 'qwen2_moe' "
                               f"for mixtures of experts)")
         self._check_moe()
+
+    def _check_values(self):
+        """Every field's type and range (config.json is input: `"no"` is not a bool, a base of 0 is no RoPE)."""
+        def number(name, low, low_ok):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or (value == low and not low_ok):
+                raise ConfigError(f"{name} must be a finite number {'>=' if low_ok else '>'} {low}, got {value!r}")
+
+        number("rope_theta", 0, False)
+        number("rms_norm_eps", 0, False)
+        number("initializer_range", 0, True)
+        number("router_aux_loss_coef", 0, True)
+        number("router_z_loss_coef", 0, True)
+        number("attention_dropout", 0, True)
+        if self.attention_dropout >= 1:
+            raise ConfigError(f"attention_dropout must be below 1, got {self.attention_dropout!r}")
+        for name in ("use_cache", "tie_word_embeddings", "use_sliding_window", "norm_topk_prob",
+                     "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+        def count(value, positive=False):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= (1 if positive else 0)
+
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                     "decoder_sparse_step"):
+            if not count(getattr(self, name)):
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("head_dim", "sliding_window", "max_window_layers"):
+            value = getattr(self, name)
+            if value is not None and not count(value, positive=name == "head_dim"):
+                raise ConfigError(f"{name} must be {'a positive' if name == 'head_dim' else 'a non-negative'} "
+                                  f"integer or null, got {value!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not count(getattr(self, name)):
+                raise ConfigError(f"{name} must be a token id (integer >= 0) or null, got {getattr(self, name)!r}")
+        eos = self.eos_token_id
+        if eos is not None and not count(eos) and not (isinstance(eos, list) and eos and all(map(count, eos))):
+            raise ConfigError(f"eos_token_id must be a token id, a non-empty list of them, or null, got {eos!r}")
+        for name in ("rope_scaling", "dual_chunk_attention_config"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be an object or null, got {getattr(self, name)!r}")
+        if not isinstance(self.mlp_only_layers, list) or not all(map(count, self.mlp_only_layers)):
+            raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
+        if not isinstance(self.architectures, list) or not all(isinstance(a, str) for a in self.architectures):
+            raise ConfigError(f"architectures must be a list of class names, got {self.architectures!r}")
 
     def _check_moe(self):
         if self.model_type == "qwen2":
@@ -225,7 +273,9 @@ class ModelConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "config.json"
-        path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        tmp = path.with_name("config.json.tmp")  # written beside and renamed: never a half-written config
+        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        tmp.replace(path)
         return path
 
     @classmethod

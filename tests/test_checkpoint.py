@@ -162,3 +162,55 @@ def test_loading_keeps_no_second_copy(tmp_path):
     grown = int(out.stdout.strip().splitlines()[-1])
     # One copy of the weights; a random-init-then-load approach would hold two.
     assert grown < 1.3 * size, (grown, size)
+
+
+def test_index_naming_files_outside_the_directory_is_refused(tmp_path):
+    model = CausalLM(ModelConfig.from_preset("tiny", tie_word_embeddings=False))
+    save_model(model, tmp_path / "m", max_shard_size="100KB")
+    shard = sorted((tmp_path / "m").glob("model-*.safetensors"))[0]
+    (tmp_path / "secret.safetensors").write_bytes(shard.read_bytes())
+    for bad in ("../secret.safetensors", "/etc/passwd", "sub/model.safetensors", ".."):
+        index = json.loads((tmp_path / "m" / INDEX_FILE).read_text())
+        index["weight_map"]["model.norm.weight"] = bad
+        (tmp_path / "m" / INDEX_FILE).write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="not a file name of"):
+            load_model(tmp_path / "m")
+    (tmp_path / "m" / INDEX_FILE).write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to file names"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("old_shard,new_shard", [("100KB", "100KB"), ("5GB", "100KB"), ("100KB", "5GB"),
+                                                 ("5GB", "5GB")])
+def test_interrupted_save_keeps_the_old_weights_loadable(tmp_path, monkeypatch, old_shard, new_shard):
+    """Saving over a checkpoint and dying half way leaves the old weights intact (issue 28); a complete save
+    replaces them and leaves no stale file behind."""
+    import qwen25.model.checkpoint as ckpt
+
+    cfg = ModelConfig.from_preset("tiny", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    old, new = CausalLM(cfg), CausalLM(cfg)
+    save_model(old, tmp_path, max_shard_size=old_shard)
+    real, calls = ckpt.save_file, []
+
+    def dies_on_the_second_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2 or new_shard == "5GB":
+            raise KeyboardInterrupt
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", dies_on_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(new, tmp_path, max_shard_size=new_shard)
+    monkeypatch.setattr(ckpt, "save_file", real)
+    loaded = load_model(tmp_path, dtype="fp32")
+    for (name, a), b in zip(old.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for _ in range(2):  # twice: a sharded save over shards of the same names goes beside them
+        save_model(new, tmp_path, max_shard_size=new_shard)
+        loaded = load_model(tmp_path, dtype="fp32")
+        for (name, a), b in zip(new.state_dict().items(), loaded.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        files = {p.name for p in tmp_path.glob("model*")}
+        live = {p.name for p in checkpoint_files(tmp_path).values()}
+        assert files == (live if new_shard == "5GB" else live | {INDEX_FILE})

@@ -141,6 +141,22 @@ def test_unknown_keys_kept_with_warning(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"use_sliding_window": True}, "sliding-window attention is not supported"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    # issue 28: impossible values that used to load and run
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings must be a positive integer"),
+    ({"rope_theta": 0}, "rope_theta must be a finite number > 0"),
+    ({"rope_theta": -10000.0}, "rope_theta must be a finite number > 0"),
+    ({"rope_theta": "1e6"}, "rope_theta must be a finite number"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite number > 0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false, got 'no'"),
+    ({"use_cache": 1}, "use_cache must be true or false"),
+    ({"attention_dropout": 1.0}, "attention_dropout must be below 1"),
+    ({"eos_token_id": [151643, "x"]}, "eos_token_id must be a token id"),
+    ({"bos_token_id": -1}, "bos_token_id must be a token id"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object or null"),
+    ({"head_dim": True}, "head_dim must be a positive integer"),
+    ({"max_window_layers": 2.5}, "max_window_layers must be a non-negative integer"),
 ])
 def test_bad_configs_are_clear_errors(change, message):
     raw = ModelConfig.from_preset("tiny").to_hf_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -89,3 +91,53 @@ def test_mismatched_model_is_refused(tmp_path):
     other = CausalLM(ModelConfig.from_preset("tiny", num_hidden_layers=3))
     with pytest.raises(ValueError, match=r"does not match the model \(missing \['model\.layers\.2"):
         load_training_state(latest_checkpoint(tmp_path), other, torch.optim.AdamW(other.parameters()))
+
+
+def test_dcp_checkpoints_load_without_arbitrary_unpickling(tmp_path):
+    """DCP's .metadata and non-tensor values are pickles: a planted one must not run code (issue 28), while a
+    real DCP folder (tensors + optimizer hyper-parameters) still loads exactly."""
+    import io
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from qwen25.train.distributed import _safe_reader_and_planner
+
+    state = {"w": torch.randn(4, 3), "opt": {"lr": 3e-3, "betas": (0.9, 0.95), "step": torch.tensor(7.0),
+                                             "amsgrad": False, "name": None}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that no process group is initialised
+        dcp.save(state, checkpoint_id=str(tmp_path / "ok"))
+        target = {"w": torch.zeros(4, 3), "opt": {"lr": 0.0, "betas": (0.0, 0.0), "step": torch.tensor(0.0),
+                                                  "amsgrad": True, "name": "x"}}
+        reader, planner = _safe_reader_and_planner(tmp_path / "ok")
+        dcp.load(target, storage_reader=reader, planner=planner)
+    assert torch.equal(target["w"], state["w"]) and target["opt"]["lr"] == 3e-3
+    assert tuple(target["opt"]["betas"]) == (0.9, 0.95) and target["opt"]["step"].item() == 7.0
+    assert target["opt"]["amsgrad"] is False and target["opt"]["name"] is None
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    reader, _ = _safe_reader_and_planner(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"\.metadata: DCP metadata names (posix|os)\.system.*refused"):
+        reader.read_metadata()
+    assert not (tmp_path / "pwned").exists()
+    # a planted pickle among the values (optimizer hyper-parameters) is refused by weights_only loading
+    planner = _safe_reader_and_planner(tmp_path / "ok")[1]
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(Exploit())))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pruning_never_removes_later_steps(tmp_path):
+    model, opt = _setup()
+    for step in (1, 2, 3, 4, 5):
+        save_training_state(tmp_path, step, model, opt, keep_last=2)
+    save_training_state(tmp_path, 2, model, opt, keep_last=2)  # a run resumed from an older checkpoint
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000005"]
+    assert latest_checkpoint(tmp_path).name == "step-00000002"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -177,3 +178,52 @@ def test_mfu_counts_the_flops_torch_counts(tmp_path):
     train(train_cfg, TokenWindows(markov_corpus(2000), 4, 32), progress=False)
     for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()):
         assert row["mfu"] == pytest.approx(flops_per_token(cfg, 32, training=True) * row["tokens_per_s"] / 1e9, rel=1e-9)
+
+
+def _small(out, **changes) -> TrainConfig:
+    return TrainConfig(**{"out_dir": str(out), "model": "tiny", "steps": 12, "batch_size": 2, "seq_len": 16,
+                          "dtype": "fp32", "save_every": 3, "keep_last": 2, "tensorboard": False, **changes})
+
+
+def _curve(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_damaged_latest_resumes_from_the_newest_intact_checkpoint(tmp_path):
+    """`latest` pointing at a truncated or deleted step folder: resume from the newest intact one, say so, and
+    end as the uninterrupted run; never restart from step 0 and prune the good ones (issue 28)."""
+    data = markov_corpus(3000)
+    train(_small(tmp_path / "straight"), TokenWindows(data, 2, 16), progress=False)
+    run = tmp_path / "run"
+    train(_small(run, stop_at=9), TokenWindows(data, 2, 16), progress=False)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-00000006", "step-00000009"]
+    weights = run / "step-00000009" / "optimizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated (a full disk, a copy cut short)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "lo')  # a line torn by the kill
+    with pytest.warns(UserWarning, match=r"latest names step-00000009 \(optimizer.safetensors unreadable.*resuming "
+                                         r"from step-00000006"):
+        train(_small(run), TokenWindows(data, 2, 16), progress=False)
+    assert [m["step"] for m in _curve(run)] == list(range(1, 13))
+    assert [m["loss"] for m in _curve(run)] == [m["loss"] for m in _curve(tmp_path / "straight")]
+    a = load_file(run / "final" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.rmtree(run / "step-00000012")  # latest names a folder that is gone, and no other is intact
+    (run / "step-00000009" / "state.json").write_text("{")
+    with pytest.raises(RuntimeError, match="no intact checkpoint to resume from"):
+        train(_small(run), TokenWindows(data, 2, 16), progress=False)
+
+
+def test_a_changed_config_is_refused_on_resume_unless_allowed(tmp_path, capsys):
+    data = markov_corpus(2000)
+    train(_small(tmp_path, stop_at=3), TokenWindows(data, 2, 16), progress=False)
+    saved = (tmp_path / "train_config.json").read_text()
+    for change in ({"seed": 1}, {"lr": 1e-2}, {"steps": 20}, {"batch_size": 4}):
+        with pytest.raises(ValueError, match=f"resuming with a changed config \\({next(iter(change))}: "):
+            train(_small(tmp_path, **change), TokenWindows(data, 2, 16), progress=False)
+        assert (tmp_path / "train_config.json").read_text() == saved  # the record of the run is untouched
+    train(_small(tmp_path, stop_at=6, save_every=2, keep_last=1), TokenWindows(data, 2, 16), progress=False)
+    train(_small(tmp_path, lr=1e-3, allow_config_change=True), TokenWindows(data, 2, 16), progress=False)
+    assert "resuming with a changed config (allowed): lr: 0.003 -> 0.001" in capsys.readouterr().out
+    assert json.loads((tmp_path / "train_config.json").read_text())["lr"] == 1e-3

@@ -57,9 +57,16 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         files = {name: directory / file for name, file in weight_map.items()}
+        for file in sorted(set(weight_map.values())):  # a plain name: no '..', no absolute or nested path
+            if Path(file).name != file or file in ("", ".", "..") or "\\" in file:
+                raise CheckpointError(f"{index}: shard {file!r} is not a file name of {directory} "
+                                      f"(an index names files of its own directory only)")
         for file in sorted(set(files.values())):
             if not file.is_file():
                 held = [n for n, f in files.items() if f == file]
@@ -178,23 +185,47 @@ def save_model(model: CausalLM, directory: str | Path, max_shard_size: int | str
         current.append(name)
         size += nbytes
     shards.append(current)
-    for stale in list(directory.glob("model-*-of-*.safetensors")) + [directory / SINGLE_FILE, directory / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
+    # The old weights stay loadable until the new ones are complete: new files go beside them under names the
+    # live layout does not use, and one step makes them live (replacing the index, or model.safetensors / removing
+    # the index); only then are the old files removed.
+    live = _live_files(directory)
+    for stale in set(directory.glob("model*.safetensors")) - {directory / f for f in live}:
+        stale.unlink(missing_ok=True)  # left by an interrupted save: nothing refers to them
+    names = [SINGLE_FILE]
+    if len(shards) > 1:
+        for prefix in ("model", "model-next"):
+            names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            if not set(names) & live:
+                break
     weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: state[n].detach().to("cpu", dtype).contiguous() for n in names}
+    for file, shard in zip(names, shards):
+        tensors = {n: state[n].detach().to("cpu", dtype).contiguous() for n in shard}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         _atomic(directory / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-        weight_map.update({n: file for n in names})
+        weight_map.update({n: file for n in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _atomic(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    else:
+        (directory / INDEX_FILE).unlink(missing_ok=True)  # model.safetensors is complete: it becomes the weights
+    for old in live - set(names):
+        (directory / old).unlink(missing_ok=True)
     model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
     if generation_config is not None:
         text = json.dumps(generation_config, indent=2) + "\n"
         _atomic(directory / "generation_config.json", lambda tmp: Path(tmp).write_text(text))
     return directory
+
+
+def _live_files(directory: Path) -> set[str]:
+    """The weight files a load of `directory` reads now (the index's shards, or model.safetensors)."""
+    try:
+        return {f for f in json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()
+                if isinstance(f, str) and Path(f).name == f}
+    except FileNotFoundError:
+        return {SINGLE_FILE} if (directory / SINGLE_FILE).is_file() else set()
+    except (ValueError, KeyError, TypeError, AttributeError):  # an unreadable index: nothing loads now anyway
+        return set()
 
 
 def _atomic(path: Path, write) -> None:

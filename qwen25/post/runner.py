@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..model import CausalLM, load_model, save_model
 from ..train.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from ..train.loop import RESUME_FREE, drop_metrics_after, record_run_config
 from ..train.loop import adamw as train_adamw
 from ..train.schedule import lr_at
 
@@ -52,6 +53,7 @@ class StageConfig:
     keep_last: int = 2
     log_every: int = 1
     max_bad_steps: int = 5
+    allow_config_change: bool = False  # resume although options that change the stage's result differ
 
     @classmethod
     def from_dict(cls, raw: dict):
@@ -150,12 +152,6 @@ def plot_metrics(metrics_file: Path, png: Path, title: str, max_panels: int = 8)
     return png
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def run_steps(cfg: StageConfig, model: torch.nn.Module, optimizer, step_fn: Callable[[int], dict],
               total_steps: int, desc: str, save_final: Callable[[Path], None] | None = None,
               progress: bool = True, state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> dict:
@@ -168,15 +164,17 @@ def run_steps(cfg: StageConfig, model: torch.nn.Module, optimizer, step_fn: Call
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stage_config.json").write_text(json.dumps({"stage": desc, **dataclasses.asdict(cfg)}, indent=2) + "\n")
+    last = latest_checkpoint(out)
+    record_run_config(out / "stage_config.json", {"stage": desc, **dataclasses.asdict(cfg)}, resuming=last is not None,
+                      allow_change=cfg.allow_config_change, free=RESUME_FREE)
     start = 0
-    if (last := latest_checkpoint(out)) is not None:
+    if last is not None:
         saved = load_training_state(last, model, optimizer)
         start = saved["step"]
         if state is not None:
             state[1](saved.get("extra", {}))
         print(f"{desc}: resuming from {last} (step {start})")
-        _drop_metrics_after(out / "metrics.jsonl", start)
+        drop_metrics_after(out / "metrics.jsonl", start)
     model.train()
     bad, metrics = 0, {}
     with (out / "metrics.jsonl").open("a") as log:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,24 +93,68 @@ def save_training_state(run_dir: str | Path, step: int, model: torch.nn.Module, 
 
 def publish_checkpoint(run_dir: Path, tmp: Path, final: Path, keep_last: int) -> Path:
     """Make a fully written `tmp` folder the checkpoint `final` (one rename), point LATEST at it (another), then
-    drop all but the newest keep_last step folders: a crash at any point leaves the last good checkpoint."""
+    drop the oldest step folders before it, keeping keep_last in all: a crash at any point leaves the last good
+    checkpoint. Folders of later steps (a run resumed from an older checkpoint) are left alone."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = run_dir / (LATEST + ".tmp")
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, run_dir / LATEST)
-    for old in sorted(run_dir.glob("step-*[0-9]"))[:-keep_last] if keep_last > 0 else []:
+    older = sorted(p for p in run_dir.glob("step-*[0-9]") if p.name < final.name)
+    for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a step folder cannot be resumed from (missing, unreadable state.json, truncated tensors), or None."""
+    if not path.is_dir():
+        return "missing"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "state.json has no step"
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({e.__class__.__name__})"
+    if state.get("format") == "dcp":
+        return None if (path / ".metadata").is_file() else "no .metadata"
+    from safetensors import safe_open
+
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            with safe_open(str(path / name), framework="pt"):
+                pass  # the header is read and checked against the file's size: a truncated file fails here
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types and OSError
+            return f"{name} unreadable ({e})"
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete step folder of a run directory, or None."""
-    pointer = Path(run_dir) / LATEST
-    if not pointer.is_file():
+    """The newest complete step folder of a run directory, or None.
+
+    LATEST names it; when that folder is gone or damaged (a disk that filled up, a copy that was cut short),
+    the newest intact step folder is taken instead, with a warning that says which and why.
+    """
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    named = None
+    if pointer.is_file():
+        named = run_dir / pointer.read_text().strip()
+        if (problem := checkpoint_problem(named)) is None:
+            return named
+    candidates = sorted((p for p in run_dir.glob("step-*[0-9]") if p.is_dir()), reverse=True)
+    if named is None and not candidates:
         return None
-    path = Path(run_dir) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    for path in candidates:
+        if path != named and checkpoint_problem(path) is None:
+            why = f"{LATEST} names {named.name} ({problem})" if named is not None else f"no {LATEST} file"
+            warnings.warn(f"{run_dir}: {why}; resuming from {path.name}, the newest intact checkpoint",
+                          stacklevel=2)
+            return path
+    what = f"{named.name}: {problem}" if named is not None else "none intact"
+    raise RuntimeError(f"{run_dir}: no intact checkpoint to resume from ({what}; step folders: "
+                       f"{', '.join(p.name for p in candidates) or 'none'}). Move the run directory away to start "
+                       f"over.")
 
 
 def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -20,6 +20,8 @@ def cmd_train(args) -> int:
     from .phases import run_phases
 
     raw = load_config(args.config, args.set)
+    if args.allow_config_change:
+        raw["allow_config_change"] = True
     rank, world = distributed.init()
     try:
         if "phases" in raw:
@@ -85,6 +87,9 @@ def add_train_commands(subparsers) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (JSON value)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although options that change the run (seed, batch size, lr, steps...) differ "
+                        "from its train_config.json (the differences are logged)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,67 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, data_state
     return final
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` allowing only what it holds: DCP's own classes (dataclasses and enums),
+    torch.Size, dtypes, layouts and memory formats, paths (the checkpoint id). Any other global (os.system, builtins.eval, ...) is refused,
+    so a planted `.metadata` cannot run code the way plain `pickle.load` lets it."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":  # layouts pickle as this name lookup
+            from torch.serialization import _get_layout
+
+            return _get_layout
+        if (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                              ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")):  # inert containers
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        if module.startswith("torch.distributed.checkpoint.") and "." not in name:
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type):
+                return obj
+        raise pickle.UnpicklingError(f"DCP metadata names {module}.{name}, which a checkpoint's metadata never "
+                                     f"holds: refused (a tampered or foreign .metadata file?)")
+
+
+def _safe_reader_and_planner(path: Path):
+    """A FileSystemReader whose metadata goes through _MetadataUnpickler, and a load planner that reads the
+    non-tensor values (optimizer hyper-parameters) with torch.load(weights_only=True): no arbitrary unpickling."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                with open(Path(self.path) / ".metadata", "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                raise ValueError(f"{self.path}/.metadata: {e}") from e
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            value = torch.load(value, weights_only=True)  # plain data only; refuses any other global
+            buffer = io.BytesIO()
+            torch.save(value, buffer)  # our own bytes of a checked value, handed to DCP's own placement
+            buffer.seek(0)
+            super().load_bytes(read_item, buffer)
+
+    return Reader(str(path)), Planner()
+
+
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     """Read a DCP step folder into the sharded model and optimizer; returns its state.json."""
     import torch.distributed.checkpoint as dcp
@@ -123,7 +185,8 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     if state.get("format") != "dcp":
         raise ValueError(f"{path}: a single-process checkpoint; resume it without torchrun, or start a new run")
     target = _state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(path))
+    reader, planner = _safe_reader_and_planner(path)
+    dcp.load(target, storage_reader=reader, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     return state
 

@@ -69,6 +69,7 @@ class TrainConfig:
     tensorboard: bool = True  # also log to out_dir/tb when tensorboard is installed
     peak_flops: float | None = None  # matmul FLOP/s per process for MFU; None: measured at start
     compile: bool = False  # torch.compile the forward + loss (fuses norms, SwiGLU, RoPE, cross entropy)
+    allow_config_change: bool = False  # resume although options that change the run's trajectory differ
 
     def __post_init__(self):
         # YAML reads 3e-3 (no dot) and 1e9 as strings: accept them, and name what cannot be a number.
@@ -177,11 +178,55 @@ def lm_loss(model: CausalLM, batch, eos_id: int | None) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metric lines of steps after the checkpoint we resume from (they are about to be redone)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metric lines of steps after the checkpoint we resume from (they are about to be redone), and a
+    line a kill tore in half."""
+    if not path.is_file():
+        return
+    kept, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            if row["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            torn += line.strip() != ""
+    if torn:
+        print(f"{path}: dropped {torn} unreadable line(s) (a write cut short)")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    tmp.replace(path)
+
+
+# Options that may change between invocations of one run without changing what it computes.
+RESUME_FREE = frozenset({"out_dir", "save_every", "keep_last", "log_every", "stop_at", "tensorboard", "peak_flops",
+                         "compile", "max_bad_steps", "device", "allow_config_change"})
+
+
+def record_run_config(path: Path, config: dict, resuming: bool, allow_change: bool, free=RESUME_FREE) -> None:
+    """Write a run's config to `path`. When resuming, the config saved there by the run's earlier invocations
+    must agree on every option outside `free` (seed, batch size, lr, steps...: a change would silently train
+    another run on top of this one's checkpoints): refused with the differences named, unless allow_change,
+    which logs them."""
+    config = json.loads(json.dumps(config))  # tuples as lists, as read back
+    if resuming and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None
+        if isinstance(saved, dict):
+            changed = {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
+                       if k not in free and saved.get(k) != config.get(k)}
+            if changed:
+                what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                if not allow_change:
+                    raise ValueError(f"{path.parent}: resuming with a changed config ({what}) would continue this "
+                                     f"run's checkpoints as another run. Use a new out_dir, restore the options, "
+                                     f"or resume anyway with --allow-config-change.")
+                print(f"{path.parent}: resuming with a changed config (allowed): {what}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -273,9 +318,11 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
         raise ValueError(f"{world} processes, but the data object is not sliced for them (give `data:` shards, "
                          f"or an object with rank/world attributes)")
     mcfg = model_config(cfg)
+    last = latest_checkpoint(out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        record_run_config(out / "train_config.json", dataclasses.asdict(cfg), resuming=last is not None,
+                          allow_change=cfg.allow_config_change, free=RESUME_FREE)
         mcfg.save(out)  # the architecture this run trains (rope_theta of its phase included)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
@@ -285,12 +332,12 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
     # The compiled callable shares the model's parameters; checkpoints keep using the plain module.
     loss_fn = torch.compile(lm_loss, dynamic=False) if cfg.compile else lm_loss
     start = 0
-    if (last := latest_checkpoint(out)) is not None:
+    if last is not None:
         load = dist_utils.load_checkpoint if sharded else load_training_state
         start = load(last, model, optimizer)["step"]
         if rank == 0:
             print(f"resuming from {last} (step {start})")
-            _drop_metrics_after(out / "metrics.jsonl", start)
+            drop_metrics_after(out / "metrics.jsonl", start)
     amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     has_experts = getattr(mcfg, "num_experts", 0) > 0  # MoE: the router loss joins the objective

@@ -61,6 +61,8 @@ def build_corpus(folder: Path, seed: int = 0) -> dict:
         if part == 0:
             with open(folder / f"part-{part}.jsonl", "a") as f:
                 f.write("{not json\n")  # a corrupt line: reported and skipped
+                # records that used to stop the whole pipeline on every rerun (issue 28): skipped and counted
+                f.write('{"id": "bad-text", "text": 123}\n[1, 2]\n{"id": "no-text"}\n{"id": "e", "text": ""}\n')
     return {d["id"]: d for d in docs}
 
 
@@ -111,7 +113,10 @@ def test_end_to_end(finished_run):
     tmp, docs, report = finished_run
     out = tmp / "out"
     steps = {s["step"]: s for s in report["stages"]}
-    assert steps["00_filters"]["docs_in"] == len(docs)  # the corrupt line was skipped, not fatal
+    assert steps["00_filters"]["docs_in"] == len(docs)  # the corrupt lines were skipped, not fatal
+    assert steps["00_filters"]["skipped_records"] == {"invalid_json": 1, "text_not_a_string": 1, "not_an_object": 1,
+                                                      "no_text": 1, "empty_text": 1}
+    assert "skipped_records" not in steps["01_minhash"]
     # planted problems are removed, each by its own step, and written to that step's side output
     assert not any(i.startswith("spam-") for i in _ids(out / "stages" / "02_quality"))
     assert len({"code-3", "dup-of-code-3"} & _ids(out / "stages" / "01_minhash")) == 1
@@ -169,6 +174,17 @@ def test_failed_step_resumes_without_redoing_earlier_steps(tmp_path, monkeypatch
     report = DataPipeline(load_config(path)).run()
     assert {p: p.stat().st_mtime_ns for p in first} == first
     assert report["stages"][1]["docs_out"] > 0
+
+    # an input file added (sorting first: it would shift every task's files) or rewritten after the start is
+    # refused with the files named, instead of losing and duplicating documents (issue 28)
+    (tmp_path / "corpus" / "a-first.jsonl").write_text('{"id": "new", "text": "late text"}\n')
+    with pytest.raises(PipelineError, match=r"input files changed since .*added: a-first.jsonl\)"):
+        DataPipeline(load_config(path)).run()
+    (tmp_path / "corpus" / "a-first.jsonl").unlink()
+    with open(tmp_path / "corpus" / "part-1.jsonl", "a") as f:
+        f.write('{"id": "more", "text": "more text"}\n')
+    with pytest.raises(PipelineError, match=r"changed: part-1.jsonl"):
+        DataPipeline(load_config(path)).run()
 
 
 def test_toml_config_equals_yaml(tmp_path):
@@ -306,3 +322,61 @@ def test_pack_in_parts_holds_every_token_once(tmp_path):
     for k, meta in enumerate(meta_docs):
         pieces = [t for _, piece in sorted(rebuilt[k]) for t in piece]
         assert pieces == tok.encode(docs[meta["id"]]["text"], allowed_special="none") + [tok.endoftext_id]
+
+
+def test_workers_die_with_a_killed_pipeline(tmp_path):
+    """SIGKILL of the main process: its forked workers (and datatrove's Manager) must not run on, still writing
+    files (issue 28)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    build_corpus(tmp_path / "corpus")
+    path = write_config(tmp_path, executor={"kind": "local", "tasks": 2, "workers": 2}, steps=[{"domains": {}}])
+    script = textwrap.dedent(f"""
+        import time
+        from qwen25.data import domains
+        from qwen25.data.pipeline import DataPipeline, load_config
+
+        def slow(self, data, rank=0, world_size=1):
+            time.sleep(120)
+            yield from data
+        domains.DomainTagger.run = slow
+        DataPipeline(load_config({str(path)!r})).run()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+
+    def children(pid):
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(stat.parent.name))
+        return out
+
+    deadline = time.time() + 90
+    while len(kids := children(proc.pid)) < 3 and time.time() < deadline:  # the Manager and 2 workers
+        time.sleep(0.5)
+    assert len(kids) >= 3, kids
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, kids)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [k for k in kids if alive(k)]
+    for pid in left:  # leave nothing behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left

@@ -21,7 +21,11 @@ so a rerun after a failure does not redo finished work. Dropped documents go to 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -66,6 +70,29 @@ def _steps(config: dict) -> list[tuple[str, dict]]:
     return steps
 
 
+_FORKED = {"die_with_parent": False, "parent": 0}
+
+
+def _remember_parent() -> None:
+    _FORKED["parent"] = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a process forked while a local pipeline runs (datatrove's pool workers and its Manager server): have
+    Linux SIGKILL it when its parent dies, so a killed pipeline leaves no worker still writing files."""
+    if not _FORKED["die_with_parent"] or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _FORKED["parent"]:  # the parent died between the fork and the prctl
+        os._exit(1)
+
+
+os.register_at_fork(before=_remember_parent, after_in_child=_die_with_parent)
+
+
 def make_executor(pipeline: list, logging_dir: Path, spec: dict, tasks: int | None = None):
     """A datatrove executor for one run: local processes (default), Ray (`ray.init` must reach a cluster or start
     a local one) or Slurm (submitted with sbatch; `run_executor` then waits for the completion markers)."""
@@ -75,6 +102,7 @@ def make_executor(pipeline: list, logging_dir: Path, spec: dict, tasks: int | No
     spec.pop("tasks", None)
     if kind == "local":
         from datatrove.executor import LocalPipelineExecutor
+
 
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=spec.pop("workers", 1),
                                      logging_dir=str(logging_dir), start_method=spec.pop("start_method", "fork"),
@@ -91,8 +119,13 @@ def make_executor(pipeline: list, logging_dir: Path, spec: dict, tasks: int | No
 
 
 def run_executor(executor, poll_seconds: float = 30.0) -> None:
-    """Run and, for executors that only submit (Slurm), wait until every task has its completion marker."""
-    executor.run()
+    """Run and, for executors that only submit (Slurm), wait until every task has its completion marker.
+    Processes forked during the run die with the process that forked them (see _die_with_parent)."""
+    _FORKED["die_with_parent"] = True
+    try:
+        executor.run()
+    finally:
+        _FORKED["die_with_parent"] = False
     while executor.get_incomplete_ranks(skip_completed=True):
         time.sleep(poll_seconds)
 
@@ -176,6 +209,28 @@ class DataPipeline:
             raise PipelineError(f"{self.out} holds the output of a different config ({record}); "
                                 "use a new output folder or delete this one")
         record.write_text(json.dumps(mine, indent=1))
+        # Input files are dealt to tasks by their sorted position: a file added, removed or rewritten after some
+        # tasks finished would shift that deal, and a rerun would lose some documents and duplicate others.
+        manifest, inputs = self._input_manifest(), self.out / "inputs.json"
+        if inputs.is_file():
+            before = json.loads(inputs.read_text())
+            if before != manifest:
+                added = sorted(set(manifest) - set(before))
+                removed = sorted(set(before) - set(manifest))
+                changed = sorted(f for f in set(before) & set(manifest) if before[f] != manifest[f])
+                what = "; ".join(f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                                 for k, v in (("added", added), ("removed", removed), ("changed", changed)) if v)
+                raise PipelineError(f"the input files changed since {self.out} was started ({what}): resuming would "
+                                    f"lose and duplicate documents. Use a new output folder, or restore the inputs")
+        else:
+            inputs.write_text(json.dumps(manifest, indent=1))
+
+    def _input_manifest(self) -> dict:
+        """{file: size in bytes} of the raw input as its reader deals it to tasks (None: size unknown, remote)."""
+        reader = self.reader(None)
+        files = reader.data_folder.list_files(recursive=reader.recursive, glob_pattern=reader.glob_pattern)
+        size = reader.data_folder.size if hasattr(reader.data_folder, "size") else None
+        return {f: (size(f) if size else None) for f in files}
 
     def reader(self, folder: Path | None):
         """The raw input reader (folder None) or a jsonl reader of a previous step's output."""

@@ -35,6 +35,10 @@ def summarize_stage(label: str, step_stats: list[dict], seconds: float) -> dict:
         out["tokens_in"] = int(first["doc_len_tokens"])
     if "doc_len_tokens" in last or "tokens" in last:
         out["tokens_out"] = int(last.get("doc_len_tokens", last.get("tokens", 0)))
+    skipped = {k.removeprefix("skipped_"): int(v) for s in step_stats for k, v in s["stats"].items()
+               if k.startswith("skipped_") or k == "corrupt_files"}
+    if skipped:
+        out["skipped_records"] = skipped  # unreadable input: counted here, never fatal (the log has each line)
     domains = {k[len("domain_"):]: v for s in step_stats for k, v in s["stats"].items() if k.startswith("domain_")}
     if domains:
         out["domains"] = domains

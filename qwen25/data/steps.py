@@ -39,15 +39,49 @@ class TextFolderReader(BaseDiskReader):
 
 
 class SafeJsonlReader(JsonlReader):
-    """Datatrove's JsonlReader (which skips bad lines) that also survives a damaged file (truncated gzip, I/O
-    error): the documents read so far are kept, the rest of the file is reported (stat `corrupt_files`)."""
+    """Datatrove's JsonlReader, made to survive any input: a line that is not JSON, not an object, or whose text
+    is missing, empty or not a string is skipped and counted (stats `skipped_<reason>`, which stats.json reports
+    per step), never fatal; a damaged file (truncated gzip, I/O error, bad UTF-8) keeps the documents read so far
+    and reports the rest (stat `corrupt_files`)."""
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         try:
-            yield from super().read_file(filepath)
-        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            with self.data_folder.open(filepath, "r", compression=self.compression) as f:
+                for li, line in enumerate(f):
+                    with self.track_time():
+                        doc = self._document(line, filepath, li)
+                    if doc is not None:
+                        yield doc
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
             logger.warning(f"skipping the rest of damaged input file {filepath}: {e}")
             self.stat_update("corrupt_files")
+
+    def _document(self, line: str, filepath: str, li: int) -> Document | None:
+        import orjson
+
+        if not line.strip():
+            return None
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return self._skip("invalid_json", filepath, li)
+        if not isinstance(record, dict):
+            return self._skip("not_an_object", filepath, li)
+        text = record.get(self.text_key)
+        if not isinstance(text, str):
+            return self._skip("no_text" if text is None else "text_not_a_string", filepath, li)
+        if not text:
+            return self._skip("empty_text", filepath, li)
+        try:
+            return self.get_document_from_dict(record, filepath, li) or self._skip("empty_text", filepath, li)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # an id or metadata Document refuses
+            return self._skip("invalid_record", filepath, li, e)
+
+    def _skip(self, reason: str, filepath: str, li: int, error: Exception | None = None) -> None:
+        self.stat_update(f"skipped_{reason}")
+        detail = f": {error}" if error else ""
+        logger.warning(f"{filepath}:{li + 1}: record skipped ({reason.replace('_', ' ')}{detail})")
+        return None
 
 
 def make_reader(spec: dict) -> BaseDiskReader:

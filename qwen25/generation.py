@@ -121,8 +121,11 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits
-    logits = logits / params.temperature
-    return apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled.amax(dim=-1)).all():  # a tiny temperature overflowed the largest logit: the same
+        # distribution from logits shifted to a maximum of 0 (the rest -> -inf: greedy, ties shared), never NaN
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+    return apply_top_p(apply_top_k(scaled, params.top_k), params.top_p)
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,

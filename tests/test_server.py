@@ -190,7 +190,13 @@ def test_api_key_and_models(model_dir):
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         models = client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).json()
         assert [m["id"] for m in models["data"]] == [model_dir.name]
-        assert client.get("/health").status_code == 200  # health and metrics stay open for probes
+        # every route is behind the key (issue 28: /openapi.json described the API to anyone)
+        for path in ("/health", "/metrics", "/openapi.json", "/docs", "/nonexistent"):
+            assert client.get(path).status_code == 401, path
+        ok = {"Authorization": "Bearer sekret"}
+        assert client.get("/health", headers=ok).status_code == 200
+        assert client.get("/metrics", headers=ok).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sekreT"}).status_code == 401
 
 
 def test_metrics(served):
@@ -499,6 +505,24 @@ def test_serve_command_defaults_to_loopback():
     assert chat_args.system == "Be brief." and chat_args.sample is False and callable(chat_args.func)
 
 
+def test_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """The key need not be on the command line, where every user's `ps` reads it (issue 28)."""
+    from qwen25.cli import build_parser
+    from qwen25.serve.cli import api_key_from
+
+    parse = build_parser().parse_args
+    (tmp_path / "key").write_text("from-file\n")
+    monkeypatch.setenv("QWEN25_API_KEY", "from-env")
+    assert api_key_from(parse(["serve", "--model", "d", "--api-key-file", str(tmp_path / "key")])) == "from-file"
+    assert api_key_from(parse(["serve", "--model", "d"])) == "from-env"
+    monkeypatch.delenv("QWEN25_API_KEY")
+    assert api_key_from(parse(["serve", "--model", "d"])) is None
+    assert api_key_from(parse(["serve", "--model", "d", "--api-key", "k"])) == "k"  # still works, with a warning
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="is empty"):
+        api_key_from(parse(["serve", "--model", "d", "--api-key-file", str(tmp_path / "empty")]))
+
+
 @pytest.mark.skipif(not cpu_kernels.available(), reason="--w8a8 needs the compiled kernels (AVX-512)")
 def test_w8a8_server_replies_as_its_model_generates(model_dir):
     """`serve --dtype bf16 --w8a8`: the model is quantized (int8 weights and decode activations) and the server's
@@ -572,3 +596,163 @@ def test_serve_command_runs_and_stops_on_sigterm(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- hardening (issue 28): no client can break the server or another client ---------------------------------------
+HOSTILE = [
+    # (why, raw body, status, words of the message)
+    ("content part text not a string", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     400, "messages.0.content"),
+    ("an image part (this model reads text)", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content"),
+    ("tool call function not an object", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": "get_weather"}]},
+        {"role": "user", "content": "hi"}]}, 400, "tool_calls"),
+    ("seed above 2^64", {"seed": 2**70}, 400, "seed"),
+    ("negative seed below int64", {"seed": -2**64}, 400, "seed"),
+]
+
+
+@pytest.mark.parametrize("why,body,status,words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_malformed_requests_get_a_json_4xx(served, why, body, status, words):
+    client = served[0]
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **body})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and words in r.json()["error"]["message"], r.json()
+    assert chat(client, max_tokens=2).status_code == 200  # and the next request is served
+
+
+@pytest.mark.parametrize("raw,words", [
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 lone"}]}', "surrogate"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
+     "repetition_penalty"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100 + b"]" * 100 + b"}",
+     "nests deeper"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100000 + b"]" * 100000
+     + b"}", "nests"),
+])
+def test_invalid_json_values_get_a_json_400(served, raw, words):
+    client = served[0]
+    for _ in range(2):  # twice on one connection: the first must not break the next
+        r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert chat(client, max_tokens=2).status_code == 200
+
+
+def test_extreme_sampling_values_are_honoured(served):
+    """A temperature so small that logits / T overflows samples the argmax (the limit T -> 0), never NaN; an
+    extreme repetition penalty runs too."""
+    client, _, _, tok = served
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    text, _ = greedy_text(served, prompt, 8)
+    for temperature in (1e-30, 1e-45):
+        r = chat(client, max_tokens=8, temperature=temperature, seed=3)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == text
+    assert chat(client, max_tokens=8, temperature=0.7, repetition_penalty=1e30, seed=1).status_code == 200
+
+
+def test_a_failing_request_fails_alone(model_dir, monkeypatch):
+    """Sampling that raises for one request ends that request with its reason; the others in the same batch
+    finish with their greedy outputs."""
+    import qwen25.serve.engine as engine_module
+    from qwen25.serve.engine import Engine, Request
+
+    real = engine_module.next_token
+
+    def broken_for_seed_666(logits, params, *args, **kwargs):
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token", broken_for_seed_666)
+    model, tok = load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir)
+    engine = Engine(model, max_batch=4, max_len=128)
+    prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
+    good = SamplingParams(max_new_tokens=6)
+    ids = [engine.submit(Request(list(prompt), good)), engine.submit(Request(list(prompt), SamplingParams(
+        do_sample=True, temperature=0.5, seed=666, max_new_tokens=6))), engine.submit(Request(list(prompt), good))]
+    tokens, errors = {i: [] for i in ids}, {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.token is not None:
+                tokens[out.request_id].append(out.token)
+            if out.finish_reason == "error":
+                errors[out.request_id] = out.error
+    assert errors == {ids[1]: "RuntimeError: probability tensor contains nan"}
+    expected = greedy_reply(model, tok, prompt, 6)[1]
+    assert tokens[ids[0]] == tokens[ids[2]] == expected and tokens[ids[1]] == []
+
+
+def test_admission_holds_under_a_burst(tokenizer):
+    """40 simultaneous streams with --max-concurrent 4: exactly 4 admitted, the rest 429 (it was 35 of 40)."""
+    app, engine = scripted_app(tokenizer, "one two three", delay=0.01, eos=False, max_concurrent=4)
+    server, url = run_in_thread(app)
+    statuses, opened, done = [], threading.Barrier(41), threading.Event()
+
+    def client_thread():
+        with httpx.Client(base_url=url, timeout=30) as client:
+            body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 3000}
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status_code)
+                lines = r.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+                if r.status_code == 200:
+                    next(lines)
+                opened.wait()
+                done.wait(30)
+
+    try:
+        threads = [threading.Thread(target=client_thread) for _ in range(40)]
+        for t in threads:
+            t.start()
+        opened.wait()
+        assert sorted(statuses).count(200) == 4 and statuses.count(429) == 36, statuses
+        done.set()
+        for t in threads:
+            t.join(30)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + 10  # every slot comes back once the streams are closed
+            while engine.engine.has_work() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2,
+                                                     "max_tokens": 2})
+            assert r.status_code == 400 and "6 sequences" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    finally:
+        done.set()
+        server.should_exit = True
+        server.thread.join(10)
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(tokenizer):
+    app, _ = scripted_app(tokenizer, "ok", max_body_bytes=10_000)
+    server, url = run_in_thread(app)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 20_000}]})
+            r = client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "limit of 10000 bytes" in r.json()["error"]["message"]
+
+            def chunks():  # no Content-Length: counted while read, refused at the limit
+                for _ in range(100):
+                    yield b"x" * 1000
+            r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            assert client.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        server.thread.join(10)
+
+
+def test_shutdown_ends_open_streams_with_a_server_error(tokenizer):
+    app, engine = scripted_app(tokenizer, "one two three", delay=0.01, eos=False)
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
+                                                                 "stream": True, "max_tokens": 3000}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            threading.Thread(target=engine.stop).start()  # what SIGTERM does
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    error = events[-1]["error"]
+    assert error["type"] == "server_error" and "shutting down" in error["message"], error

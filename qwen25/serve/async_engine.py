@@ -34,6 +34,7 @@ class Event:
     tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 400  # with error: 400 the request was refused, 500 generation failed, 503 shutting down
 
 
 @dataclass
@@ -155,7 +156,7 @@ class AsyncEngine:
         try:
             self._loop()
         finally:
-            self._fail_all("the server is shutting down")
+            self._fail_all("the server is shutting down", 503)
             self._thread = None
 
     def stop(self) -> None:
@@ -222,7 +223,7 @@ class AsyncEngine:
                     break
             for kind, value in commands:
                 if kind == "stop":
-                    self._fail_all("the server is shutting down")
+                    self._fail_all("the server is shutting down", 503)
                     return
                 self._command(kind, value)
             if self.engine.has_work():
@@ -230,7 +231,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 except Exception as e:  # a failing step must not take the server down with it
                     log.exception("engine step failed")
-                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}", 500)
                     continue
                 self.counters["steps"] += 1
                 self._dispatch(outputs)
@@ -244,8 +245,9 @@ class AsyncEngine:
                 self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id))
             except Exception as e:  # a request the engine refuses (ValueError: a 400) must not end the thread
                 self.counters["errors"] += 1
-                message = str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}: {e}"
-                handle.emit(Event(handle.index, finish_reason="error", error=message))
+                refused = isinstance(e, ValueError)
+                message = str(e) if refused else f"generation failed: {type(e).__name__}: {e}"
+                handle.emit(Event(handle.index, finish_reason="error", error=message, status=400 if refused else 500))
                 return
             self.handles[handle.id] = handle
         elif kind == "cancel" and value in self.handles:
@@ -258,6 +260,12 @@ class AsyncEngine:
             if handle is None:
                 continue
             reason = out.finish_reason
+            if reason == "error":  # only this request failed (its sampling); the batch goes on
+                del self.handles[handle.id]
+                self.counters["errors"] += 1
+                handle.emit(Event(handle.index, handle.tracker.release(final=True), handle.tokens, "error",
+                                  f"generation failed: {out.error}", 500))
+                continue
             if out.token is not None:
                 handle.tokens += 1
                 new_tokens += 1
@@ -277,10 +285,10 @@ class AsyncEngine:
         if new_tokens:
             self.throughput.add(new_tokens)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int) -> None:
         """End every request with an error and empty the engine (its state after a failed step is unknown)."""
         for handle in self.handles.values():
-            handle.emit(Event(handle.index, tokens=handle.tokens, finish_reason="error", error=message))
+            handle.emit(Event(handle.index, tokens=handle.tokens, finish_reason="error", error=message, status=status))
         self.counters["errors"] += len(self.handles)
         self.handles.clear()
         self.engine.waiting.clear()

@@ -15,7 +15,12 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: no key)")
+    p.add_argument("--api-key-file", type=Path,
+                   help="require Authorization: Bearer KEY on every route, KEY read from this file (or set "
+                        "QWEN25_API_KEY; default: no key)")
+    p.add_argument("--api-key", help="the key on the command line: visible to every user in the process list; "
+                                     "prefer --api-key-file or QWEN25_API_KEY")
+    p.add_argument("--max-body-mb", type=float, default=16, help="larger request bodies get a 413")
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (engine slots)")
     p.add_argument("--max-len", type=int, help="context per sequence, prompt + output (default min(max pos, 4096))")
@@ -68,11 +73,13 @@ def _cmd_serve(args) -> int:
     from .server import build_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = api_key_from(args)
     app, engine = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
                                w8a8=args.w8a8, dtype=args.dtype, threads=args.threads, kernels=args.kernels,
                                model_name=args.served_model_name, prefill_chunk=args.prefill_chunk or None,
-                               engine_thread=False, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
-                               max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
+                               engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
+                               max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
+                               max_body_bytes=int(args.max_body_mb * 2**20))
     # uvicorn serves HTTP from a thread; the engine runs here, on the main thread that loaded the model (a decode
     # step from a second thread runs ~3x slower with OpenMP: see AsyncEngine). Ctrl-C or SIGTERM end both.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
@@ -89,6 +96,27 @@ def _cmd_serve(args) -> int:
         server.should_exit = True
         http.join(30)
     return 0 if server.started else 1
+
+
+def api_key_from(args) -> str | None:
+    """The server's key: --api-key-file, else QWEN25_API_KEY, else --api-key (warned: ps shows it), else none."""
+    import os
+
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"--api-key-file: cannot read {args.api_key_file}: {e}") from None
+        if not key:
+            raise SystemExit(f"--api-key-file: {args.api_key_file} is empty")
+        return key
+    if os.environ.get("QWEN25_API_KEY"):
+        return os.environ["QWEN25_API_KEY"]
+    if args.api_key:
+        logging.getLogger("qwen25.serve").warning(
+            "--api-key puts the key in the process list, readable by every user of this machine; "
+            "use --api-key-file or QWEN25_API_KEY")
+    return args.api_key
 
 
 def _interrupt(signum, frame):

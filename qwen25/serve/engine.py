@@ -42,6 +42,7 @@ class StepOutput:
     request_id: str
     token: int | None
     finish_reason: str | None = None
+    error: str | None = None  # finish_reason "error": why this request (and only it) failed
 
 
 class _Running:
@@ -185,6 +186,9 @@ class Engine:
             raise ValueError(f"prompt token outside the model's vocabulary [0, {vocab})")
         if request.params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        seed = request.params.seed
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed must fit 64 bits (-2^63 <= seed < 2^64), got {seed}")
         if len(request.prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(request.prompt)} tokens does not fit the engine's "
                              f"max_len {self.max_len}")
@@ -234,8 +238,12 @@ class Engine:
         if decode:
             logits.update(self._decode(decode))
         for slot, row_logits in logits.items():
-            outputs.append(self._sample(self.running[slot], row_logits))
-        finished = {out.request_id for out in outputs if out.finish_reason and out.token is not None}
+            try:
+                outputs.append(self._sample(self.running[slot], row_logits))
+            except Exception as e:  # this request's sampling failed (its settings): it alone ends, with the reason
+                outputs.append(StepOutput(self.running[slot].request.id, None, "error", f"{type(e).__name__}: {e}"))
+        finished = {out.request_id for out in outputs
+                    if out.finish_reason and (out.token is not None or out.finish_reason == "error")}
         for slot in [s for s, r in self.running.items() if r.request.id in finished]:
             self._free(slot)
         return outputs

@@ -31,17 +31,34 @@ class APIError(Exception):
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Python's json reads Infinity and NaN: no number field accepts them (they overflow sampling)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class ContentPart(_Lenient):
+    type: Literal["text"]  # this model reads text only: an image or audio part is refused, not dropped
+    text: str
+
+
+class FunctionCall(_Lenient):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallSpec(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallSpec] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
@@ -66,7 +83,7 @@ class SamplingFields(_Lenient):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
     repetition_penalty: float | None = Field(default=None, gt=0)  # vLLM's extension
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**63)  # int64, as OpenAI's
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
@@ -142,14 +159,40 @@ class CompletionRequest(SamplingFields):
             raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
 
 
+MAX_JSON_DEPTH = 64  # a chat request nests 6-8 levels (tool schemas more); far deeper is an attack or a bug
+
+
+def _check_json(value, depth: int = 0, where: str = "body") -> None:
+    """Refuse what json.loads accepts but nothing downstream can use: nesting deeper than MAX_JSON_DEPTH, and
+    strings with lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels (at {where})")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where}: the string holds a lone UTF-16 surrogate (invalid Unicode)",
+                           param=where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, depth + 1, where)
+            _check_json(item, depth + 1, f"{where}.{key}" if where != "body" else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, depth + 1, f"{where}.{i}")
+
+
 def parse_request(model: type[BaseModel], raw: bytes):
     """Parse and validate a JSON body; a 400 that says what is wrong otherwise."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_json(data)
     try:
         request = model.model_validate(data)
     except ValidationError as e:

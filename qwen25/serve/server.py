@@ -7,11 +7,14 @@ Endpoints: POST /v1/chat/completions and /v1/completions (JSON or server-sent ev
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +36,11 @@ class ServerConfig:
 
     model_name: str
     defaults: SamplingParams
-    api_key: str | None = None
+    api_key: str | None = None  # every route needs `Authorization: Bearer KEY` when set
     max_prompt_tokens: int | None = None  # None: what fits the engine's context
     max_tokens_limit: int = 4096
-    max_concurrent: int = 64
+    max_concurrent: int = 64  # sequences (prompts x n) in flight, over all requests
+    max_body_bytes: int = 16 * 2**20  # a longer body gets a 413 before it is read whole
 
 
 class Metrics:
@@ -94,9 +98,13 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
     app = FastAPI(title="qwen25", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     metrics = Metrics()
     max_len = engine.engine.max_len
     stop_ids = sorted(set(config.defaults.eos_token_ids) | _chat_stop_ids(tokenizer))
+    slots = {"used": 0}  # sequences admitted and not yet finished (changed on the event loop only)
+    # Tokenising a long prompt takes a while: done off the event loop (one thread: the tokenizer is shared).
+    tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen25-tokenize")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -104,13 +112,26 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             metrics.finished(request.url.path, error.status)
         return JSONResponse(error.body(), status_code=error.status)
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {config.api_key}":
-            raise APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
-                           "authentication_error", code="invalid_api_key")
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):  # a bug must still answer in JSON, never plain text
+        log.exception("unexpected error on %s", request.url.path)
+        metrics.finished(request.url.path, 500)
+        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}", "server_error").body(),
+                            status_code=500)
+
+    async def read_body(request: Request) -> bytes:
+        """The body, read in pieces and refused (413) past max_body_bytes: never held whole when too long."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise APIError(413, f"the request body is larger than this server's limit of "
+                                    f"{config.max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize, fn, *args)
 
     def check_model(name: str) -> None:
         if name != config.model_name:
@@ -147,10 +168,26 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             out.append(GenerationRequest(prompt, dataclasses.replace(params, seed=seed), req.stop))
         return out
 
-    def admit() -> None:
-        if metrics.in_flight >= config.max_concurrent:
-            raise APIError(429, f"the server is busy: {metrics.in_flight} requests in flight (limit "
+    def check_size(sequences: int) -> None:
+        if sequences > config.max_concurrent:
+            raise APIError(400, f"the request asks for {sequences} sequences (prompts x n), more than this server "
+                                f"runs at once ({config.max_concurrent})", param="n")
+
+    def admit(sequences: int):
+        """Reserve `sequences` of the server's max_concurrent at once (no await between the check and the count,
+        so a burst cannot slip past it); returns the release, which the request's event stream calls when done."""
+        check_size(sequences)
+        if slots["used"] + sequences > config.max_concurrent:
+            raise APIError(429, f"the server is busy: {slots['used']} sequences in flight (limit "
                                 f"{config.max_concurrent}); retry later", "rate_limit_error")
+        slots["used"] += sequences
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                slots["used"] -= sequences
+        return release
 
     @app.get("/health")
     async def health():
@@ -164,25 +201,26 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "qwen25", "max_model_len": max_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await request.body())
+        req: ChatCompletionRequest = await off_loop(parse_request, ChatCompletionRequest, await read_body(request))
         check_model(req.model)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            prompt = encode_chat(tokenizer, req.chat_messages(), tools, add_generation_prompt=True, sanitize=True).ids
+            encoded = await off_loop(lambda: encode_chat(tokenizer, req.chat_messages(), tools,
+                                                         add_generation_prompt=True, sanitize=True))
         except TokenizerError as e:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
+        prompt = encoded.ids
         params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
-        admit()
+        release = admit(req.n)
         rid, created = new_id("chatcmpl"), int(time.time())
         streams = [ChatDeltaStream(req.parse_tools) for _ in range(req.n)]
-        events = _tracked(engine.stream(choices_for(req, prompt, params)), metrics, request.url.path, len(prompt))
+        events = _tracked(engine.stream(choices_for(req, prompt, params)), metrics, request.url.path, len(prompt),
+                          release)
         if req.stream:
             return _sse(request, _chat_chunks(events, streams, rid, created, req, len(prompt)))
         deltas, reasons, tokens = await _collect(request, events, req.n, lambda i, text: streams[i].feed(text),
@@ -193,22 +231,23 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        req: CompletionRequest = parse_request(CompletionRequest, await request.body())
+        req: CompletionRequest = await off_loop(parse_request, CompletionRequest, await read_body(request))
         check_model(req.model)
-        prompts = _completion_prompts(req.prompt, tokenizer)
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream", param="echo")
+        count = len(req.prompt) if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else 1
+        check_size(count * req.n)  # before tokenising thousands of prompts
+        prompts = await off_loop(_completion_prompts, req.prompt, tokenizer)
         requests, texts = [], []
         for prompt in prompts:
             # OpenAI's default max_tokens for completions is 16
             params = sampling(req, len(prompt), req.max_tokens or 16, "prompt")
             requests += choices_for(req, prompt, params)
             texts += [tokenizer.decode(prompt) if req.echo else ""] * req.n
-        admit()
+        release = admit(len(requests))
         rid, created = new_id("cmpl"), int(time.time())
         prompt_tokens = sum(map(len, prompts))
-        events = _tracked(engine.stream(requests), metrics, request.url.path, prompt_tokens)
+        events = _tracked(engine.stream(requests), metrics, request.url.path, prompt_tokens, release)
         if req.stream:
             return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens))
         pieces, reasons, tokens = await _collect(request, events, len(requests), lambda i, text: [text],
@@ -218,6 +257,36 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         return envelope(rid, "text_completion", req.model, created, choices=choices, usage=usage(prompt_tokens, tokens))
 
     return app
+
+
+class _Gate:
+    """Pure ASGI middleware in front of every route: the API key (compared in constant time) and the body-size
+    limit by Content-Length, before any handler runs or any body byte is read."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await _send_error(send, APIError(401, "missing or wrong API key (send the header Authorization: "
+                                                         "Bearer KEY)", "authentication_error", code="invalid_api_key"))
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _send_error(send, APIError(413, f"the request body is larger than this server's limit of "
+                                                         f"{self.max_body_bytes} bytes", code="request_too_large"))
+        return await self.app(scope, receive, send)
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _chat_stop_ids(tokenizer) -> set[int]:
@@ -239,16 +308,23 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-async def _tracked(events, metrics: Metrics, endpoint: str, prompt_tokens: int):
-    """The engine's events, counted in the metrics (in flight, first-token time, duration, status)."""
+def _tracked(events, metrics: Metrics, endpoint: str, prompt_tokens: int, release):
+    """The engine's events, counted in the metrics (in flight, first-token time, duration, status); `release`
+    frees the request's admission when it ends, or when the stream is dropped before it ever ran."""
+    tracked = _tracked_events(events, metrics, endpoint, prompt_tokens, release)
+    weakref.finalize(tracked, release)
+    return tracked
+
+
+async def _tracked_events(events, metrics: Metrics, endpoint: str, prompt_tokens: int, release):
     start, first, status = time.perf_counter(), True, 200
     metrics.in_flight += 1
     metrics.prompt_tokens += prompt_tokens
     try:
         async for event in events:
             if event.error:
-                status = 500 if "generation failed" in event.error else 400
-                error = APIError(status, event.error, "server_error" if status == 500 else "invalid_request_error")
+                status = event.status
+                error = APIError(status, event.error, "server_error" if status >= 500 else "invalid_request_error")
                 error.counted = True  # counted here, in the finally below
                 raise error
             if first and event.tokens:
@@ -260,6 +336,7 @@ async def _tracked(events, metrics: Metrics, endpoint: str, prompt_tokens: int):
         status = 499  # nginx's "client closed request"
         raise
     finally:
+        release()
         await events.aclose()
         metrics.in_flight -= 1
         if status != 200:

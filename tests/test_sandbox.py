@@ -103,14 +103,27 @@ def test_fork_bomb_is_contained_and_leaves_nothing():
     assert crash.status in ("error", "timeout") and crash.reason in ("processes", "timeout"), crash
 
 
-def test_host_files_are_read_only_and_limits_cannot_be_lifted(tmp_path):
+@pytest.fixture
+def host_dir():
+    """A world-writable directory outside the places the sandbox hides (/tmp and the like are private to it)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=".sandbox-host-", dir=Path(__file__).parent))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_host_files_are_read_only_and_limits_cannot_be_lifted(host_dir):
     info = isolation_support()
     if not info["read_only_fs"]:
         pytest.skip(f"this host refuses mount namespaces: {info}")
-    host = tmp_path / "host.txt"
+    host = host_dir / "host.txt"
     host.write_text("keep")
+    host.chmod(0o666)  # writable by anyone: only the read-only view stops the sandbox
     read = run_python(f"print(open({str(host)!r}).read())")
-    assert read.passed and read.stdout == "keep\n"
+    assert read.passed and read.stdout == "keep\n", read
     write = run_python(f"open({str(host)!r}, 'w').write('gone')")
     assert write.status == "error" and write.reason == "filesystem", write
     assert host.read_text() == "keep"
@@ -120,6 +133,163 @@ def test_host_files_are_read_only_and_limits_cannot_be_lifted(tmp_path):
     if "pids" in info["cgroups"]:  # leaving the pids cgroup would undo the process limit
         leave = run_python("open('/sys/fs/cgroup/pids/cgroup.procs', 'w').write('0')")
         assert not leave.passed, leave
+
+
+# ---- hostile programs (issue 28): each of these reached the host before ------------------------------------------
+def _contained(code: str, **limits) -> str:
+    """Run a probe that prints one word per attempt; returns its output (the probe itself must finish)."""
+    result = run_python(code, Limits(timeout=20, **limits))
+    assert result.status in ("passed", "failed"), result
+    return result.stdout
+
+
+def test_host_processes_are_invisible():
+    import subprocess
+
+    secret = "hunter2-api-key-" + os.urandom(4).hex()
+    holder = subprocess.Popen(["sleep", "60", secret])  # a host process with a secret in its command line
+    try:
+        out = _contained(f"""
+import os
+pids = [p for p in os.listdir('/proc') if p.isdigit()]
+print('pids', len(pids))
+seen = 0
+for p in pids:
+    try:
+        seen += {secret!r}.encode() in open(f'/proc/{{p}}/cmdline', 'rb').read()
+    except OSError:
+        pass
+print('secret', seen)
+try:
+    open('/proc/{holder.pid}/cmdline', 'rb').read()
+    print('host pid readable')
+except OSError:
+    print('host pid hidden')
+""")
+    finally:
+        holder.kill()
+    assert "secret 0" in out and "host pid hidden" in out, out
+    assert int(out.split()[1]) <= 3, out  # the program (PID 1) and nothing of the host
+
+
+def test_kernel_knobs_and_devices_are_out_of_reach():
+    out = _contained("""
+import os
+for path in ('/proc/sys/kernel/core_pattern', '/proc/sys/vm/drop_caches', '/proc/sys/kernel/hostname',
+             '/proc/sysrq-trigger', '/dev/kmsg', '/dev/zram0', '/dev/sda', '/dev/mem'):
+    try:
+        open(path, 'w').close()
+        print('WRITABLE', path)
+    except OSError:
+        print('refused', path)
+open('/dev/null', 'w').write('x')
+print('null ok', sorted(os.listdir('/dev')))
+""")
+    assert "WRITABLE" not in out and "null ok" in out, out
+    assert "zram0" not in out.split("null ok")[1] and "kmsg" not in out.split("null ok")[1], out
+
+
+def test_shared_memory_is_private_and_gone_after_the_run():
+    before = set(os.listdir("/dev/shm"))
+    out = _contained("""
+open('/dev/shm/qwen25-leak', 'wb').write(b'x' * 2**20)
+import os
+print(os.listdir('/dev/shm'))
+""")
+    assert "qwen25-leak" in out
+    assert set(os.listdir("/dev/shm")) == before and not Path("/dev/shm/qwen25-leak").exists()
+
+
+def test_host_unix_sockets_cannot_be_reached(host_dir):
+    import tempfile
+    import threading
+
+    paths = [host_dir / "open.sock", Path(tempfile.mkdtemp()) / "tmp.sock"]
+    servers, answered = [], []
+    for path in paths:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen()
+        server.settimeout(25)
+        servers.append(server)
+
+        def serve(server=server):
+            try:
+                conn, _ = server.accept()
+                answered.append(True)
+                conn.sendall(b"host says hi")
+                conn.close()
+            except OSError:
+                pass
+        threading.Thread(target=serve, daemon=True).start()
+    try:
+        out = _contained(f"""
+import socket
+for path in {[str(p) for p in paths]!r}:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        print('CONNECTED', path, s.recv(100))
+    except OSError as e:
+        print('refused', path, e.errno)
+""")
+    finally:
+        for server in servers:
+            server.close()
+    assert "CONNECTED" not in out and out.count("refused") == 2 and not answered, out
+
+
+def test_secrets_of_the_host_and_of_other_runs_are_unreadable(host_dir):
+    import threading
+
+    secret = host_dir / "secret.txt"
+    secret.write_text("top secret")
+    secret.chmod(0o600)  # the evaluator's own 0600 file (a key, a token)
+    other = {}
+    sleeper = threading.Thread(target=lambda: other.update(r=run_python(
+        "import time\nMARKER = 'other-run-secret'\ntime.sleep(4)", Limits(timeout=10))))
+    sleeper.start()
+    time.sleep(1.5)  # the other run is in progress, its program in its own run directory
+    out = _contained(f"""
+import glob, os
+for path in ('/etc/shadow', {str(secret)!r}, '/root/.bash_history'):
+    try:
+        open(path).read()
+        print('READ', path)
+    except OSError:
+        print('refused', path)
+programs = glob.glob('/tmp/qwen25-sandbox-*/program.py') + glob.glob('/tmp/*/qwen25-sandbox-*/program.py')
+print('programs', len(programs), any('other-run-' + 'secret' in open(p).read() for p in programs))
+print('uid', os.getuid())
+""")
+    sleeper.join()
+    assert "READ" not in out and "programs 1 False" in out, out
+    if os.geteuid() == 0:
+        assert "uid 0" not in out  # the program runs as a user of its own
+
+
+def test_no_new_namespaces_or_kernel_interfaces():
+    out = _contained("""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name, flag in (('user', 0x10000000), ('mount', 0x00020000), ('net', 0x40000000)):
+    print(name, 'ALLOWED' if libc.unshare(flag) == 0 else 'refused')
+print('ptrace', 'ALLOWED' if libc.ptrace(0, 0, 0, 0) == 0 else 'refused')
+pid = os.fork()  # plain forks still work (clone without namespace flags)
+if pid == 0:
+    os._exit(7)
+print('fork', os.waitpid(pid, 0)[1] >> 8)
+""")
+    assert "ALLOWED" not in out and "fork 7" in out, out
+
+
+def test_weaker_isolation_is_refused_unless_allowed():
+    refused = run_python("print('ran')", Limits(timeout=5, namespaces=False))
+    assert refused.status == "error" and refused.reason == "isolation" and refused.stdout == "", refused
+    assert "allow_weak_isolation" in refused.stderr
+    allowed = run_python("print('ran')", Limits(timeout=5, namespaces=False, allow_weak_isolation=True))
+    assert allowed.passed and allowed.isolation["network_fallback"], allowed
 
 
 def test_endless_output_is_capped():
@@ -140,7 +310,7 @@ def test_isolation_is_reported():
 
 def test_fallback_without_namespaces_still_blocks_sockets_and_cleans_up():
     """Where the kernel refuses namespaces: sockets fail through the prelude, leftovers die with the group."""
-    limits = Limits(timeout=2, namespaces=False, max_processes=8)
+    limits = Limits(timeout=2, namespaces=False, max_processes=8, allow_weak_isolation=True)
     net = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", limits)
     assert net.status == "error" and net.reason == "network" and net.isolation.get("network_fallback"), net
     assert not net.isolation["pid_namespace"]

@@ -10,16 +10,26 @@ Every run gets:
     a new user namespace. Where the kernel refuses namespaces, a fallback prelude replaces socket creation
     with an error (weaker: a determined program can undo it) and `isolation` in the result says so;
   - a new PID namespace: the program is PID 1 there, so killing it kills everything it started;
-  - a read-only view of the host: a new mount namespace where every mount except the working directory
-    (and /dev, /proc) is remounted read-only;
+  - a contained view of the filesystem (a new mount namespace): every host mount read-only; empty private tmpfs
+    over /tmp, /var/tmp, /dev/shm, /run, /root, /home and the temp directory, into which only the run's own
+    directory (working directory writable, program read-only) and the Python installation are bound back; a
+    minimal /dev (null, zero, full, random, urandom); its own /proc (the host's processes, their command lines
+    and environments are not there) with /proc/sys and the other kernel knobs read-only;
   - no capabilities: the bounding set is emptied before exec and no_new_privs set, so even when the evaluator
     runs as root the program cannot raise its rlimits, remount, leave its cgroups or touch the network setup;
+  - its own user: when the evaluator is root, the program runs as a fresh unprivileged uid that owns only its
+    working directory (root's 0600 files, /etc/shadow and other runs' files are unreadable);
+  - a seccomp filter refusing what no program of ours needs: new namespaces, AF_UNIX sockets (host socket files),
+    io_uring, ptrace, keyrings, bpf, perf events, module loading;
   - output capped by RLIMIT_FSIZE on the stdout/stderr files (and any file it writes).
 The result is passed / failed / timeout / error, with the output, the exit status, the reason a limit
 stopped it (timeout, memory, processes, cpu, output, network, filesystem) and the isolation actually applied.
 
-Where a piece is refused by the kernel (no unprivileged namespaces, no writable cgroups) the run still happens
-with what is available and `isolation` says what was missing. Reading host files is still possible.
+Where the kernel refuses a piece of this (no namespaces, no mounts, no seccomp), the run is refused (status
+"error", reason "isolation") unless Limits(allow_weak_isolation=True), which runs it with what is left and
+`isolation["missing"]` naming the rest; cgroups are optional (rlimits stand in). What it does not protect:
+world-readable host files outside the hidden directories stay readable (read-only); CPU time is shared; a
+kernel exploit is out of scope (use a VM for hostile code at scale).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -62,8 +73,11 @@ class Limits:
     max_output_bytes: int = 1 << 20  # per stream (stdout, stderr)
     network: bool = False
     site_packages: bool = False  # False: stdlib only (python -S), which also starts ~5x faster
-    read_only_fs: bool = True  # everything read-only except the working directory (a mount namespace)
+    read_only_fs: bool = True  # contain the filesystem (a mount namespace: see the module docstring)
     namespaces: bool = True  # False: no network/PID namespaces (the fallback: socket prelude, process-group kill)
+    # Run even where the kernel refuses part of the isolation (namespaces, mounts, seccomp), with what is left and
+    # `isolation` saying what is missing. False: such a run is refused (status error, reason "isolation").
+    allow_weak_isolation: bool = False
 
 
 @dataclass
@@ -235,6 +249,13 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
         if stdin is not None:
             (root / "stdin.txt").write_text(stdin)
         groups = _cgroups(limits)
+        uid = None
+        if os.geteuid() == 0:  # the program runs as a user of its own, who owns the working directory only
+            uid = random.SystemRandom().randrange(1_000_000, 1_000_000_000)
+            for directory, _, names in os.walk(work):
+                os.chown(directory, uid, uid)
+                for name in names:
+                    os.chown(os.path.join(directory, name), uid, uid)
         cfg = {
             "argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), str(program)],
             "env": {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
@@ -249,6 +270,9 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
             "max_processes": None if "pids" in groups else limits.max_processes,
             "cgroup_procs": [str(g / "cgroup.procs") for g in groups.values()],
             "network": limits.network, "read_only_fs": limits.read_only_fs, "namespaces": limits.namespaces,
+            "allow_weak_isolation": limits.allow_weak_isolation, "uid": uid, "program": str(program),
+            "tempdir": os.path.realpath(tempfile.gettempdir()), "python_paths": _python_paths(),
+            "tmpfs_bytes": limits.memory_mb * 2**20,
             # Run instead when no network namespace could be made: the socket-blocking prelude, then the program.
             "fallback_argv": [sys.executable, "-I", *([] if limits.site_packages else ["-S"]), "-c",
                               SOCKET_BLOCK_PRELUDE + f"import runpy\nrunpy.run_path({str(program)!r}, "
@@ -268,17 +292,33 @@ def run_python(code: str, limits: Limits | None = None, stdin: str | None = None
         except (OSError, json.JSONDecodeError):
             return SandboxResult("error", stderr=launcher_err.decode(errors="replace"), reason="launcher",
                                  seconds=time.perf_counter() - started)
+        if "refused" in report:
+            return SandboxResult("error", stderr=f"sandbox refused to run the program: {report['refused']} "
+                                                 "(Limits(allow_weak_isolation=True) runs it with less isolation)",
+                                 reason="isolation", seconds=time.perf_counter() - started,
+                                 isolation=report["isolation"])
         stdout = _read(root / "stdout.txt", limits.max_output_bytes)
         stderr = _read(root / "stderr.txt", limits.max_output_bytes)
         status, reason = _classify(report, stderr, groups)
-        isolation = {**report["isolation"], "cgroups": sorted(groups),
-                     "read_only_fs": limits.read_only_fs and "filesystem isolation incomplete" not in stderr}
+        missing = next((line.split("isolation incomplete: ", 1)[1] for line in stderr.splitlines()
+                        if line.startswith("sandbox launcher: isolation incomplete: ")), "")
+        isolation = {**report["isolation"], "cgroups": sorted(groups), "user": "own uid" if uid else "caller's",
+                     "read_only_fs": limits.read_only_fs and not missing, "missing": missing}
+        if report.get("returncode") == 125 and missing and not limits.allow_weak_isolation:
+            status, reason = "error", "isolation"
         return SandboxResult(status, report.get("returncode"), report.get("signal"), stdout, stderr,
                              time.perf_counter() - started, reason, isolation)
     finally:
         for g in groups.values():
             _remove_cgroup(g)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _python_paths() -> list[str]:
+    """What the program needs of this Python (bound back read-only when their directories are hidden)."""
+    paths = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), os.path.dirname(sys.executable),
+             os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(paths)
 
 
 def run_many(programs: list[str], limits: Limits | None = None, workers: int | None = None,

@@ -122,6 +122,9 @@ def main() -> None:
     p.add_argument("--passages", type=int, default=8)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--plot", help="write the induction curves to this PNG")
+    p.add_argument("--checkpoint", action="append", metavar="NAME=DIR",
+                   help="measure these checkpoints instead of the run's three phases (e.g. an ablation seed's "
+                        "RUN/ablations/stages/s1_phase2_abf/phase2/final); the last one gets the attention probe")
     args = p.parse_args()
     torch.set_num_threads(2)
     stages = Path(args.run) / "stages"
@@ -135,9 +138,12 @@ def main() -> None:
     filler = tok.encode(" " + FILLER)
     gaps, lengths = [int(g) for g in args.gaps.split(",")], [int(n) for n in args.lengths.split(",")]
 
+    checkpoints = {name: stages / sub for name, sub in STAGES.items()}
+    if args.checkpoint:
+        checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     curves, answers = {}, {}
-    for stage, sub in STAGES.items():
-        model = load_model(stages / sub, dtype="fp32").eval()
+    for stage, path in checkpoints.items():
+        model = load_model(path, dtype="fp32").eval()
         curves[stage] = induction(model, passages, filler, gaps)
         answers[stage] = {n: answer_accuracy(model, tok, n, args.trials) for n in lengths}
     print("next-token accuracy, first copy -> repeat after a gap of filler tokens")
@@ -148,7 +154,7 @@ def main() -> None:
     print("| stage | " + " | ".join(f"{n} tokens" for n in lengths) + " |\n|---|" + "---|" * len(lengths))
     for stage, row in answers.items():
         print(f"| {stage} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in row.values()) + " |")
-    attention = attention_on_key(stages / STAGES["pretrain"], tok, lengths)
+    attention = attention_on_key(Path(list(checkpoints.values())[-1]), tok, lengths)
     print("\npre-trained model, first-digit step: largest share of one head's attention on the key's digits, per layer")
     for (length, depth), shares in attention.items():
         print(f"  {length} tokens, key at depth {depth:.0%} ({'far' if depth == 0 else 'near'}): {shares}")

@@ -183,6 +183,16 @@ def test_ablations_run_every_arm_and_write_the_table(fast_run):
     for claim in ("quality filter + dedup", "ABF in phase 2", "`lr: auto` vs 3x higher", "DCA vs rope at 8x",
                   "## The loss law on a larger grid"):
         assert claim in text, claim
+    assert "Partial" not in text
+    # a run still in progress: --ablations-report writes what has finished, and says so
+    from qwen25.recipes.ablations import write_ablations_report
+
+    marker = run / "ablations/stages/s1_eval_phase2_no_abf/done.json"
+    marker.rename(marker.with_suffix(".hidden"))
+    partial = write_ablations_report(run, fast=True, seeds=2).read_text()
+    marker.with_suffix(".hidden").rename(marker)
+    assert "**Partial**: 13 of 14 arm x seed evaluations" in partial
+    assert "| ABF in phase 2 |" in partial and "n/a (1 seed)" in partial.split("| ABF in phase 2 |")[1].split("\n")[0]
     stamp = (run / "ablations/stages/s1_phase1_base/done.json").stat().st_mtime
     run_ablations(run, fast=True, seeds=2)
     assert (run / "ablations/stages/s1_phase1_base/done.json").stat().st_mtime == stamp

@@ -112,12 +112,7 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
         shards[name] = {k: Path(v) for k, v in rec.outputs.items()}
     phase1 = {"base": ("base", 1.0), "no_quality_dedup": ("no_quality_dedup", 1.0),
               "no_mixture": ("no_mixture", 1.0), "lr_x3": ("base", 3.0), "lr_div3": ("base", 1 / 3)}
-    results: dict[str, dict[str, list[float]]] = {}
-
-    def record(arm: str, metrics: dict) -> None:
-        for key, value in metrics.items():
-            results.setdefault(arm, {}).setdefault(key, []).append(value)
-
+    assert tuple(phase1) == PHASE1_ARMS
     for seed in range(seeds):
         reuse = seed == cfg["seed"]  # the main run is this seed's "with" arm
         finals = {}
@@ -130,9 +125,8 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
                 abl.stage(stage, lambda d, phases=phases: train_phases(cfg, model_dir, phases, d, seed, progress=False)
                           or {})
                 finals[arm] = _with_tokenizer(out / "ablations" / "stages" / stage / "phase1" / "final", tok)
-            ev = abl.stage(f"s{seed}_eval_phase1_{arm}", lambda d, m=finals[arm]: {"metrics": {
+            abl.stage(f"s{seed}_eval_phase1_{arm}", lambda d, m=finals[arm]: {"metrics": {
                 **heldout_by_domain(m, heldout, domains), "final_train_loss": final_train_loss(m.parent)}})
-            record(arm, ev.metrics)
         for arm, abf in (("abf", True), ("no_abf", False)):
             if reuse and abf:
                 final = Path(pre.outputs["final"])
@@ -144,21 +138,66 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
                 final = _with_tokenizer(out / "ablations" / "stages" / stage / phases[-1]["name"] / "final", tok)
             multiples = cfg["passkey"]["multiples"][:2]
             grid = variants if abf else {"rope": None}
-            ev = abl.stage(f"s{seed}_eval_phase2_{arm}", lambda d, m=final, g=grid, abf=abf: {"metrics": {
+            abl.stage(f"s{seed}_eval_phase2_{arm}", lambda d, m=final, g=grid, abf=abf: {"metrics": {
                 **passkey_grid(m, cfg, multiples, {"rope": None}, d),
                 **(passkey_grid(m, cfg, settings["long_multiples"], g, d / "long",
                                 settings["long_trials"]) if abf else {})}})
-            record(arm, ev.metrics)
     # the loss law on a larger grid than the demo's (more tokens per run, three model sizes)
     from .loss_law import run_loss_law
 
-    law = abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,
-                                                       tok, corpus / "heldout.jsonl", fit, d, settings["loss_law"]))
-    path = out / "ablations.md"
+    abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,
+                                                  tok, corpus / "heldout.jsonl", fit, d, settings["loss_law"]))
+    return write_ablations_report(out, fast, moe, seeds)
+
+
+PHASE1_ARMS = ("base", "no_quality_dedup", "no_mixture", "lr_x3", "lr_div3")
+PHASE2_ARMS = ("abf", "no_abf")
+
+
+def collect_results(abl_dir: Path, seeds: int) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """{arm: {metric: [value per finished seed]}} from the finished evaluation stages, and how many of the
+    seeds x arms evaluations have finished."""
+    results: dict[str, dict[str, list[float]]] = {}
+    finished = 0
+    for seed in range(seeds):
+        for kind, arms in (("phase1", PHASE1_ARMS), ("phase2", PHASE2_ARMS)):
+            for arm in arms:
+                marker = abl_dir / "stages" / f"s{seed}_eval_{kind}_{arm}" / "done.json"
+                if not marker.is_file():
+                    continue
+                finished += 1
+                for key, value in json.loads(marker.read_text())["metrics"].items():
+                    results.setdefault(arm, {}).setdefault(key, []).append(value)
+    return results, finished
+
+
+def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3) -> Path:
+    """OUT/ablations.md and OUT/ablations/results.json from every finished stage under OUT/ablations/: at the end
+    of `--ablations`, or of a run still in progress (`--ablations-report`; the file then says it is partial)."""
+    from .tiny import recipe_config
+
+    out = Path(out)
+    cfg, settings = recipe_config(fast, moe), SETTINGS["fast" if fast else "full"]
+    abl_dir = out / "ablations"
+    if not (abl_dir / "recipe.json").is_file():
+        raise FileNotFoundError(f"{abl_dir}: no ablation run here; start one with --ablations")
+    results, finished = collect_results(abl_dir, seeds)
+    law_marker = abl_dir / "stages" / "loss_law" / "done.json"
+    law = json.loads(law_marker.read_text())["metrics"] if law_marker.is_file() else None
+    seconds = sum(json.loads(p.read_text()).get("seconds", 0) for p in (abl_dir / "stages").glob("*/done.json"))
+    total = seeds * (len(PHASE1_ARMS) + len(PHASE2_ARMS))
     summary = summarize(results, cfg, settings)
-    (out / "ablations" / "results.json").write_text(json.dumps({"results": results, "summary": summary,
-                                                                "loss_law": law.metrics}, indent=1))
-    path.write_text(ablations_markdown(summary, results, abl.command, seeds, law.metrics))
+    (abl_dir / "results.json").write_text(json.dumps({"results": results, "summary": summary, "loss_law": law,
+                                                      "finished": finished, "of": total, "seconds": seconds},
+                                                     indent=1))
+    command = f"qwen25 recipe tiny --ablations --seeds {seeds}{' --fast' * fast}{' --moe' * moe} --out {out}"
+    text = ablations_markdown(summary, results, command, seeds, law)
+    progress = (f"**Partial**: {finished} of {total} arm x seed evaluations have finished"
+                f"{'' if law else ', the larger loss law not yet'}; rerun the command to go on.\n\n"
+                if finished < total or law is None else "")
+    head, _, rest = text.partition("\n\n")
+    path = out / "ablations.md"
+    path.write_text(f"{head}\n\n{progress}Time in the ablation stages so far: {seconds / 60:.0f} min.\n\n{rest}")
     return path
 
 
@@ -193,7 +232,7 @@ def summarize(results: dict, cfg: dict, settings: dict) -> list[dict]:
         if not a or not b:
             continue
         sign = -1 if c["better"] == "lower" else 1
-        shown = min(sign * x for x in a) > max(sign * y for y in b)
+        shown = len(a) >= 2 and len(b) >= 2 and min(sign * x for x in a) > max(sign * y for y in b)
         rows.append({**c, "metric": key_with if key_with == key_without else f"{key_with} vs {key_without}",
                      "with_values": a, "without_values": b, "with_mean": statistics.fmean(a),
                      "without_mean": statistics.fmean(b), "with_sd": statistics.pstdev(a) if len(a) > 1 else 0.0,
@@ -206,6 +245,12 @@ def _cell(values: list[float], mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
 
 
+def _shown(row: dict) -> str:
+    if min(len(row["with_values"]), len(row["without_values"])) < 2:
+        return "n/a (1 seed)"
+    return "**yes**" if row["shown"] else "no"
+
+
 def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: int, law: dict | None = None) -> str:
     """ablations.md: the claims table, the loss law on the larger grid, and every arm's metrics."""
     lines = ["# Ablations of the recipe's pre-training claims", "",
@@ -216,7 +261,7 @@ def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: 
     for r in summary:
         lines.append(f"| {r['claim']} | {r['metric']} | {_cell(r['with_values'], r['with_mean'], r['with_sd'])} | "
                      f"{_cell(r['without_values'], r['without_mean'], r['without_sd'])} | {r['difference']:+.3f} | "
-                     f"{'**yes**' if r['shown'] else 'no'} |")
+                     f"{_shown(r)} |")
     if law:
         lines += ["", "## The loss law on a larger grid", "",
                   "Held-out loss of every run of the quality sweep (`ablations/stages/loss_law/`, plot `loss_law.png`) "

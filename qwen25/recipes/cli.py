@@ -14,6 +14,11 @@ def cmd_recipe(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / ("recipe-tiny" + "-moe" * args.moe + "-fast" * args.fast)
+    if args.ablations_report:  # what the ablations in OUT have finished so far; trains nothing
+        from .ablations import write_ablations_report
+
+        print(f"ablations: {write_ablations_report(out, fast=args.fast, moe=args.moe, seeds=args.seeds)}")
+        return 0
     if args.ablations:
         from .ablations import run_ablations
 
@@ -40,5 +45,8 @@ def add_recipe_command(subparsers) -> None:
                    help="after the recipe, rerun each pre-training claim with one thing removed over --seeds seeds "
                         "(OUT/ablations.md; about 2 hours; resumable)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ablation arm")
+    p.add_argument("--ablations-report", action="store_true",
+                   help="write OUT/ablations.md from the ablation stages finished so far (marked partial while the "
+                        "run is incomplete) without training anything")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_recipe)

@@ -12,7 +12,7 @@ from serve_fixtures import greedy_reply, write_tiny_chat_checkpoint
 from qwen25.generation import SamplingParams
 from qwen25.model import load_model
 from qwen25.serve.chat_cli import ChatSession, run_chat
-from qwen25.serve.engine import Engine
+from qwen25.generation import Engine
 from qwen25.tokenizer import Tokenizer, encode_chat
 
 

@@ -265,7 +265,7 @@ def test_w8a8_layer_paths():
 def test_w8a8_decoding_tracks_bf16_and_batches_as_single_requests():
     """A --w8a8 model's logits stay close to the bf16 model's, and since every decode row (up to 16) is quantized
     and summed alone, a batch of three requests gives each one's own greedy tokens."""
-    from qwen25.serve import Engine
+    from qwen25.generation import Engine
 
     ref_model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
     model = copy.deepcopy(ref_model)
@@ -298,7 +298,7 @@ def test_prepare_without_kernels_keeps_torch_layers():
 def test_bf16_batch_of_two_decodes_as_single_requests():
     """With the kernels a decode row of a batch of 2 is summed alone, so two requests batched give each one's own
     greedy tokens (3-16 rows take AMX tiles, whose sums round differently from one row's)."""
-    from qwen25.serve import Engine
+    from qwen25.generation import Engine
 
     model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
     cpu_kernels.prepare_for_decode(model)
@@ -488,7 +488,7 @@ def test_engine_serves_a_prepared_moe_model():
     """The serving engine runs a MoE model whose blocks take the kernel (prefill through the engine's cache
     views, decode steps of one row): its replies equal generate() on the same prepared model, and a batch of
     requests decodes too (different row counts per step may round differently, so only lengths are checked)."""
-    from qwen25.serve import Engine
+    from qwen25.generation import Engine
 
     model = moe_model().to(torch.bfloat16)
     cpu_kernels.prepare_for_decode(model)

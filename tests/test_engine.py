@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen25.generation import SamplingParams, generate
+from qwen25.generation import Engine, Request, SamplingParams, generate
 from qwen25.model import load_model
-from qwen25.serve import Engine, Request
 
 
 @pytest.fixture(scope="module")

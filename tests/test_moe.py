@@ -432,7 +432,7 @@ def test_training_loop_trains_a_moe_preset(tmp_path):
 
 def test_serving_engine_equals_generate(hf_checkpoints):
     from qwen25.generation import SamplingParams, generate
-    from qwen25.serve.engine import Engine
+    from qwen25.generation import Engine
 
     _, path = hf_checkpoints["e6-k3-step2"]
     model = load_model(path, dtype="fp32")

@@ -9,7 +9,7 @@ from torch import nn
 from qwen25.config import ModelConfig
 from qwen25.generation import SamplingParams
 from qwen25.model import CausalLM
-from qwen25.serve import Engine
+from qwen25.generation import Engine
 from qwen25.serve.quant import Int8Linear, quantize_int8, quantize_per_channel
 
 

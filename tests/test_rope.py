@@ -163,3 +163,27 @@ def test_only_beyond_original_cached_decoding_equals_full_forward(length):
         cache = KVCache(model.config, 2, length)  # capacity = the full length, as generate sizes it
         parts = [model(ids[:, :12], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(12, length)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_only_beyond_original_generate_and_serving_engine_agree():
+    """`qwen25 generate` and `qwen25 serve` run one engine: a request's table follows the length it may reach
+    (prompt + max_new_tokens), whatever the engine's capacity and whichever requests share its batch."""
+    from qwen25.generation import Engine, Request, SamplingParams, generate
+
+    static = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    model = _tiny({**static, ONLY_BEYOND_ORIGINAL: True})
+    with torch.no_grad():  # weights far from init, so that greedy tokens depend on the table
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    plain, scaled = _same_weights(model, None), _same_weights(model, static)
+    g = torch.Generator().manual_seed(5)
+    short, long = (torch.randint(0, 512, (n,), generator=g).tolist() for n in (12, 30))
+    few, many = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=16)  # 20 <= 32 < 46
+    served = Engine(model, max_batch=4, max_len=256)  # a server's capacity, far past the original length
+    batch = [(short, few), (long, many), (short, many), (long, few)]
+    outs = served.generate([p for p, _ in batch], [q for _, q in batch])
+    for (prompt, params), out in zip(batch, outs):
+        reference = scaled if len(prompt) + params.max_new_tokens > 32 else plain
+        assert out == generate(model, [prompt], params)[0] == generate(reference, [prompt], params)[0]
+    for prompt, params in batch:  # and the two tables give different tokens for each of these requests
+        assert generate(plain, [prompt], params) != generate(scaled, [prompt], params)

@@ -21,7 +21,7 @@ from qwen25.generation import SamplingParams
 from qwen25.model import load_model
 from qwen25.serve import cpu_kernels
 from qwen25.serve.async_engine import AsyncEngine, TextTracker
-from qwen25.serve.engine import StepOutput
+from qwen25.generation import StepOutput
 from qwen25.serve.openai_protocol import ChatDeltaStream, merge_deltas
 from qwen25.serve.quant import Int8Linear
 from qwen25.serve.server import ServerConfig, build_server, create_app, run_in_thread
@@ -655,8 +655,8 @@ def test_extreme_sampling_values_are_honoured(served):
 def test_a_failing_request_fails_alone(model_dir, monkeypatch):
     """Sampling that raises for one request ends that request with its reason; the others in the same batch
     finish with their greedy outputs."""
-    import qwen25.serve.engine as engine_module
-    from qwen25.serve.engine import Engine, Request
+    import qwen25.generation.engine as engine_module
+    from qwen25.generation import Engine, Request
 
     real = engine_module.next_token
 

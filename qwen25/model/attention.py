@@ -9,12 +9,16 @@ from ..config import ModelConfig
 
 
 class KVCache:
-    """Keys (after RoPE) and values for every layer in preallocated tensors.
+    """Keys (after RoPE) and values of `batch_size` sequences (rows), written by position.
 
-    Shape of `k` and `v`: (layers, batch, kv_heads, max_len, head_dim). All rows share one write position
-    `length`: batched prompts are left-padded and padding slots are masked by `key_valid`, a (batch, max_len)
-    bool tensor that is True where a slot holds a real token. The same object serves generation, serving
-    and RL rollouts.
+    Shape of `k` and `v`: (layers, rows, kv_heads, max_len, head_dim); `lengths` (rows,) counts each row's
+    slots. A forward writes through a `CacheWrite`, made in one of two ways:
+    - `model(ids, cache=cache)` (= `cache.append(t, valid)`): t more slots on every row, rows sharing one length;
+      batched prompts are left-padded, and `valid` (batch, t) marks real tokens (`key_valid`), the rest masked;
+    - `cache.at(rows, starts, n)`: the next n tokens of each listed row from its own position `starts[i]` on
+      (the generation engine: rows are independent sequences of different lengths).
+    Each row also records the length its sequence may reach (`extents`: prompt + max_new_tokens, default
+    max_len), from which YaRN with `apply_only_beyond_original` picks its table (see rope.yarn_applies).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
@@ -22,9 +26,10 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_size)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0
-        self.has_padding = False  # whether any claimed slot is padding (then attention needs a mask)
+        self.extents = [max_len] * batch_size
+        self.has_padding = False  # whether any slot written by append is padding (then attention needs a mask)
 
     @property
     def max_len(self) -> int:
@@ -34,11 +39,16 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def length(self) -> int:
+        """The longest row's length (every row's, when written by append)."""
+        return int(self.lengths.max())
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def reserve(self, n: int, valid: torch.Tensor | None = None) -> int:
-        """Claim the next n slots (valid: (batch, n) bool, None = all real tokens); returns their start."""
+    def append(self, n: int, valid: torch.Tensor | None = None) -> CacheWrite:
+        """The write of n more slots on every row (valid: (batch, n) bool, None = all real tokens)."""
         start = self.length
         if start + n > self.max_len:
             raise ValueError(f"KV cache full: {start} + {n} tokens exceed its max_len {self.max_len}")
@@ -47,20 +57,71 @@ class KVCache:
         else:
             self.key_valid[:, start:start + n] = valid
             self.has_padding = self.has_padding or not bool(valid.all())
-        self.length = start + n
-        return start
+        self.lengths.fill_(start + n)
+        return CacheWrite(self, slice(None), start, n, self.extents)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (batch, kv_heads, n, head_dim) at slots [start, start+n); return the layer's keys/values so far."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def at(self, rows: list[int], starts: list[int] | torch.Tensor, n: int) -> CacheWrite:
+        """The write of n tokens for each of `rows`, row i from slot starts[i] on. Rows of a batch may be right
+        padded to n: the padding's keys land past the row's real tokens, where later writes overwrite them."""
+        if len(rows) == 1:
+            return CacheWrite(self, slice(rows[0], rows[0] + 1), int(starts[0]), n, [self.extents[rows[0]]])
+        starts = torch.as_tensor(starts, device=self.k.device)
+        return CacheWrite(self, rows, starts, n, [self.extents[r] for r in rows])
 
     def reset(self):
-        self.length = 0
+        self.lengths.zero_()
         self.has_padding = False
         self.key_valid.zero_()
+        self.extents = [self.max_len] * self.batch_size
+
+
+class CacheWrite:
+    """Where one forward writes its keys/values in a KVCache, what they attend to, and the RoPE extents.
+
+    rows: a slice (one row, or all of them, sharing `start`) or a list of rows with their own starts (tensor).
+    The model calls `update(layer, k, v)` in every layer and reads `mask(t)` (None = plain causal or one new token
+    seeing everything before it), `positions` (the token positions written), `extents`, `key_valid`/`has_padding`.
+    """
+
+    def __init__(self, cache: KVCache, rows: slice | list[int], start: int | torch.Tensor, n: int,
+                 extents: list[int]):
+        self.cache, self.n, self.extents = cache, n, extents
+        device = cache.k.device
+        self.shared = isinstance(start, int)  # every written row starts at the same slot
+        if self.shared:
+            self.rows, self.start, self.end = rows, start, start + n
+            self.positions = torch.arange(start, start + n, device=device)[None]
+        else:  # several rows, each from its own slot; rows 0..r-1 (decode over slots) read without a copy
+            self.index = torch.tensor(rows, device=device)[:, None]
+            self.rows = slice(0, len(rows)) if rows == list(range(len(rows))) else self.index[:, 0]
+            self.positions = start[:, None] + torch.arange(n, device=device)
+            self.start, self.end = 0, int(self.positions.max()) + 1
+        padded = self.shared and rows == slice(None) and cache.has_padding
+        self.has_padding = padded
+        self.key_valid = cache.key_valid if padded else None
+
+    def mask(self, device=None) -> torch.Tensor | None:
+        """(rows or 1, 1, n, keys) bool, True = attend; None where attention needs none (see Attention.forward)."""
+        device = device or self.cache.k.device
+        if not self.shared:  # a token sees its row's keys up to its own position
+            keys = torch.arange(self.end, device=device)
+            return (keys <= self.positions[:, :, None])[:, None]
+        if self.has_padding:
+            return attention_mask(self.start, self.n, self.end, self.key_valid, device=device)
+        if self.start > 0 and self.n > 1:  # new tokens after cached ones: causal over slots
+            return attention_mask(self.start, self.n, self.end, device=device)
+        return None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (rows, kv_heads, n, head_dim); return the rows' keys/values up to the furthest slot."""
+        c = self.cache
+        if self.shared:
+            c.k[layer, self.rows, :, self.start:self.end] = k
+            c.v[layer, self.rows, :, self.start:self.end] = v
+        else:
+            c.k[layer, self.index, :, self.positions] = k.transpose(1, 2)
+            c.v[layer, self.index, :, self.positions] = v.transpose(1, 2)
+        return c.k[layer, self.rows, :, :self.end], c.v[layer, self.rows, :, :self.end]
 
 
 def attention_mask(q_start: int, q_len: int, k_len: int, key_valid: torch.Tensor | None = None,

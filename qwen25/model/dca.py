@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError, ModelConfig, dtype_bytes, flops_per_token
+from .attention import CacheWrite, KVCache
 from .rope import apply_rope, rope_cos_sin
 
 DEFAULT_TILE = 1024  # largest query/key tile (see dca_tile_size)
@@ -217,7 +218,7 @@ class DualChunkRope:
     The query tables carry the logit scale m^2 (rotation is linear, so scaling cos and sin scales q).
     Key positions are those of the KV slots: `positions` without a cache; with a cache, the slot index,
     or the count of real tokens before a slot when the cache holds left padding (the convention of
-    `generation.stream_generate`).
+    `KVCache.append` with `valid`).
     """
 
     settings: DualChunkSettings
@@ -243,7 +244,7 @@ class DualChunkRope:
 
 
 def dual_chunk_rope(settings: DualChunkSettings, inv_freq: torch.Tensor, attention_factor: float,
-                    positions: torch.Tensor, cache=None) -> DualChunkRope:
+                    positions: torch.Tensor, cache: CacheWrite | KVCache | None = None) -> DualChunkRope:
     """The DCA tables for token positions (B, T) with a RoPE table (inv_freq, attention_factor)."""
     intra, successive, inter, key = dual_chunk_positions(positions, settings.chunk_size, settings.local_size)
     scale = dual_chunk_logit_scale(positions, settings.original_max_position_embeddings)[..., None]
@@ -251,7 +252,7 @@ def dual_chunk_rope(settings: DualChunkSettings, inv_freq: torch.Tensor, attenti
     for pos in (intra, successive, inter):
         cos, sin = rope_cos_sin(inv_freq, pos, attention_factor)
         queries.append((cos * scale, sin * scale))
-    key_valid = cache.key_valid if cache is not None and getattr(cache, "has_padding", False) else None
+    key_valid = cache.key_valid if cache is not None and cache.has_padding else None  # left padding in the cache
     return DualChunkRope(settings, rope_cos_sin(inv_freq, key, attention_factor), tuple(queries), positions,
                          cached=cache is not None, key_valid=key_valid)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import KVCache, attention_mask, sdpa
+from .attention import CacheWrite, KVCache, attention_mask, sdpa
 from .dca import DualChunkRope, DualChunkSettings, dual_chunk_needed, dual_chunk_rope
 from .moe import SparseMoeBlock
 from .rope import apply_rope, rope_cos_sin, rope_parameters, yarn_applies, yarn_depends_on_length
@@ -63,7 +63,7 @@ class Attention(nn.Module):
             self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, rope, mask, cache: KVCache | None, start: int):
+    def forward(self, x, rope, mask, cache: CacheWrite | None):
         """rope: (cos, sin) tables, or DualChunkRope past the first chunk (keys at j mod c, queries rotated thrice)."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:  # fused for inference (fuse_projections)
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         cos, sin = rope.key if dual_chunk else rope
         k = self.apply_rope(k, cos, sin)  # keys are cached after RoPE
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)
+            k, v = cache.update(self.layer, k, v)
         if dual_chunk:
             out = rope.attend(q, k, v, mask)
         else:
@@ -123,8 +123,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, mask, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
+    def forward(self, x, rope, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -166,21 +166,31 @@ class CausalLM(nn.Module):
         self.inv_freq_unscaled = rope_parameters(self.config, scaled=False)[0].to(device)
         self.dual_chunk = DualChunkSettings.from_config(self.config)
 
-    def rotary(self, position_ids: torch.Tensor, cache=None):
+    def rotary(self, position_ids: torch.Tensor, cache: CacheWrite | None = None):
         """What every layer rotates with: (cos, sin), or DualChunkRope when DCA differs from plain attention.
 
-        The RoPE table is chosen once per sequence (see rope.yarn_applies): from the length the sequence
-        may reach, the cache's capacity, or the positions given when there is no cache. A cache without
-        `max_len` (the serving engine's views) gets the config's table unconditionally.
+        The RoPE table is chosen once per sequence (see rope.yarn_applies), from the length it may reach: the
+        cache write's extent of each row, or the positions given when there is no cache. Rows of one batch that
+        differ get each its own table.
         """
         inv_freq, factor = self.inv_freq, self.attention_factor
+        scaled = None
         if yarn_depends_on_length(self.config):
-            extent = int(position_ids.max()) + 1 if cache is None else getattr(cache, "max_len", None)
-            if not yarn_applies(self.config, extent):
+            extents = [int(position_ids.max()) + 1] if cache is None else cache.extents
+            scaled = [yarn_applies(self.config, e) for e in extents]
+            if not any(scaled):
                 inv_freq, factor = self.inv_freq_unscaled, 1.0
+            scaled = None if all(scaled) or not any(scaled) else scaled
         if self.dual_chunk is not None and dual_chunk_needed(self.dual_chunk, position_ids):
+            if scaled is not None:
+                raise ValueError("DCA with rows of one batch on different YaRN tables: run them one at a time")
             return dual_chunk_rope(self.dual_chunk, inv_freq, factor, position_ids, cache)
-        return rope_cos_sin(inv_freq, position_ids, factor)
+        if scaled is None:
+            return rope_cos_sin(inv_freq, position_ids, factor)
+        pick = torch.tensor(scaled, device=position_ids.device)[:, None, None]  # (rows, 1, 1)
+        on = rope_cos_sin(self.inv_freq, position_ids, self.attention_factor)
+        off = rope_cos_sin(self.inv_freq_unscaled, position_ids, 1.0)
+        return torch.where(pick, on[0], off[0]), torch.where(pick, on[1], off[1])
 
     def fuse_projections(self) -> "CausalLM":
         """For inference: q/k/v and gate/up projections become one matmul each (as vLLM does). Logits are
@@ -208,7 +218,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheWrite | None = None,
         valid: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
@@ -216,8 +226,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for input_ids (batch, seq).
 
-        position_ids: (batch, seq); default consecutive from the cache length.
-        cache: a KVCache; the new keys/values are written at its next slots.
+        position_ids: (batch, seq); default consecutive from the cache length (those of the write for `cache.at`).
+        cache: a KVCache (the new keys/values are appended on every row: `cache.append`), or a CacheWrite that
+            says where they go (`cache.at(rows, starts, n)`).
         valid: (batch, seq) bool, False at padding tokens (left padding of batched prompts); padding is
             never attended to, now or by later tokens through the cache.
         mask: an explicit boolean attention mask (batch or 1, 1, seq, keys), True = attend; overrides the
@@ -225,21 +236,20 @@ class CausalLM(nn.Module):
         last_only: logits of the last position only. return_hidden: final normed hidden states instead.
         """
         b, t = input_ids.shape
-        start = 0
-        if cache is not None:
-            start = cache.reserve(t, valid)
-            if mask is None and cache.has_padding:
-                mask = attention_mask(start, t, start + t, cache.key_valid, device=input_ids.device)
-            elif mask is None and start > 0 and t > 1:  # new tokens after cached ones: causal over slots
-                mask = attention_mask(start, t, start + t, device=input_ids.device)
+        write = cache.append(t, valid) if isinstance(cache, KVCache) else cache
+        if write is not None:
+            if mask is None:
+                mask = write.mask(input_ids.device)
+            if position_ids is None:
+                position_ids = write.positions.expand(b, t)
         elif valid is not None and mask is None and not bool(valid.all()):
             mask = attention_mask(0, t, t, valid, device=input_ids.device)
         if position_ids is None:
-            position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        rope = self.rotary(position_ids, cache)
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        rope = self.rotary(position_ids, write)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, rope, mask, cache, start)
+            x = layer(x, rope, mask, write)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]

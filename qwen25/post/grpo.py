@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingParams
-from ..serve.engine import Engine
+from ..generation import Engine, SamplingParams
 from .logprobs import (encode_prompt, model_token_logprobs, prompt_completion_batch, sampling_vocab_limit,
                        strip_eos)
 from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_steps

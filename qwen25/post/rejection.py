@@ -14,8 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation import SamplingParams
-from ..serve.engine import Engine
+from ..generation import Engine, SamplingParams
 from .logprobs import _messages, encode_prompt, is_chat_prompt, sampling_vocab_limit, strip_eos
 from ..utils import write_jsonl
 

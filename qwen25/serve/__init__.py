@@ -1,5 +1,1 @@
-"""Serving: the continuous-batching engine (token ids) and, above it, the OpenAI-compatible server."""
-
-from .engine import Engine, Request, StepOutput
-
-__all__ = ["Engine", "Request", "StepOutput"]
+"""Serving: the OpenAI-compatible server and the terminal chat, over the generation engine (qwen25.generation)."""

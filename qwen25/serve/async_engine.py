@@ -18,8 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..generation import SamplingParams
-from .engine import Engine, Request
+from ..generation import Engine, Request, SamplingParams
 
 log = logging.getLogger("qwen25.serve")
 

@@ -13,9 +13,8 @@ import sys
 import time
 from typing import TextIO
 
-from ..generation import SamplingParams
+from ..generation import Engine, Request, SamplingParams
 from ..tokenizer import encode_chat
-from .engine import Engine, Request
 
 HELP = "commands: /reset  /system TEXT  /exit"
 

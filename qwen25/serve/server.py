@@ -439,7 +439,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     from ..model import load_model
     from ..tokenizer import Tokenizer
     from .cpu_kernels import prepare_for_decode
-    from .engine import Engine
+    from ..generation import Engine
 
     if threads:
         torch.set_num_threads(threads)

@@ -6,8 +6,8 @@ cache with its own length; a decode step runs one token for every running slot a
 in chunks of at most `prefill_chunk` tokens per step, so requests already running keep receiving tokens while
 a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill); the chunks of several
 prompts in one step go through one forward (rows right-padded), so the weights are read once for all of
-them. Chat templates, stop
-strings and HTTP sit above this, in the server.
+them. `generate` and `stream_generate` below run a batch of prompts to completion through it. Chat templates,
+stop strings and HTTP sit above this, in the server.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..generation import SamplingParams, next_token
+from ..model.attention import KVCache
 from ..model.transformer import CausalLM
+from .sampling import SamplingParams, next_token
 
 
 @dataclass
@@ -54,69 +55,6 @@ class _Running:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
 
 
-class SlotKVCache:
-    """Keys/values for `slots` independent sequences: (layers, slots, kv_heads, max_len, head_dim)."""
-
-    def __init__(self, cfg, slots: int, max_len: int, dtype, device):
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-
-class _PrefillView:
-    """The cache protocol `CausalLM.forward` expects, writing one slot from position `start` on."""
-
-    has_padding = False
-
-    def __init__(self, cache: SlotKVCache, slot: int, start: int):
-        self.cache, self.slot, self.start = cache, slot, start
-
-    def reserve(self, n: int, valid=None) -> int:
-        return self.start
-
-    def update(self, layer: int, start: int, k, v):
-        end = start + k.shape[2]
-        self.cache.k[layer, self.slot, :, start:end] = k[0]
-        self.cache.v[layer, self.slot, :, start:end] = v[0]
-        return self.cache.k[layer, self.slot:self.slot + 1, :, :end], self.cache.v[layer, self.slot:self.slot + 1, :, :end]
-
-
-class _SlotsView:
-    """The cache protocol for the next tokens of several slots in one forward: row i holds `chunk` tokens of slot
-    slots[i] from position starts[i] on (a decode step: one token per slot; prompts of several slots: chunks
-    right-padded to the longest, whose padding keys land past the slot's prompt, where later tokens overwrite
-    them, and which nothing attends to). The engine passes `positions` as position_ids and `mask()`."""
-
-    has_padding = False
-
-    def __init__(self, cache: SlotKVCache, slots: list[int], starts: torch.Tensor, chunk: int):
-        device = cache.k.device
-        self.cache, self.n = cache, len(slots)
-        # slots 0..n-1 (decode): the cache rows are a slice, read without copying
-        self.rows = slice(0, self.n) if slots == list(range(self.n)) else torch.tensor(slots, device=device)
-        self.index = torch.tensor(slots, device=device)[:, None]
-        self.positions = starts.to(device)[:, None] + torch.arange(chunk, device=device)
-        self.width = int(self.positions.max()) + 1
-
-    def reserve(self, n: int, valid=None) -> int:
-        return 0  # unused: the engine passes position_ids and an explicit mask
-
-    def mask(self) -> torch.Tensor:
-        """(rows, 1, chunk, width): a token sees its slot's keys up to its own position."""
-        keys = torch.arange(self.width, device=self.positions.device)
-        return (keys <= self.positions[:, :, None])[:, None]
-
-    def update(self, layer: int, start: int, k, v):
-        self.cache.k[layer, self.index, :, self.positions] = k.transpose(1, 2)
-        self.cache.v[layer, self.index, :, self.positions] = v.transpose(1, 2)
-        return self.cache.k[layer, self.rows, :, :self.width], self.cache.v[layer, self.rows, :, :self.width]
-
-
 class PrefixCache:
     """LRU store of KV blocks keyed by the hash of every token up to the block's end."""
 
@@ -140,7 +78,7 @@ class PrefixCache:
             found.append(self.blocks[key])
         return found
 
-    def insert(self, tokens: list[int], cache: SlotKVCache, slot: int) -> None:
+    def insert(self, tokens: list[int], cache: KVCache, slot: int) -> None:
         for i, key in enumerate(self._keys(tokens)):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
@@ -163,7 +101,7 @@ class Engine:
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
-        self.cache = SlotKVCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
+        self.cache = KVCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.prefix = PrefixCache(prefix_block, prefix_capacity_blocks) if prefix_capacity_blocks else None
         self.waiting: deque[Request] = deque()
@@ -217,6 +155,8 @@ class Engine:
                 continue
             slot = free.pop(0)
             self.running[slot] = _Running(request, slot, self.device)
+            # how far this sequence may grow: YaRN with apply_only_beyond_original picks its RoPE table from it
+            self.cache.extents[slot] = min(len(request.prompt) + request.params.max_new_tokens, self.max_len)
             self._reuse_prefix(slot)
         logits: dict[int, torch.Tensor] = {}
         budget, chunks = self.prefill_chunk, []
@@ -278,8 +218,7 @@ class Engine:
         state = self.running[slot]
         prompt, start = state.request.prompt, state.prefilled
         ids = torch.tensor([prompt[start:start + n]], device=self.device)
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        out = self.model(ids, position_ids=positions, cache=_PrefillView(self.cache, slot, start), last_only=True)
+        out = self.model(ids, cache=self.cache.at([slot], [start], n), last_only=True)
         self.stats["prefill_forwards"] += 1
         return self._prefilled(slot, n, lambda: out[0, -1])
 
@@ -292,8 +231,7 @@ class Engine:
         for row, (slot, n) in enumerate(chunks):
             prompt = self.running[slot].request.prompt
             ids[row, :n] = torch.tensor(prompt[starts[row]:starts[row] + n], device=self.device)
-        view = _SlotsView(self.cache, slots, torch.tensor(starts), width)
-        hidden = self.model(ids, position_ids=view.positions, cache=view, mask=view.mask(), return_hidden=True)
+        hidden = self.model(ids, cache=self.cache.at(slots, starts, width), return_hidden=True)
         self.stats["prefill_forwards"] += 1
         last = hidden[torch.arange(len(slots), device=self.device), torch.tensor(sizes, device=self.device) - 1]
         complete = [row for row, (slot, n) in enumerate(chunks)
@@ -328,8 +266,7 @@ class Engine:
         tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
         for slot in slots:
             tokens[slot, 0] = self.running[slot].output[-1]
-        view = _SlotsView(self.cache, list(range(n)), self.cache.lengths[:n], 1)
-        logits = self.model(tokens, position_ids=view.positions, cache=view, mask=view.mask())[:, -1]
+        logits = self.model(tokens, cache=self.cache.at(list(range(n)), self.cache.lengths[:n], 1))[:, -1]
         for slot in slots:
             self.cache.lengths[slot] += 1
         self.stats["decode_steps"] += 1
@@ -361,3 +298,49 @@ class Engine:
                 if out.token is not None and out.request_id in results:
                     results[out.request_id].append(out.token)
         return [results[i] for i in ids]
+
+
+def _check_prompts(model: CausalLM, prompts: list[list[int]]) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+
+
+@torch.inference_mode()
+def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+                    vocab_limit: int | None = None) -> Iterator[list[int | None]]:
+    """Yield, at every engine step, the new token of each prompt (None where it has none: it has finished).
+
+    A prompt finishes after yielding one of params.eos_token_ids, or after params.max_new_tokens tokens. The prompts
+    run as the Engine's requests, one slot each (no padding); with a seed, prompt i samples with seed + i.
+    """
+    _check_prompts(model, prompts)
+    if params.max_new_tokens == 0:
+        return
+    engine = Engine(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + params.max_new_tokens,
+                    vocab_limit=vocab_limit, prefix_capacity_blocks=0, prefill_chunk=None)
+    row = {}
+    for i, prompt in enumerate(prompts):
+        seeded = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**64)
+        row[engine.submit(Request(list(prompt), seeded))] = i
+    while engine.has_work():
+        step: list[int | None] = [None] * len(prompts)
+        for out in engine.step():
+            if out.error:
+                raise ValueError(f"generation failed: {out.error}")
+            step[row[out.request_id]] = out.token
+        yield step
+
+
+def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+             vocab_limit: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt (an eos token that ended a sequence is included, as in transformers)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_generate(model, prompts, params, vocab_limit):
+        for tokens, token in zip(out, step):
+            if token is not None:
+                tokens.append(token)
+    return out

@@ -1,20 +1,12 @@
-"""Token-level generation: sampling settings, logits processing and a batched, streaming generate loop.
-
-The loop works on token ids; chat templates and tool parsing sit above it. Batched prompts are left-padded
-into one preallocated KV cache. The sampling functions are pure and shared with the serving engine.
-"""
+"""Sampling: the settings of a request (SamplingParams) and the pure functions that pick each next token."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-
-from .model.attention import KVCache
-from .model.transformer import CausalLM
 
 # Qwen2.5-Instruct's generation_config.json (used when a checkpoint ships none and sampling is asked for).
 QWEN_INSTRUCT_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -136,66 +128,6 @@ def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor 
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ---- the generation loop ---------------------------------------------------------------------------------
-@torch.inference_mode()
-def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
-                    vocab_limit: int | None = None) -> Iterator[list[int | None]]:
-    """Yield, at every decode step, the new token of each prompt (None once that prompt has finished).
-
-    A prompt finishes after yielding one of params.eos_token_ids, or after params.max_new_tokens tokens.
-    Prompts of different lengths are left-padded; padding is masked and positions count real tokens only.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    vocab = model.config.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    if params.max_new_tokens == 0:
-        return
-    weight = model.model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
-    b, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(b, width, dtype=torch.long)
-    valid = torch.zeros(b, width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        valid[i, width - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model.config, b, width + params.max_new_tokens, dtype=dtype, device=device)
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    rows = torch.arange(b, device=device)[:, None].expand(b, width)
-    seen[rows[valid], ids[valid]] = True  # tokens of the prompts, not their padding
-    generator = None
-    if params.seed is not None and not params.greedy:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    eos = torch.tensor(params.eos_token_ids or [-1], device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    logits = model(ids, position_ids=positions, cache=cache, valid=valid, last_only=True)[:, -1]
-    next_pos = positions[:, -1:] + 1
-    for step in range(params.max_new_tokens):
-        token = next_token(logits, params, seen, generator, vocab_limit)
-        yield [None if f else t for f, t in zip(finished.tolist(), token.tolist())]
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step + 1 == params.max_new_tokens:
-            return
-        seen[torch.arange(b, device=device), token] = True
-        logits = model(token[:, None], position_ids=next_pos, cache=cache, last_only=True)[:, -1]
-        next_pos = next_pos + 1
-
-
-def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
-             vocab_limit: int | None = None) -> list[list[int]]:
-    """New tokens for each prompt (an eos token that ended a sequence is included, as in transformers)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in stream_generate(model, prompts, params, vocab_limit):
-        for row, token in zip(out, step):
-            if token is not None:
-                row.append(token)
-    return out
 
 
 def tokenizer_vocab_size(directory: str | Path) -> int | None:

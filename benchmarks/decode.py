@@ -27,7 +27,7 @@ from common import read_bandwidth, result_line  # noqa: E402
 from qwen25.config import ModelConfig, param_count  # noqa: E402
 from qwen25.generation import SamplingParams, stream_generate  # noqa: E402
 from qwen25.model import CausalLM  # noqa: E402
-from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
+from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 
 
 def run_ours(model, prompt, new_tokens):

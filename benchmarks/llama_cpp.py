@@ -31,7 +31,7 @@ from serve import write_checkpoint  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
-from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
+from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 
 
 def make_ggufs(args, work: Path) -> dict[str, Path]:

@@ -33,7 +33,8 @@ from common import matmul_peak, result_line, timed  # noqa: E402
 from qwen25.config import ModelConfig, flops_per_token, param_count  # noqa: E402
 from qwen25.model import CausalLM, save_model  # noqa: E402
 from qwen25.model.moe import sparse_blocks  # noqa: E402
-from qwen25.serve.cpu_kernels import KernelMoeBlock, prepare_for_decode  # noqa: E402
+from qwen25.serve.cpu_kernels import KernelMoeBlock  # noqa: E402
+from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

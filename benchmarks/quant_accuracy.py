@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
 
 from qwen25.model import KVCache, load_model  # noqa: E402
-from qwen25.serve.cpu_kernels import prepare_for_decode  # noqa: E402
+from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 
 VARIANTS = {"fp32": {}, "bf16": {}, "int8": {"int8": True}, "w8a8": {"w8a8": True}}

@@ -12,7 +12,7 @@ from torch import nn
 from qwen25.config import ModelConfig
 from qwen25.generation import SamplingParams, generate
 from qwen25.model import CausalLM, KVCache
-from qwen25.serve import cpu_kernels
+from qwen25.serve import cpu_kernels, quant
 from qwen25.serve.quant import DEQUANT_ROWS, Int8Linear, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 CPU or no C compiler here")
@@ -203,7 +203,7 @@ def test_bf16_decode_with_kernels_tracks_torch(monkeypatch):
     tokens agree, and every matmul of a decode step went through the kernel."""
     ref_model = tiny_model(tie_word_embeddings=True).to(torch.bfloat16)
     model = copy.deepcopy(ref_model)
-    assert "compiled AVX-512" in cpu_kernels.prepare_for_decode(model)
+    assert "compiled AVX-512" in quant.prepare_for_decode(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, no copy
     n_norms = 2 * model.config.num_hidden_layers + 1
     assert sum(isinstance(m, cpu_kernels.KernelRMSNorm) for m in model.modules()) == n_norms
@@ -269,7 +269,7 @@ def test_w8a8_decoding_tracks_bf16_and_batches_as_single_requests():
 
     ref_model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
     model = copy.deepcopy(ref_model)
-    assert "int8 weights and activations" in cpu_kernels.prepare_for_decode(model, w8a8=True)
+    assert "int8 weights and activations" in quant.prepare_for_decode(model, w8a8=True)
     assert all(m.act_int8 for m in model.modules() if isinstance(m, Int8Linear))
     ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
     with torch.no_grad():
@@ -287,7 +287,7 @@ def test_w8a8_decoding_tracks_bf16_and_batches_as_single_requests():
 
 def test_prepare_without_kernels_keeps_torch_layers():
     model = tiny_model().to(torch.bfloat16)
-    summary = cpu_kernels.prepare_for_decode(model, w8a8=True, kernels=False)  # w8a8 needs them: weight-only
+    summary = quant.prepare_for_decode(model, w8a8=True, kernels=False)  # w8a8 needs them: weight-only
     assert "torch's kernels" in summary and "int8 weights," in summary
     assert not any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules())
     assert all(type(m) is not nn.Linear for m in model.modules())  # every linear is int8 now
@@ -301,7 +301,7 @@ def test_bf16_batch_of_two_decodes_as_single_requests():
     from qwen25.generation import Engine
 
     model = tiny_model(tie_word_embeddings=False).to(torch.bfloat16)
-    cpu_kernels.prepare_for_decode(model)
+    quant.prepare_for_decode(model)
     prompts = [[5, 9, 200, 31, 7], [11, 400, 3]]
     params = SamplingParams(max_new_tokens=12)
     together = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
@@ -458,7 +458,7 @@ def test_moe_blocks_take_the_kernel_in_a_prepared_model():
 
     ref_model = moe_model().to(torch.bfloat16)
     model = copy.deepcopy(ref_model)
-    cpu_kernels.prepare_for_decode(model)
+    quant.prepare_for_decode(model)
     blocks = [layer.mlp for layer in model.model.layers]
     assert all(type(b) is cpu_kernels.KernelMoeBlock for b in blocks)
     assert not any(isinstance(m, nn.Linear) and m.out_features == 64 for b in blocks for m in b.modules())
@@ -479,7 +479,7 @@ def test_moe_blocks_take_the_kernel_in_a_prepared_model():
         step = model(ids[:1, -1:], cache=cache).double()
     torch.testing.assert_close(step[0, -1], got[0, -1], atol=0.05 * got.abs().max().item(), rtol=0)
     odd = moe_model(moe_intermediate_size=48).to(torch.bfloat16)  # not a multiple of 32
-    cpu_kernels.prepare_for_decode(odd)
+    quant.prepare_for_decode(odd)
     assert not any(isinstance(m, cpu_kernels.KernelMoeBlock) for m in odd.modules())
 
 
@@ -491,7 +491,7 @@ def test_engine_serves_a_prepared_moe_model():
     from qwen25.generation import Engine
 
     model = moe_model().to(torch.bfloat16)
-    cpu_kernels.prepare_for_decode(model)
+    quant.prepare_for_decode(model)
     assert isinstance(model.model.layers[0].mlp, cpu_kernels.KernelMoeBlock)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (7, 30, 12)]

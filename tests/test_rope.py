@@ -168,7 +168,7 @@ def test_only_beyond_original_cached_decoding_equals_full_forward(length):
 def test_only_beyond_original_generate_and_serving_engine_agree():
     """`qwen25 generate` and `qwen25 serve` run one engine: a request's table follows the length it may reach
     (prompt + max_new_tokens), whatever the engine's capacity and whichever requests share its batch."""
-    from qwen25.generation import Engine, Request, SamplingParams, generate
+    from qwen25.generation import Engine, SamplingParams, generate
 
     static = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     model = _tiny({**static, ONLY_BEYOND_ORIGINAL: True})

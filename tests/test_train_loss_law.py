@@ -12,7 +12,7 @@ import yaml
 
 from qwen25.cli import main
 from qwen25.train.loss_law import compare_fits, fit_loss_law, predict_loss
-from qwen25.train.scaling import corpus_quality, sweep_grid
+from qwen25.train.sweep import corpus_quality, sweep_grid
 from test_train_data import make_shards
 
 LAW = dict(E=1.7, A=80.0, alpha=0.35, B=400.0, beta=0.45)

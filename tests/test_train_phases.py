@@ -13,7 +13,8 @@ from qwen25.data.shards import TokenShards
 from qwen25.train.data import ShardBatches
 from qwen25.train.loop import lm_loss
 from qwen25.train.packing import document_positions
-from qwen25.train.phases import ProgressiveMix, is_long_row, phase_configs, split_documents
+from qwen25.train.data import ProgressiveMix, is_long_row, split_documents
+from qwen25.train.phases import phase_configs
 from test_train_data import _model, make_shards
 
 

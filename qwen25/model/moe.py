@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import MLP
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +77,6 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from .transformer import MLP  # transformer.py builds these blocks; import here to avoid a cycle
-
         h = cfg.hidden_size
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(h, cfg.num_experts, bias=False)

@@ -9,39 +9,14 @@ the HF checkpoint names (`model.layers.3.self_attn.q_proj` ...), so a state dict
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import CacheWrite, KVCache, attention_mask, sdpa
 from .dca import DualChunkRope, DualChunkSettings, dual_chunk_needed, dual_chunk_rope
+from .layers import MLP, RMSNorm, concat_linears
 from .moe import SparseMoeBlock
 from .rope import apply_rope, rope_cos_sin, rope_parameters, yarn_applies, yarn_depends_on_length
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) in fp32, cast back to the input dtype, then times the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-def concat_linears(parts: list[nn.Linear]) -> nn.Linear:
-    """One inference-only Linear whose outputs are the parts' outputs side by side (same input)."""
-    w = parts[0].weight
-    bias = parts[0].bias is not None
-    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if bias:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    return fused.requires_grad_(False)
 
 
 class Attention(nn.Module):
@@ -87,29 +62,6 @@ class Attention(nn.Module):
             q = self.apply_rope(q, cos, sin)
             out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.gate_up_proj = None
-
-    def fuse_projections(self):
-        """Replace gate/up_proj by one gate_up_proj (inference: one matmul; names leave the HF layout)."""
-        if self.gate_up_proj is None:
-            self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
-            del self.gate_proj, self.up_proj
-
-    def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -81,7 +81,7 @@ def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dic
 
 def final_train_loss(run_dir: Path) -> float:
     """Mean training loss over the last fifth of a run's steps (the scaling sweep's score)."""
-    from ..train.scaling import final_loss
+    from ..train.sweep import final_loss
 
     return final_loss(run_dir)
 

@@ -83,7 +83,7 @@ def run_loss_law(cfg: dict, model_dir: Path, pipeline: Path, tokenizer: Path, he
     """The quality sweep and both loss-law fits (a recipe stage): metrics, loss_law.json and loss_law.png. `law`
     (models, tokens, fractions, batch_size) defaults to the recipe's cfg["loss_law"]."""
     from ..train.loss_law import write_loss_law
-    from ..train.scaling import run_sweep
+    from ..train.sweep import run_sweep
 
     law = law or cfg["loss_law"]
     corpora, held = build_quality_corpora(pipeline, tokenizer, heldout, out / "corpora", law["fractions"],

@@ -280,7 +280,8 @@ def write_model_dir(cfg: dict, tokenizer: Path, out: Path) -> Path:
 
 def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
     """A small grid (models x token budgets x learning rates) and the power-law fit of mu_opt(N, D)."""
-    from ..train.scaling import run_sweep, write_fit
+    from ..train.scaling import write_fit
+    from ..train.sweep import run_sweep
 
     grid = dict(cfg["sweep"])
     grid["models"] = [dict(m, name=f"m{i}") for i, m in enumerate(grid["models"])]

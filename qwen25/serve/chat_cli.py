@@ -119,7 +119,7 @@ def cmd_chat(args) -> int:
 
     from ..model import load_model
     from ..tokenizer import Tokenizer
-    from .cpu_kernels import prepare_for_decode
+    from .quant import prepare_for_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)

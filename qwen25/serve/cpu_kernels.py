@@ -32,7 +32,8 @@ from torch import nn
 
 from ..model import rope
 from ..model.moe import SparseMoeBlock
-from ..model.transformer import MLP, Attention, RMSNorm, concat_linears
+from ..model.layers import MLP, RMSNorm, concat_linears, replace_modules
+from ..model.transformer import Attention
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +348,6 @@ def use_cpu_kernels(model: nn.Module) -> int:
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
     pick the int8 kernel by themselves.
     """
-    from .quant import replace_modules
-
     if not available():
         return 0
     replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)
@@ -359,30 +358,3 @@ def use_cpu_kernels(model: nn.Module) -> int:
             module.apply_rope = apply_rope
     return replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
                            and m.weight.device.type == "cpu", DecodeLinear)
-
-
-def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = False, kernels: bool = True) -> str:
-    """What `qwen25 serve` and `qwen25 chat` do to a loaded model; returns a line for the log.
-
-    Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
-    (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8), and swaps in the
-    compiled kernels where available (bf16).
-    """
-    from .quant import quantize_int8
-
-    compute = next(model.parameters()).dtype
-    compiled = kernels and available() and compute == torch.bfloat16
-    if w8a8 and not compiled:
-        log.warning("--w8a8 needs the compiled kernels and --dtype bf16; using weight-only int8")
-    model.fuse_projections()
-    if int8 or w8a8:
-        if compute == torch.float32:
-            log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
-                        "--dtype bf16 --int8 is the fast combination")
-        quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
-    if kernels:
-        use_cpu_kernels(model)
-    uses = ("compiled AVX-512 kernels (decode matmuls, norms, RoPE" + (", AMX experts" if amx() else "") + ")"
-            if compiled else "torch's kernels")
-    quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
-    return f"{compute}{quant}, fused projections, {uses}"

@@ -14,11 +14,16 @@ activations and dequantized weights.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import replace_modules
 from . import cpu_kernels
+
+log = logging.getLogger(__name__)
 
 DEQUANT_ROWS = 32  # from this many activation rows on, dequantized weights + dense matmul beat the int8 kernel
 
@@ -72,16 +77,6 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
-def replace_modules(model: nn.Module, wanted, make) -> int:
-    """Replace (in place) every submodule m of `model` for which wanted(name, m) holds by make(m); returns how many."""
-    targets = [(name, module) for name, module in model.named_modules() if wanted(name, module)]
-    for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, make(module))
-    return len(targets)
-
-
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = (),
                   act_int8: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by an Int8Linear computing in `dtype`; returns the model.
@@ -93,3 +88,28 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: t
     replace_modules(model, lambda name, m: isinstance(m, kinds) and not any(name.startswith(s) for s in skip),
                     lambda linear: Int8Linear(linear, dtype, act_int8))
     return model
+
+
+def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = False, kernels: bool = True) -> str:
+    """What `qwen25 serve` and `qwen25 chat` do to a loaded model; returns a line for the log.
+
+    Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
+    (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8), and swaps in the
+    compiled kernels where available (bf16).
+    """
+    compute = next(model.parameters()).dtype
+    compiled = kernels and cpu_kernels.available() and compute == torch.bfloat16
+    if w8a8 and not compiled:
+        log.warning("--w8a8 needs the compiled kernels and --dtype bf16; using weight-only int8")
+    model.fuse_projections()
+    if int8 or w8a8:
+        if compute == torch.float32:
+            log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
+                        "--dtype bf16 --int8 is the fast combination")
+        quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
+    if kernels:
+        cpu_kernels.use_cpu_kernels(model)
+    uses = ("compiled AVX-512 kernels (decode matmuls, norms, RoPE" + (", AMX experts" if cpu_kernels.amx() else "") + ")"
+            if compiled else "torch's kernels")
+    quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
+    return f"{compute}{quant}, fused projections, {uses}"

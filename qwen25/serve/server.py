@@ -438,7 +438,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
 
     from ..model import load_model
     from ..tokenizer import Tokenizer
-    from .cpu_kernels import prepare_for_decode
+    from .quant import prepare_for_decode
     from ..generation import Engine
 
     if threads:

@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from . import distributed
-    from .scaling import run_sweep
+    from .sweep import run_sweep
 
     raw = load_config(args.config, args.set)
     rank, _ = distributed.init()

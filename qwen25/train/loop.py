@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import ModelConfig, flops_per_token
+from ..config import ModelConfig, flops_per_token, param_count
 from ..model import CausalLM, save_model
 from ..model.checkpoint import load_weights
 from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_training_state, save_training_state
-from .data import target_mask
+from .data import ProgressiveMix, ShardBatches, target_mask
 from .packing import document_ids_from_eos, document_mask, document_positions
+from .scaling import resolve_auto
 from .schedule import lr_at
 
 
@@ -232,9 +233,7 @@ def record_run_config(path: Path, config: dict, resuming: bool, allow_change: bo
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Resolve `lr: auto`, `batch_size: auto` (scaling-law fit) and a token budget into concrete numbers."""
     if "auto" in (cfg.lr, cfg.batch_size):
-        from .scaling import resolve_auto
-
-        cfg = resolve_auto(cfg)
+        cfg = resolve_auto(cfg, param_count(model_config(cfg), embeddings=False))
     if cfg.tokens is not None:
         per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         cfg = dataclasses.replace(cfg, steps=max(1, round(cfg.tokens / per_step)))
@@ -243,8 +242,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 def make_data(cfg: TrainConfig, rank: int = 0, world: int = 1):
     """The data object for cfg.data (token shards), with the progressive long/short mix when configured."""
-    from .data import ShardBatches
-
     if cfg.data is None:
         raise ValueError("no data: give `data: SHARD_DIR` in the training config")
     data = ShardBatches(cfg.data, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
@@ -252,8 +249,6 @@ def make_data(cfg: TrainConfig, rank: int = 0, world: int = 1):
         raise ValueError(f"{cfg.data}: shards hold rows of seq_len {data.seq_len}, the config asks for "
                          f"seq_len {cfg.seq_len}")
     if cfg.long_fraction is not None:
-        from .phases import ProgressiveMix
-
         data = ProgressiveMix(data, cfg.long_fraction, cfg.short_lengths or [cfg.seq_len // 2])
     return data
 

@@ -22,60 +22,9 @@ checkpoint, so the whole sequence restarts where it stopped.
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
 from pathlib import Path
 
-import torch
-
 from .loop import TrainConfig, model_config, train
-
-def is_long_row(index: int, long_fraction: Fraction) -> bool:
-    """Whether global sample `index` is a full-length row: exactly floor(f * n) of the first n samples are."""
-    num, den = long_fraction.numerator, long_fraction.denominator
-    return (num * (index + 1)) // den - (num * index) // den == 1
-
-
-def split_documents(doc_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """Doc ids of one row cut into independent sequences of at most `length` tokens (padding stays -1).
-
-    Under the document mask each piece is its own sequence (positions restart, no attention across), so a
-    row of seq_len + 1 tokens becomes seq_len / length short sequences with exactly the targets they would
-    have as rows of their own.
-    """
-    position = torch.arange(doc_ids.numel())
-    piece = position // length
-    renumbered = doc_ids + piece * (int(doc_ids.max()) + 1)
-    return torch.where(doc_ids >= 0, renumbered, doc_ids)
-
-
-class ProgressiveMix:
-    """Wraps ShardBatches: a `long_fraction` share of rows keep the full length, the others are cut shorter.
-
-    Which rows are long depends only on their global sample index, so the share is exact over any run prefix
-    (to within one row), equal for every process layout, and a resumed run sees the same mix.
-    """
-
-    def __init__(self, data, long_fraction: float, short_lengths: list[int]):
-        if not 0.0 <= long_fraction <= 1.0:
-            raise ValueError(f"long_fraction must lie in [0, 1], got {long_fraction}")
-        bad = [n for n in short_lengths if not 0 < n < data.seq_len]
-        if bad or not short_lengths:
-            raise ValueError(f"short_lengths must be shorter than seq_len {data.seq_len} and positive, "
-                             f"got {short_lengths}")
-        self.data, self.short_lengths = data, list(short_lengths)
-        self.long_fraction = Fraction(long_fraction).limit_denominator(1000)
-        self.seq_len, self.batch_size, self.world = data.seq_len, data.batch_size, data.world
-
-    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        """This rank's (tokens, doc_ids[, loss_mask]) at `step`, shorter rows cut into independent pieces."""
-        tokens, docs, *loss_mask = self.data.batch(step)
-        docs = docs.clone()
-        num, den = self.long_fraction.numerator, self.long_fraction.denominator
-        for row, index in enumerate(self.data.global_indices(step)):
-            if not is_long_row(index, self.long_fraction):
-                ordinal = index - (num * index) // den  # short rows before this one, in the whole run
-                docs[row] = split_documents(docs[row], self.short_lengths[ordinal % len(self.short_lengths)])
-        return (tokens, docs, *loss_mask)
 
 
 def phase_configs(raw: dict) -> list[TrainConfig]:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402
-from qwen25.evals.passkey import (  # noqa: E402
-    MAX_PASSKEY, TASK_PHRASES, WordTokenizer, accuracy_table, evaluate_passkey, passkey_sample, passkey_text,
-    plot_heatmap,
+from qwen25.evals.passkey import accuracy_table, evaluate_passkey, plot_heatmap  # noqa: E402
+from qwen25.tasks.passkey import (  # noqa: E402
+    MAX_PASSKEY, TASK_PHRASES, WordTokenizer, passkey_sample, passkey_text,
 )
 from qwen25.model import CausalLM  # noqa: E402
 

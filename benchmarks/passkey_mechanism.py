@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
 
-from qwen25.evals.passkey import FILLER, passkey_sample, passkey_samples  # noqa: E402
+from qwen25.tasks.passkey import FILLER, passkey_sample, passkey_samples  # noqa: E402
 from qwen25.model import load_model  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 from qwen25.utils import read_jsonl  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
 
-from qwen25.evals.task import make_task  # noqa: E402
+from qwen25.tasks.task import make_task  # noqa: E402
 from qwen25.generation import SamplingParams, generate  # noqa: E402
 from qwen25.model import save_model  # noqa: E402
 from qwen25.post.dpo import DPOConfig, train_dpo  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import result_line  # noqa: E402
-from qwen25.evals.task import load_task  # noqa: E402
+from qwen25.tasks.task import load_task  # noqa: E402
 from qwen25.verifiers.code import humaneval_program, mean_pass_at_k  # noqa: E402
 from qwen25.verifiers.sandbox import Limits, isolation_support, run_many  # noqa: E402
 

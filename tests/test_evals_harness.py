@@ -14,7 +14,7 @@ import torch
 from qwen25.cli import main
 from qwen25.evals.harness import ModelLM, run_task
 from qwen25.evals.report import markdown_table, write_report
-from qwen25.evals.task import make_task
+from qwen25.tasks.task import make_task
 from qwen25.model import load_model
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from qwen25.evals.harness import ModelLM, run_task
-from qwen25.evals.task import make_task
+from qwen25.tasks.task import make_task
 from qwen25.model import load_model
 from tests.test_evals_harness import ByteTokenizer, _words
 

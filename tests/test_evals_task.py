@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qwen25.evals.task import KINDS, Task, TaskSpec, builtin_tasks, load_task, make_task, register_kind
+from qwen25.tasks.task import KINDS, Task, TaskSpec, builtin_tasks, load_task, make_task, register_kind
 
 
 def test_spec_files_map_fields_and_render_few_shot(tmp_path):

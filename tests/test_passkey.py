@@ -11,9 +11,9 @@ import pytest
 
 import qwen25.generation
 from qwen25.cli import main
-from qwen25.evals.passkey import (
-    FILLER, INSTRUCTION, KEY_LINE, QUESTION, WordTokenizer, accuracy_grid, accuracy_table, evaluate_passkey,
-    passkey_answer, passkey_sample, passkey_samples, plot_heatmap,
+from qwen25.evals.passkey import accuracy_grid, accuracy_table, evaluate_passkey, plot_heatmap
+from qwen25.tasks.passkey import (
+    FILLER, INSTRUCTION, KEY_LINE, QUESTION, WordTokenizer, passkey_answer, passkey_sample, passkey_samples,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_evaluation_scores_greedy_continuations(monkeypatch, tmp_path):
 
 
 def test_cli_eval_passkey(tmp_path, capsys):
-    from qwen25.evals.passkey import passkey_text
+    from qwen25.tasks.passkey import passkey_text
     from qwen25.tokenizer import train_tokenizer
 
     model_dir = tmp_path / "tiny"

@@ -50,7 +50,7 @@ def test_rejection_sampling_keeps_only_verified_responses(tmp_path):
 
 def test_rejection_sampling_with_a_math_task_as_verifier(tmp_path):
     """Chat prompts from a Task; its reward (the math verifier) decides; kept chats are SFT-ready."""
-    from qwen25.evals.task import make_task
+    from qwen25.tasks.task import make_task
 
     task = make_task({"name": "digits", "kind": "math", "chat": True, "template": "{question}"},
                      examples=[{"question": f"{a}+{b}", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2)]])

@@ -130,7 +130,7 @@ def test_rerun_skips_every_finished_stage(fast_run):
 
 def test_passkey_prompts_leave_room_for_the_answer(fast_run):
     """At k x the phase-1 context, prompt + the longest answer fit in k x context (the answer's positions trained)."""
-    from qwen25.evals.passkey import FILLER, MAX_PASSKEY, passkey_sample
+    from qwen25.tasks.passkey import FILLER, MAX_PASSKEY, passkey_sample
     from qwen25.recipes.evaluate import ANSWER_ROOM
     from qwen25.tokenizer import Tokenizer
 

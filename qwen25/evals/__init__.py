@@ -1,2 +1,2 @@
-"""Evaluation: tasks (jsonl + spec, qwen25.evals.task), the harness (qwen25.evals.harness), reports, passkey
-retrieval, and the lm-evaluation-harness adapter. Verifiers (math, sandboxed code) live in qwen25.verifiers."""
+"""Evaluation: the harness (qwen25.evals.harness) over tasks (qwen25.tasks), reports, passkey retrieval, and the
+lm-evaluation-harness adapter. Verifiers (math, sandboxed code) live in qwen25.verifiers."""

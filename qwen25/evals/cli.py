@@ -57,7 +57,7 @@ def cmd_eval_task(args) -> int:
 
     from .harness import ModelLM, reward_model_scorer, run_task
     from .report import markdown_table, write_report
-    from .task import load_task
+    from ..tasks.task import load_task
 
     tasks = [load_task(name) for name in args.task.split(",") if name]
     for task in tasks:
@@ -93,7 +93,7 @@ def cmd_eval_task(args) -> int:
 
 
 def _task_parser() -> argparse.ArgumentParser:
-    from .task import builtin_tasks
+    from ..tasks.task import builtin_tasks
 
     p = argparse.ArgumentParser(
         prog="qwen25 eval TASK", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

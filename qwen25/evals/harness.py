@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .task import Task
+from ..tasks.task import Task
 
 
 @dataclass
@@ -307,7 +307,7 @@ def _preference(task, scorer, examples, progress) -> tuple[dict, list[dict]]:
 
 
 def _passkey(task, lm: ModelLM, examples, progress) -> tuple[dict, list[dict]]:
-    from .passkey import passkey_sample
+    from ..tasks.passkey import passkey_sample
 
     records = []
     for ex in _progress(examples, "passkey", progress):

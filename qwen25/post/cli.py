@@ -3,7 +3,7 @@
 A config holds the stage's options (the fields of SFTConfig, RMConfig, DPOConfig, GRPOConfig, RejectionConfig;
 unknown keys are an error) and `--set key=value` overrides them. GRPO and rejection sampling also take
 `reward:`, one of
-    {type: task, task: humaneval | path/to/spec.json}     the Task's own check (qwen25.evals.task)
+    {type: task, task: humaneval | path/to/spec.json}     the Task's own check (qwen25.tasks.task)
     {type: reward_model, path: runs/rm/final, threshold?}  a trained reward model (threshold: 1 above it, else 0)
     {type: python, function: "package.module:function"}   any reward_fn(prompts, completions, examples)
 A list of such mappings, each with an optional `weight:`, sums the weighted rewards (verifier + reward model).
@@ -52,7 +52,7 @@ def build_reward(spec: dict | list, tokenizer=None):
                 tasks[0] if tasks else None)
     kind = spec.get("type")
     if kind == "task":
-        from ..evals.task import load_task
+        from ..tasks.task import load_task
 
         task = load_task(spec["task"])
         return task.reward_fn(), task

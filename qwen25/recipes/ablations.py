@@ -43,7 +43,7 @@ def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], mi
     """Held-out bits per byte of a checkpoint on the recipe's held-out set (as its evaluations report it), and on
     the held-out documents of each mixture domain with min_docs or more."""
     from ..evals.harness import ModelLM, run_task
-    from ..evals.task import make_task
+    from ..tasks.task import make_task
     from ..model import load_model
     from ..tokenizer import Tokenizer
 

@@ -12,7 +12,7 @@ import torch
 
 from ..evals.harness import ModelLM, run_task
 from ..evals.passkey import evaluate_passkey, plot_heatmap, results_json
-from ..evals.task import make_task
+from ..tasks.task import make_task
 from ..model import load_model
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import encode_chat

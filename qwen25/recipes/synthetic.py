@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 
-from ..evals.passkey import passkey_text
+from ..tasks.passkey import passkey_text
 
 NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
          "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara")

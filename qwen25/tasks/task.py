@@ -408,11 +408,11 @@ def make_task(spec: TaskSpec | dict, examples: list[dict] | None = None) -> Task
     return task
 
 
-BUILTIN_DIR = Path(__file__).parent / "tasks"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
 def builtin_tasks() -> list[str]:
-    """Names of the tasks shipped with the package (specs in qwen25/evals/tasks/)."""
+    """Names of the tasks shipped with the package (specs in qwen25/tasks/builtin/)."""
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
 
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .utils import add_common_flags, apply_threads
+
 EPILOG = """examples:
   qwen25 init --preset tiny --out runs/tiny          write a random tiny checkpoint (HF layout)
   qwen25 info --preset 7b --context 131072           parameters, FLOPs/token, KV-cache memory
@@ -96,7 +98,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
 
     from .generation import SamplingParams, stream_generate, tokenizer_vocab_size
     from .model import load_model
@@ -114,8 +115,7 @@ def cmd_generate(args) -> int:
             prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids]
         except ValueError as e:
             raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     do_sample = None if args.sample is None else args.sample
     params = SamplingParams.from_checkpoint(
@@ -157,8 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="change a config field, e.g. --set num_hidden_layers=4 (repeatable; JSON values)")
+    add_common_flags(p, sets="change a config field, e.g. --set num_hidden_layers=4")
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     p.set_defaults(func=cmd_init)
 
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue token-id prompts with a checkpoint",
                        description="Generate from a checkpoint directory. Sampling defaults come from its "
                                    "generation_config.json; flags override them.")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (HF layout)")
+    add_common_flags(p, model="checkpoint directory (HF layout)", dtype=True, threads=True)
     p.add_argument("--prompt", action="append", help="prompt text, encoded with the model directory's tokenizer "
                                                        "(repeat for a batch)")
     p.add_argument("--plain", action="store_true", help="encode control-token strings in --prompt as plain text")
@@ -194,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible outputs)")
-    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the stages: config files with `--set` overrides, and JSON-lines files."""
+"""Small helpers shared by the stages: the command-line flags every command spells the same way, config files with
+`--set` overrides, and JSON-lines files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,50 @@ import os
 import re
 from functools import cache
 from pathlib import Path
+
+
+SET_SYNTAX = ("KEY=VALUE, repeatable; VALUE is read as JSON (numbers such as 1e-6, true/false, null, lists, objects) "
+              "and otherwise kept as text")
+
+
+def add_common_flags(p, *, model: str | None = None, dtype: bool = False, threads: bool = False,
+                     sets: str | None = None, quiet: bool = False) -> None:
+    """The flags shared by qwen25's commands, spelt and explained the same way everywhere: --model DIR (with `model`
+    as its help), --dtype, --threads, --set (`sets` says what it overrides) and --quiet."""
+    if model is not None:
+        p.add_argument("--model", required=True, type=Path, help=model)
+    if dtype:
+        p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
+    if threads:
+        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    if sets is not None:
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"{sets}: {SET_SYNTAX}")
+    if quiet:
+        p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bars")
+
+
+def apply_threads(args) -> None:
+    """Honour --threads (if the command has it and it was given)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def set_nested(config: dict, changes: dict, where: str = "config") -> dict:
+    """Apply `--set` changes with dotted keys (`sft.epochs=2`) to a nested config; every key on a path must exist
+    (a typo is an error naming it, never a silently added option)."""
+    for dotted, value in changes.items():
+        node, keys = config, dotted.split(".")
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                have = sorted(node) if isinstance(node, dict) else type(node).__name__
+                raise ValueError(f"--set {dotted}: {where} has no {'.'.join(keys[:i + 1])} (options here: {have})")
+            if i == len(keys) - 1:
+                node[key] = value
+            else:
+                node = node[key]
+    return config
 
 
 def parse_sets(items: list[str] | None) -> dict:

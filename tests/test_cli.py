@@ -71,3 +71,55 @@ def test_generate_text_with_the_checkpoint_tokenizer(tmp_path, capsys):
     assert printed == tok.decode(ids, skip_special_tokens=True).strip()
     assert main(["tokenize", "--tokenizer", str(out_dir), "--text", "The sky is blue", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ids"] == tok.encode("The sky is blue")
+
+
+def _subcommands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_shared_flags_are_spelt_and_explained_one_way():
+    """--set, --quiet, --threads, --dtype mean the same on every command that has them (utils.add_common_flags)."""
+    from qwen25.cli import build_parser
+    from qwen25.evals.cli import _passkey_parser, _task_parser
+    from qwen25.utils import SET_SYNTAX
+
+    parsers = list(_subcommands(build_parser())) + [("eval TASK", _task_parser()), ("eval passkey", _passkey_parser())]
+    seen = {"--set": 0, "--quiet": 0}
+    for name, sub in parsers:
+        for action in sub._actions:
+            flags = set(action.option_strings)
+            if "--set" in flags:
+                seen["--set"] += 1
+                assert action.help.endswith(SET_SYNTAX), name
+            if "--quiet" in flags:
+                seen["--quiet"] += 1
+                assert flags == {"--quiet", "--no-progress"} and action.dest == "quiet", name
+            if "--threads" in flags:
+                assert action.type is int and action.help == "torch CPU threads (default: torch's)", name
+    assert seen["--set"] >= 7 and seen["--quiet"] >= 8  # init, eval passkey, train, sweep, recipe, 5 post stages
+    recipe = dict(_subcommands(build_parser()))["recipe"]
+    assert any("--set" in a.option_strings for a in recipe._actions)
+
+
+def test_recipe_set_changes_nested_options_and_refuses_unknown_ones():
+    import pytest
+
+    from qwen25.recipes.tiny import recipe_config
+    from qwen25.utils import parse_sets
+
+    base = recipe_config(fast=True)
+    key = next(k for k, v in base.items() if isinstance(v, dict) and any(isinstance(x, (int, float)) and
+                                                                         not isinstance(x, bool) for x in v.values()))
+    inner = next(k for k, x in base[key].items() if isinstance(x, (int, float)) and not isinstance(x, bool))
+    changed = recipe_config(fast=True, sets=parse_sets([f"{key}.{inner}=7", "seed=3"]))
+    assert changed[key][inner] == 7 and changed["seed"] == 3
+    assert {k: v for k, v in changed.items() if k not in (key, "seed")} == \
+        {k: v for k, v in base.items() if k not in (key, "seed")}
+    with pytest.raises(ValueError, match="no sede"):
+        recipe_config(fast=True, sets={"sede": 3})
+    with pytest.raises(ValueError, match=f"no {key}.nope"):
+        recipe_config(fast=True, sets={f"{key}.nope": 1})

@@ -217,7 +217,8 @@ def test_metrics(served):
 
 # ---- tool calls, from a scripted engine -------------------------------------------------------------------------
 class ScriptedEngine:
-    """An Engine stand-in: every request generates `script` (then <|im_end|>), `delay` seconds a step."""
+    """An Engine stand-in: every request generates `script` (then <|im_end|>), `delay` seconds a step; like the
+    Engine it asks a request's should_stop after every token but an eos."""
 
     def __init__(self, script: list[int], delay: float = 0.0, max_len: int = 4096, fail_at_step: int | None = None):
         self.script, self.delay, self.max_len, self.fail_at_step, self.steps = script, delay, max_len, fail_at_step, 0
@@ -251,7 +252,9 @@ class ScriptedEngine:
                 continue
             token = self.script[i % len(self.script)]
             state[1] += 1
-            reason = ("stop" if token in request.params.eos_token_ids else
+            done = [self.script[j % len(self.script)] for j in range(state[1])]
+            eos = token in request.params.eos_token_ids
+            reason = ("stop" if eos or (request.should_stop is not None and request.should_stop(done)) else
                       "length" if state[1] >= request.params.max_new_tokens else None)
             if reason:
                 del self.running[rid]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..utils import parse_sets, write_jsonl
+from ..utils import add_common_flags, apply_threads, parse_sets, write_jsonl
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -18,7 +18,6 @@ def _numbers(text: str, kind=float) -> list:
 
 
 def cmd_eval_passkey(args) -> int:
-    import torch
 
     from ..model import load_model
     from .passkey import accuracy_table, evaluate_passkey, plot_heatmap, results_json
@@ -29,8 +28,7 @@ def cmd_eval_passkey(args) -> int:
         tokenizer = Tokenizer.from_dir(args.model)
     except (ImportError, OSError, ValueError) as e:  # reported by `qwen25` as an error, exit status 2
         raise ValueError(f"passkey: cannot load a tokenizer from {args.model}: {e}") from e
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model = load_model(args.model, dtype=args.dtype)
     changes = parse_sets(args.set)
     if changes:  # inference-time settings only (rope_scaling, dual_chunk_attention_config, rope_theta)
@@ -53,7 +51,6 @@ def cmd_eval_passkey(args) -> int:
 def cmd_eval_task(args) -> int:
     """Run one task, or several (TASK = a,b,c), on a checkpoint and print the Markdown table; --out writes
     results.json/.md/.png for all of them together."""
-    import torch
 
     from .harness import ModelLM, reward_model_scorer, run_task
     from .report import markdown_table, write_report
@@ -67,8 +64,7 @@ def cmd_eval_task(args) -> int:
             task.spec.generation = {**task.spec.generation, "max_new_tokens": args.max_new_tokens}
         if args.timeout:
             task.spec.timeout = args.timeout
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     lm, scorer = None, None
     if any(t.kind == "preference" for t in tasks):  # a reward-model directory
         from ..post.reward import load_reward_model
@@ -99,8 +95,8 @@ def _task_parser() -> argparse.ArgumentParser:
         prog="qwen25 eval TASK", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=f"Run a task on a checkpoint. TASK is a built-in name ({', '.join(builtin_tasks())}), a "
                     "comma-separated list of tasks (one report for all), or a task spec file (.json/.yaml: kind, data jsonl, fields, template; see docs/evals.md).")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (with tokenizer files), or a "
-                   "reward-model directory for preference tasks")
+    add_common_flags(p, model="checkpoint directory (with tokenizer files), or a reward-model directory for "
+                     "preference tasks", dtype=True, threads=True, quiet=True)
     p.add_argument("--out", type=Path, help="directory for results.json, results.md and results.png")
     p.add_argument("--limit", type=int, help="evaluate the first N examples only")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt (code: pass@k for k <= N)")
@@ -111,9 +107,6 @@ def _task_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=4, help="parallel sandbox checks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval_task)
     return p
 
@@ -135,18 +128,15 @@ def _passkey_parser() -> argparse.ArgumentParser:
                     "that greedy decoding answers K. Prints an accuracy table; with --out also writes the "
                     "results (passkey.jsonl), the table (passkey.md) and a heat map (passkey.png).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
+    add_common_flags(t, model="checkpoint directory with tokenizer files", dtype=True, threads=True,
+                     sets="change an inference setting of the config, e.g. --set 'rope_scaling={\"rope_type\": "
+                          "\"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 32768}' or "
+                          "dual_chunk_attention_config={...}")
     t.add_argument("--lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens")
     t.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated key depths in [0, 1]")
     t.add_argument("--trials", type=int, default=2, help="trials per (length, depth) cell")
     t.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     t.add_argument("--out", type=Path, help="directory for passkey.jsonl, passkey.md and passkey.png")
-    t.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="change an inference setting of the config, e.g. --set 'rope_scaling={\"rope_type\": "
-                        "\"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 32768}' or "
-                        "dual_chunk_attention_config={...} (repeatable; JSON values)")
     t.set_defaults(func=cmd_eval_passkey)
     return t
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..generation import SamplingParams, TextTracker, stream_generate
 from ..tasks.task import Task
 
 
@@ -178,9 +179,6 @@ class ModelLM:
     def generate_ids(self, prompts: list[list[int]], until: list[str] | None = None, max_new_tokens: int = 256,
                      temperature: float = 0.0, seed: int | None = None, progress: bool = False) -> list[str]:
         """Generated text per prompt, cut at the first stop string; a batch stops once every row has stopped."""
-        from ..generation import SamplingParams, stream_generate
-
-        until = [u for u in (until or []) if u]
         texts = []
         batches = range(0, len(prompts), self.batch_size)
         for i in _progress(batches, "generate", progress):
@@ -189,24 +187,10 @@ class ModelLM:
             params = SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0,
                                     max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                     seed=None if seed is None else seed + i)
-            ids: list[list[int]] = [[] for _ in chunk]
-            stopped = [False] * len(chunk)
-            for step in stream_generate(self.model, chunk, params, vocab_limit=self._vocab_limit()):
-                for row, token in enumerate(step):
-                    if token is None or stopped[row]:
-                        continue
-                    if token in self.eos_token_ids:
-                        stopped[row] = True
-                        continue
-                    ids[row].append(token)
-                    if until and any(u in self.tokenizer.decode(ids[row][-64:]) for u in until):
-                        stopped[row] = True
-                if all(stopped):
-                    break
-            for row in ids:
-                text = self.tokenizer.decode(row)
-                cut = min([text.find(u) for u in until if u in text] or [len(text)])
-                texts.append(text[:cut])
+            trackers = [TextTracker(self.tokenizer, until or []) for _ in chunk]
+            for _ in stream_generate(self.model, chunk, params, self._vocab_limit(), should_stop=trackers):
+                pass
+            texts += [tracker.release(final=True) for tracker in trackers]  # the text before any stop string
         return texts
 
     def generate_until(self, requests: list[tuple[str, dict]], progress: bool = False) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..utils import add_common_flags
 from .harness import ModelLM
 
 
@@ -89,13 +90,12 @@ def evaluate(model_dir: str, tasks: list[str], include_path: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Evaluate a qwen25 checkpoint with lm-evaluation-harness tasks.")
-    p.add_argument("--model", required=True, help="checkpoint directory with tokenizer files")
+    add_common_flags(p, model="checkpoint directory with tokenizer files", dtype=True)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="a folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=float, help="examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--out", help="write lm-eval's results as JSON here")
     args = p.parse_args(argv)
     results = evaluate(args.model, args.tasks.split(","), args.include_path, args.limit, args.num_fewshot,

@@ -5,9 +5,10 @@ sampling, GRPO and the server all run through `Engine`. Chat templates, tool par
 """
 
 from .engine import Engine, PrefixCache, Request, StepOutput, generate, stream_generate
+from .stops import TextTracker
 from .sampling import (QWEN_INSTRUCT_DEFAULTS, SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p,
                        next_token, process_logits, tokenizer_vocab_size)
 
 __all__ = ["Engine", "PrefixCache", "Request", "StepOutput", "generate", "stream_generate", "QWEN_INSTRUCT_DEFAULTS",
            "SamplingParams", "apply_repetition_penalty", "apply_top_k", "apply_top_p", "next_token",
-           "process_logits", "tokenizer_vocab_size"]
+           "process_logits", "tokenizer_vocab_size", "TextTracker"]

@@ -27,7 +27,8 @@ from .sampling import SamplingParams, next_token
 
 @dataclass
 class Request:
-    """One generation request. `should_stop(tokens)` lets a caller stop on text (stop strings)."""
+    """One generation request. `should_stop(tokens)`, asked after every token but an eos, stops it on text (a
+    TextTracker: stop strings); `stop_sequences` on token ids."""
 
     prompt: list[int]
     params: SamplingParams
@@ -38,7 +39,7 @@ class Request:
 
 @dataclass
 class StepOutput:
-    """A token produced for a request; finish_reason is None while it runs, else stop/length/cancelled."""
+    """A token produced for a request; finish_reason is None while it runs, else stop/length/cancelled/error."""
 
     request_id: str
     token: int | None
@@ -311,11 +312,13 @@ def _check_prompts(model: CausalLM, prompts: list[list[int]]) -> None:
 
 @torch.inference_mode()
 def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
-                    vocab_limit: int | None = None) -> Iterator[list[int | None]]:
+                    vocab_limit: int | None = None,
+                    should_stop: list[Callable[[list[int]], bool]] | None = None) -> Iterator[list[int | None]]:
     """Yield, at every engine step, the new token of each prompt (None where it has none: it has finished).
 
-    A prompt finishes after yielding one of params.eos_token_ids, or after params.max_new_tokens tokens. The prompts
-    run as the Engine's requests, one slot each (no padding); with a seed, prompt i samples with seed + i.
+    A prompt finishes after yielding one of params.eos_token_ids, after params.max_new_tokens tokens, or once its
+    should_stop (e.g. a TextTracker for stop strings) says so. The prompts run as the Engine's requests, one slot
+    each (no padding); with a seed, prompt i samples with seed + i.
     """
     _check_prompts(model, prompts)
     if params.max_new_tokens == 0:
@@ -325,7 +328,7 @@ def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingP
     row = {}
     for i, prompt in enumerate(prompts):
         seeded = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**64)
-        row[engine.submit(Request(list(prompt), seeded))] = i
+        row[engine.submit(Request(list(prompt), seeded, should_stop=should_stop[i] if should_stop else None))] = i
     while engine.has_work():
         step: list[int | None] = [None] * len(prompts)
         for out in engine.step():

@@ -92,14 +92,14 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv  # query head h reads kv head h // g: stack each group's queries as rows of one matmul
-    qf = q.float().reshape(b, hkv, g * t, d)
-    scores = (qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, t, s)
+    qf = q.float().reshape(b, hkv, g * t, d)  # (B, Hkv, g*T, d)
+    scores = (qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, t, s)  # (B, Hkv, g, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - finite[..., None]).view(b, hkv, g * t, s)
-    return (probs @ v.float()).view(b, hq, t, d), lse.view(b, hq, t)
+    probs = torch.exp(scores - finite[..., None]).view(b, hkv, g * t, s)  # (B, Hkv, g*T, S)
+    return (probs @ v.float()).view(b, hq, t, d), lse.view(b, hq, t)  # (B, Hq, T, d), (B, Hq, T)
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):

@@ -86,13 +86,13 @@ class SparseMoeBlock(nn.Module):
         self.router_logits: torch.Tensor | None = None  # (tokens, experts) of the latest forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        logits = self.gate(x)
+        shape = x.shape  # (B, T, C)
+        x = x.reshape(-1, shape[-1])  # (N = B*T tokens, C)
+        logits = self.gate(x)  # (N, experts)
         self.router_logits = logits
-        weights, experts = route(logits, self.top_k, self.norm_topk_prob)
-        out = grouped_experts(x, experts, weights, self.experts)
-        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        weights, experts = route(logits, self.top_k, self.norm_topk_prob)  # (N, top_k) each
+        out = grouped_experts(x, experts, weights, self.experts)  # (N, C)
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # gate (N, 1)
         return out.view(shape)
 
 

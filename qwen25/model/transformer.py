@@ -40,28 +40,28 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache: CacheWrite | None):
         """rope: (cos, sin) tables, or DualChunkRope past the first chunk (keys at j mod c, queries rotated thrice)."""
-        b, t, _ = x.shape
+        b, t, _ = x.shape  # batch, new tokens, hidden (C)
         if self.qkv_proj is not None:  # fused for inference (fuse_projections)
             q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
                                               self.n_kv_heads * self.head_dim], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, Hq*d), (B, T, Hkv*d) x 2
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, d)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         dual_chunk = isinstance(rope, DualChunkRope)
         cos, sin = rope.key if dual_chunk else rope
         k = self.apply_rope(k, cos, sin)  # keys are cached after RoPE
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, d): every key so far, S >= T
         if dual_chunk:
             out = rope.attend(q, k, v, mask)
         else:
             # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one new
             # token against the cache (it sees every earlier slot). CausalLM.forward builds the mask otherwise.
             q = self.apply_rope(q, cos, sin)
-            out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            out = sdpa(q, k, v, mask, mask is None and t > 1, self.dropout if self.training else 0.0)  # (B, Hq, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, Hq*d) -> (B, T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -199,10 +199,10 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         rope = self.rotary(position_ids, write)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, rope, mask, write)
+            x = layer(x, rope, mask, write)  # (B, T, C)
         x = self.model.norm(x)
         if last_only:
-            x = x[:, -1:]
-        return x if return_hidden else self.lm_head(x)
+            x = x[:, -1:]  # (B, 1, C)
+        return x if return_hidden else self.lm_head(x)  # (B, T or 1, vocab)

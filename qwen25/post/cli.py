@@ -17,7 +17,7 @@ import importlib
 import json
 from pathlib import Path
 
-from ..utils import load_config
+from ..utils import add_common_flags, load_config
 
 STAGES = {
     "sft": "supervised fine-tuning on chat data (loss on assistant tokens, packed rows)",
@@ -132,7 +132,7 @@ def run_stage(stage: str, raw: dict, progress: bool = True) -> dict:
 
 
 def cmd_post(args) -> int:
-    result = run_stage(args.command, load_config(args.config, args.set), progress=not args.no_progress)
+    result = run_stage(args.command, load_config(args.config, args.set), progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -143,7 +143,5 @@ def add_post_commands(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. {__doc__.splitlines()[0]}",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", type=Path, help="YAML or JSON file with the stage's options")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override one option, e.g. --set lr=1e-6 (repeatable; YAML values)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_common_flags(p, sets="override an option of the config, e.g. --set lr=1e-6", quiet=True)
         p.set_defaults(func=cmd_post)

@@ -86,14 +86,15 @@ def final_train_loss(run_dir: Path) -> float:
     return final_loss(run_dir)
 
 
-def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3) -> Path:
+def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3,
+                  sets: dict | None = None) -> Path:
     """The recipe (resumed or run first), then every ablation arm for `seeds` seeds; returns OUT/ablations.md."""
     from .tiny import (_with_tokenizer, passkey_variants, phase1_lr, pretraining_phases, recipe_config,
                        run_data_pipeline, run_recipe, train_phases, write_model_dir)
 
     out = Path(out)
-    run_recipe(out, fast=fast, moe=moe)
-    cfg = recipe_config(fast, moe)
+    run_recipe(out, fast=fast, moe=moe, sets=sets)
+    cfg = recipe_config(fast, moe, sets)
     main = RecipeRun(out, cfg, log=lambda *_: None)
     corpus, tok = out / "stages" / "corpus", out / "stages" / "tokenizer"
     data = {k: Path(v) for k, v in main.record("data").outputs.items()}
@@ -147,7 +148,7 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
 
     abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,
                                                   tok, corpus / "heldout.jsonl", fit, d, settings["loss_law"]))
-    return write_ablations_report(out, fast, moe, seeds)
+    return write_ablations_report(out, fast, moe, seeds, sets)
 
 
 PHASE1_ARMS = ("base", "no_quality_dedup", "no_mixture", "lr_x3", "lr_div3")
@@ -171,13 +172,14 @@ def collect_results(abl_dir: Path, seeds: int) -> tuple[dict[str, dict[str, list
     return results, finished
 
 
-def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3) -> Path:
+def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3,
+                           sets: dict | None = None) -> Path:
     """OUT/ablations.md and OUT/ablations/results.json from every finished stage under OUT/ablations/: at the end
     of `--ablations`, or of a run still in progress (`--ablations-report`; the file then says it is partial)."""
     from .tiny import recipe_config
 
     out = Path(out)
-    cfg, settings = recipe_config(fast, moe), SETTINGS["fast" if fast else "full"]
+    cfg, settings = recipe_config(fast, moe, sets), SETTINGS["fast" if fast else "full"]
     abl_dir = out / "ablations"
     if not (abl_dir / "recipe.json").is_file():
         raise FileNotFoundError(f"{abl_dir}: no ablation run here; start one with --ablations")
@@ -190,7 +192,8 @@ def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = Fals
     (abl_dir / "results.json").write_text(json.dumps({"results": results, "summary": summary, "loss_law": law,
                                                       "finished": finished, "of": total, "seconds": seconds},
                                                      indent=1))
-    command = f"qwen25 recipe tiny --ablations --seeds {seeds}{' --fast' * fast}{' --moe' * moe} --out {out}"
+    changes = "".join(f" --set {k}={json.dumps(v)}" for k, v in (sets or {}).items())
+    command = f"qwen25 recipe tiny --ablations --seeds {seeds}{' --fast' * fast}{' --moe' * moe}{changes} --out {out}"
     text = ablations_markdown(summary, results, command, seeds, law)
     progress = (f"**Partial**: {finished} of {total} arm x seed evaluations have finished"
                 f"{'' if law else ', the larger loss law not yet'}; rerun the command to go on.\n\n"

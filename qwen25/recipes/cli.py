@@ -5,26 +5,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..utils import add_common_flags, apply_threads, parse_sets
+
 
 def cmd_recipe(args) -> int:
-    import torch
 
     from .tiny import run_recipe
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
+    sets = parse_sets(args.set)
     out = args.out or Path("runs") / ("recipe-tiny" + "-moe" * args.moe + "-fast" * args.fast)
     if args.ablations_report:  # what the ablations in OUT have finished so far; trains nothing
         from .ablations import write_ablations_report
 
-        print(f"ablations: {write_ablations_report(out, fast=args.fast, moe=args.moe, seeds=args.seeds)}")
+        print(f"ablations: {write_ablations_report(out, fast=args.fast, moe=args.moe, seeds=args.seeds, sets=sets)}")
         return 0
     if args.ablations:
         from .ablations import run_ablations
 
-        path = run_ablations(out, fast=args.fast, moe=args.moe, seeds=args.seeds)
+        path = run_ablations(out, fast=args.fast, moe=args.moe, seeds=args.seeds, sets=sets)
         print(f"ablations: {path}")
-    report = run_recipe(out, fast=args.fast, moe=args.moe)  # after the ablations: the report cites them
+    report = run_recipe(out, fast=args.fast, moe=args.moe, sets=sets)  # after the ablations: the report cites them
     print(f"report: {report}")
     return 0
 
@@ -48,5 +49,6 @@ def add_recipe_command(subparsers) -> None:
     p.add_argument("--ablations-report", action="store_true",
                    help="write OUT/ablations.md from the ablation stages finished so far (marked partial while the "
                         "run is incomplete) without training anything")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_common_flags(p, threads=True, sets="change the recipe's config (OUT/recipe.json), dotted for nested "
+                     "options, e.g. --set sft.epochs=2; a resumed run needs the same changes")
     p.set_defaults(func=cmd_recipe)

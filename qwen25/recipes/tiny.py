@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from ..data.domains import classify_format, classify_topic, domain_of
-from ..utils import read_jsonl, write_jsonl
+from ..utils import read_jsonl, set_nested, write_jsonl
 from .corpus import stdlib_documents
 from .runner import RecipeRun
 from .synthetic import (
@@ -88,14 +88,15 @@ MOE = dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, norm_to
            router_aux_loss_coef=0.01)
 
 
-def recipe_config(fast: bool = False, moe: bool = False, **changes) -> dict:
-    """The resolved config of the tiny recipe (the full run, or the ~2-minute `--fast` one; dense or MoE)."""
+def recipe_config(fast: bool = False, moe: bool = False, sets: dict | None = None, **changes) -> dict:
+    """The resolved config of the tiny recipe (the full run, or the ~2-minute `--fast` one; dense or MoE), with
+    `--set` changes (dotted keys for nested options) on top."""
     cfg = copy.deepcopy(CONFIGS["fast" if fast else "full"])
     if moe:
         ffn = cfg["model"]["intermediate_size"]
         cfg["model"] = dict(cfg["model"], **MOE, moe_intermediate_size=ffn // 4, shared_expert_intermediate_size=ffn // 2)
     cfg.update(changes)
-    return cfg
+    return set_nested(cfg, sets or {}, "the recipe's config")
 
 
 def passkey_fillers(seq_len: int) -> int:
@@ -556,13 +557,13 @@ def passkey_variants(cfg: dict) -> dict:
                                                     "original_max_position_embeddings": cfg["phase2_len"]}}}
 
 
-def run_recipe(out: str | Path, fast: bool = False, moe: bool = False) -> Path:
+def run_recipe(out: str | Path, fast: bool = False, moe: bool = False, sets: dict | None = None) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
     from .evaluate import evaluate_stage, sample_generations
     from .loss_law import run_loss_law
     from .report import write_report
 
-    cfg = recipe_config(fast, moe)
+    cfg = recipe_config(fast, moe, sets)
     run = RecipeRun(out, cfg)
     root = run.dir
     corpus = root / "stages" / "corpus"

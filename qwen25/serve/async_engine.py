@@ -2,8 +2,9 @@
 
 All engine calls (submit, cancel, step) happen on that thread, so the Engine needs no locks: HTTP handlers put
 commands into a thread-safe inbox and read their events from an asyncio.Queue that the thread fills with
-`loop.call_soon_threadsafe`. Detokenisation and stop strings are handled here too, per request, so a stop string
-ends generation at the step that completes it (the engine is cancelled before it decodes another token).
+`loop.call_soon_threadsafe`. Each request's TextTracker (generation/stops.py) detokenises and finds stop strings;
+the engine consults it after every token (Request.should_stop), so a stop string ends generation at the step
+that completes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..generation import Engine, Request, SamplingParams
+from ..generation import Engine, Request, SamplingParams, TextTracker
 
 log = logging.getLogger("qwen25.serve")
 
@@ -43,53 +44,6 @@ class GenerationRequest:
     prompt: list[int]
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
-
-
-class TextTracker:
-    """Decodes a request's tokens incrementally and finds stop strings. Text that may still turn into a stop
-    string is held back, so a stop string never reaches the client, not even partly."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.decoder = tokenizer.decode_stream(skip_special_tokens=True)
-        self.stop = [s for s in stop if s]
-        self.text, self.sent, self.stop_at = "", 0, None
-
-    def add(self, token: int) -> bool:
-        """Append a token's text; True once a stop string has appeared (the text is cut before it)."""
-        old = len(self.text)
-        self.text += self.decoder.step(token)
-        if self.stop and self.stop_at is None:
-            longest = max(map(len, self.stop))
-            window_start = max(0, old - longest + 1)
-            hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
-            if hits:
-                self.stop_at = min(hits)
-        return self.stop_at is not None
-
-    def release(self, final: bool = False) -> str:
-        """Text not sent yet that is safe to send (all of it when final)."""
-        if final and self.stop_at is None:
-            self.text += self.decoder.flush()
-        if self.stop_at is not None:
-            end = self.stop_at
-        elif final:
-            end = len(self.text)
-        else:
-            end = len(self.text) - _held_back(self.text, self.stop)
-        piece = self.text[self.sent:max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return piece
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(text), len(stop) - 1), best, -1):
-            if stop.startswith(text[-n:]):
-                best = n
-                break
-    return best
 
 
 class _Handle:
@@ -241,7 +195,8 @@ class AsyncEngine:
             with self._pending_lock:
                 self.pending -= 1
             try:
-                self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id))
+                self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id,
+                                           should_stop=handle.tracker))
             except Exception as e:  # a request the engine refuses (ValueError: a 400) must not end the thread
                 self.counters["errors"] += 1
                 refused = isinstance(e, ValueError)
@@ -268,10 +223,6 @@ class AsyncEngine:
             if out.token is not None:
                 handle.tokens += 1
                 new_tokens += 1
-                eos = out.token in handle.request.params.eos_token_ids
-                if not eos and handle.tracker.add(out.token) and reason is None:
-                    reason = "stop"  # a stop string: end now, before the engine decodes another token
-                    self.engine.cancel(handle.id)
             if reason is None:
                 piece = handle.tracker.release()
                 if piece:

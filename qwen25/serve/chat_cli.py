@@ -15,6 +15,7 @@ from typing import TextIO
 
 from ..generation import Engine, Request, SamplingParams
 from ..tokenizer import encode_chat
+from ..utils import apply_threads
 
 HELP = "commands: /reset  /system TEXT  /exit"
 
@@ -115,14 +116,12 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
 
 def cmd_chat(args) -> int:
     """Load the checkpoint and tokenizer, then chat on the terminal."""
-    import torch
 
     from ..model import load_model
     from ..tokenizer import Tokenizer
     from .quant import prepare_for_decode
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     tokenizer = Tokenizer.from_dir(args.model)
     model = load_model(args.model, dtype=args.dtype)
     prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, kernels=args.kernels)

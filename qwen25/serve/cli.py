@@ -6,13 +6,15 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..utils import add_common_flags
+
 
 def add_serve_command(subparsers) -> None:
     """Register `qwen25 serve`."""
     p = subparsers.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API",
                               description="OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
                                           "/v1/models, /health, /metrics) over one continuous-batching engine.")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
+    add_common_flags(p, model="checkpoint directory with tokenizer files")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", type=Path,
@@ -39,7 +41,7 @@ def add_chat_command(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal (streamed)",
                               description="Interactive chat: type a message, the reply streams. Commands: /reset, "
                                           "/system TEXT, /exit. Sampling defaults come from generation_config.json.")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory with tokenizer files")
+    add_common_flags(p, model="checkpoint directory with tokenizer files")
     p.add_argument("--system", help="system prompt (default: the chat format's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
     p.add_argument("--max-len", type=int, help="context, history + reply (default min(max positions, 4096))")
@@ -58,8 +60,7 @@ def _model_flags(p) -> None:
     p.add_argument("--w8a8", action="store_true",
                    help="int8 weights, and int8 activations per block of 32 when decoding (llama.cpp's Q8_0 scheme; "
                         "needs --dtype bf16 and the kernels): faster than --int8, a little less exact")
-    p.add_argument("--dtype", default="auto", help="bf16, fp32 or auto (the checkpoint's dtype)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_common_flags(p, dtype=True, threads=True)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..utils import load_config
+from ..utils import add_common_flags, load_config
 
 
 def cmd_train(args) -> int:
@@ -85,8 +85,7 @@ def add_train_commands(subparsers) -> None:
                     "weights. Under torchrun the model is sharded with FSDP2 (gloo on CPU, NCCL on GPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (JSON value)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_flags(p, sets="override an option of the config", quiet=True)
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although options that change the run (seed, batch size, lr, steps...) differ "
                         "from its train_config.json (the differences are logged)")
@@ -97,8 +96,7 @@ def add_train_commands(subparsers) -> None:
         description="Train every grid point of a sweep config (out_dir, base: options, grid: models/tokens/"
                     "lr/batch_size lists) and append each final loss to out_dir/results.jsonl.")
     p.add_argument("config", help="YAML sweep config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level option")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_flags(p, sets="override a top-level option of the sweep config", quiet=True)
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser(

@@ -55,6 +55,23 @@ def set_nested(config: dict, changes: dict, where: str = "config") -> dict:
     return config
 
 
+def config_from_dict(cls, raw: dict, what: str | None = None, **values):
+    """A dataclass config from a YAML/JSON mapping (every config of qwen25 is built this way): an unknown key is an
+    error that names it and the known ones; a list given for a tuple field becomes a tuple; `values` are set too."""
+    import dataclasses
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what or cls.__name__}: expected a mapping of options, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {what or cls.__name__} option(s): {', '.join(unknown)} (unknown keys are refused; "
+                         f"known: {', '.join(sorted(fields))})")
+    raw = {k: tuple(v) if isinstance(v, list) and str(fields[k].type).startswith("tuple") else v
+           for k, v in raw.items()}
+    return cls(**raw, **values)
+
+
 def parse_sets(items: list[str] | None) -> dict:
     """`KEY=VALUE` strings as a dict; a value is read as JSON when it parses (numbers, lists, objects, true),
     else kept as text."""

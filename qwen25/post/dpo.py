@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .logprobs import encode_pair, pair_batch, sequence_logprobs
 from .merging import OnlineMergingOptimizer, sft_delta
-from .runner import StageConfig, adamw, autocast, example_indices, frozen_copy, load_causal_lm, run_steps
+from .runner import StageConfig, adamw, autocast, example_indices, frozen_copy, load_causal_lm, run_stage_steps
 
 
 @dataclass
@@ -128,7 +128,7 @@ def train_dpo(cfg: DPOConfig, examples: list[dict], tokenizer=None, model=None, 
         loss.backward()
         return {"loss": loss.item(), **metrics, "tokens": int(batch.lengths.sum())}
 
-    metrics = run_steps(cfg, model, optimizer, step_fn, cfg.total_steps(len(pairs)), "dpo", progress=progress)
+    metrics = run_stage_steps(cfg, model, optimizer, step_fn, cfg.total_steps(len(pairs)), "dpo", progress=progress)
     if held_out:
         result = evaluate_pairs(model, held_out, held_ref, cfg.beta, cfg.batch_size, cfg.pad_id)
         Path(cfg.out_dir, "eval.json").write_text(json.dumps(result, indent=2) + "\n")

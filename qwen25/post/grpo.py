@@ -24,7 +24,7 @@ import torch
 from ..generation import Engine, SamplingParams
 from .logprobs import (encode_prompt, model_token_logprobs, prompt_completion_batch, sampling_vocab_limit,
                        strip_eos)
-from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_steps
+from .runner import StageConfig, adamw, autocast, frozen_copy, load_causal_lm, run_stage_steps
 
 
 @dataclass
@@ -232,4 +232,5 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         variances.update({int(k): v for k, v in saved.get("variances", {}).items()})
         current.update(saved.get("rollout", {}))
 
-    return run_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress, state=(get_state, set_state))
+    return run_stage_steps(cfg, model, optimizer, step_fn, total, "grpo", progress=progress,
+                           state=(get_state, set_state))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..generation import Engine, SamplingParams
 from .logprobs import _messages, encode_prompt, is_chat_prompt, sampling_vocab_limit, strip_eos
-from ..utils import write_jsonl
+from ..utils import config_from_dict, write_jsonl
 
 
 @dataclass
@@ -45,11 +45,7 @@ class RejectionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> RejectionConfig:
-        names = set(cls.__dataclass_fields__)
-        unknown = set(raw) - names
-        if unknown:
-            raise ValueError(f"unknown RejectionConfig option(s): {', '.join(sorted(unknown))}")
-        return cls(**raw)
+        return config_from_dict(cls, raw)
 
 
 def sample(model, prompts: list[list[int]], cfg: RejectionConfig) -> list[list[int]]:

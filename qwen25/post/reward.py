@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..model import CausalLM
 from .logprobs import Batch, encode_pair, pad_batch, pair_batch
 from ..utils import read_jsonl
-from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_steps
+from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_stage_steps
 
 
 class RewardModel(nn.Module):
@@ -144,7 +144,7 @@ def train_reward_model(cfg: RMConfig, examples: list[dict], tokenizer=None, mode
         loss.backward()
         return {"loss": loss.item(), **metrics, "tokens": int(batch.lengths.sum())}
 
-    metrics = run_steps(cfg, rm, optimizer, step_fn, cfg.total_steps(len(pairs)), "rm",
+    metrics = run_stage_steps(cfg, rm, optimizer, step_fn, cfg.total_steps(len(pairs)), "rm",
                         save_final=lambda path: save_reward_model(rm, path), progress=progress)
     if eval_examples:
         held = [encode_pair(e, tokenizer) for e in eval_examples]

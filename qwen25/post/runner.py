@@ -1,10 +1,9 @@
 """What every post-training stage shares: its config fields, model/data loading, and one resumable step loop.
 
-A stage is a `step_fn(step) -> metrics` that runs the forward and backward passes of optimizer step `step`; the
-loop around it sets the learning rate (warm-up, then cosine to min_lr_ratio * lr, as in pre-training), clips,
-skips non-finite steps, steps the optimizer, appends metrics to metrics.jsonl and writes atomic checkpoints
-(qwen25.train.checkpoint) from which a killed run resumes. As in the pre-training loop, the data of a step is a
-pure function of (seed, step), so resuming needs no iterator state.
+A stage is a `step_fn(step) -> metrics` that runs the forward and backward passes of optimizer step `step`; it
+runs in pre-training's own step loop (qwen25.train.steps: the learning rate schedule, clipping, the non-finite
+guard, metrics and atomic checkpoints from which a killed run resumes). As in pre-training, the data of a step is
+a pure function of (seed, step), so resuming needs no iterator state.
 """
 
 from __future__ import annotations
@@ -12,20 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..model import CausalLM, load_model, save_model
-from ..train.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from ..train.loop import RESUME_FREE, drop_metrics_after, record_run_config
+from ..train.checkpoint import load_training_state, save_training_state
 from ..train.loop import adamw as train_adamw
-from ..train.schedule import lr_at
+from ..train.steps import resume, run_steps
+from ..utils import config_from_dict
 
 
 @dataclass
@@ -58,15 +55,7 @@ class StageConfig:
     @classmethod
     def from_dict(cls, raw: dict):
         """Build from a YAML/JSON mapping; unknown keys are an error that names them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - names
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(names))}")
-        values = dict(raw)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        return config_from_dict(cls, raw)
 
     def total_steps(self, num_examples: int) -> int:
         """Optimizer steps of the run: `steps`, or enough batches for `epochs` passes over the data."""
@@ -152,62 +141,31 @@ def plot_metrics(metrics_file: Path, png: Path, title: str, max_panels: int = 8)
     return png
 
 
-def run_steps(cfg: StageConfig, model: torch.nn.Module, optimizer, step_fn: Callable[[int], dict],
+def run_stage_steps(cfg: StageConfig, model: torch.nn.Module, optimizer, step_fn: Callable[[int], dict],
               total_steps: int, desc: str, save_final: Callable[[Path], None] | None = None,
               progress: bool = True, state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> dict:
-    """Run (or resume) optimizer steps [start, total_steps); returns the last metrics.
+    """Run (or resume) optimizer steps [start, total_steps) in the one step loop (qwen25.train.steps); returns the
+    last metrics.
 
     step_fn(step) runs forward + backward for the step and returns its metrics ("loss" required, plus any
     stage metrics such as rewards/margins); the loop adds lr, grad_norm, seconds and the step number.
     state: (get, set) of a stage's own JSON-able state (e.g. GRPO's query variances), kept in checkpoints.
-    Writes out_dir/{stage_config.json, metrics.jsonl, step-*/, final/}.
+    Writes out_dir/{stage_config.json, metrics.jsonl, metrics.png, step-*/, final/}.
     """
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    last = latest_checkpoint(out)
-    record_run_config(out / "stage_config.json", {"stage": desc, **dataclasses.asdict(cfg)}, resuming=last is not None,
-                      allow_change=cfg.allow_config_change, free=RESUME_FREE)
-    start = 0
-    if last is not None:
-        saved = load_training_state(last, model, optimizer)
-        start = saved["step"]
-        if state is not None:
-            state[1](saved.get("extra", {}))
-        print(f"{desc}: resuming from {last} (step {start})")
-        drop_metrics_after(out / "metrics.jsonl", start)
+    saved = resume(out, "stage_config.json", {"stage": desc, **dataclasses.asdict(cfg)}, cfg.allow_config_change,
+                   lambda path: load_training_state(path, model, optimizer), desc)
+    if state is not None and saved["step"]:
+        state[1](saved.get("extra", {}))
     model.train()
-    bad, metrics = 0, {}
-    with (out / "metrics.jsonl").open("a") as log:
-        bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not progress, desc=desc)
-        for step in bar:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.lr, cfg.warmup, total_steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            step_metrics = step_fn(step)
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if params else 0.0
-            if not (math.isfinite(step_metrics["loss"]) and math.isfinite(grad_norm)):
-                bad += 1
-                print(f"{desc} step {step}: non-finite loss {step_metrics['loss']} / grad norm {grad_norm}; skipped")
-                if bad >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{desc}: stopped after {bad} consecutive non-finite steps (last {step})")
-                continue
-            bad = 0
-            optimizer.step()
-            seconds = time.perf_counter() - t0
-            metrics = {"step": step + 1, **step_metrics, "lr": lr, "grad_norm": grad_norm, "seconds": seconds}
-            if "tokens" in step_metrics:
-                metrics["tokens_per_s"] = step_metrics["tokens"] / seconds
-            if (step + 1) % cfg.log_every == 0:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-                save_training_state(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
-                                    extra=state[0]() if state is not None else None, keep_last=cfg.keep_last)
-    if total_steps > start:
+
+    def save(step: int) -> None:
+        save_training_state(out, step, model, optimizer, data_state={"next_step": step},
+                            extra=state[0]() if state is not None else None, keep_last=cfg.keep_last)
+
+    metrics = run_steps(cfg, model, optimizer, step_fn, start=saved["step"], end=total_steps, total=total_steps,
+                        out=out, save=save, desc=desc, progress=progress)
+    if total_steps > saved["step"]:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", desc)
     if save_final is not None:
         save_final(out / "final")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..tokenizer.chat import encode_chat
 from ..train.packing import document_mask, document_positions
 from .logprobs import Batch, pad_batch
-from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_steps
+from .runner import StageConfig, adamw, autocast, example_indices, load_causal_lm, run_stage_steps
 
 
 @dataclass
@@ -158,4 +158,4 @@ def train_sft(cfg: SFTConfig, examples: list[dict], tokenizer=None, model=None, 
         loss.backward()
         return {"loss": loss.item(), "assistant_tokens": n_targets, "tokens": n_tokens}
 
-    return run_steps(cfg, model, optimizer, step_fn, total, "sft", progress=progress)
+    return run_stage_steps(cfg, model, optimizer, step_fn, total, "sft", progress=progress)

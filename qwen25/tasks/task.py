@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import re
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..utils import read_jsonl
+from ..utils import config_from_dict, read_jsonl
 
 LETTERS = string.ascii_uppercase
 
@@ -60,14 +60,11 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: str | Path = ".") -> "TaskSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"task spec {raw.get('name', '?')!r}: unknown keys {unknown}; known: {sorted(known)}")
         for key in ("name", "kind"):
-            if key not in raw:
+            if isinstance(raw, dict) and key not in raw:
                 raise ValueError(f"task spec needs {key!r}: {raw}")
-        return cls(**{**raw, "base_dir": str(raw.get("base_dir", base_dir))})
+        return config_from_dict(cls, {**raw, "base_dir": str(raw.get("base_dir", base_dir))},
+                                f"task spec {raw.get('name', '?')!r}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TaskSpec":

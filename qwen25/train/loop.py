@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,17 +20,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config import ModelConfig, flops_per_token, param_count
 from ..model import CausalLM, save_model
 from ..model.checkpoint import load_weights
+from ..utils import config_from_dict
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_training_state, save_training_state
+from .checkpoint import load_training_state, save_training_state
 from .data import ProgressiveMix, ShardBatches, target_mask
 from .packing import document_ids_from_eos, document_mask, document_positions
 from .scaling import resolve_auto
-from .schedule import lr_at
+from .steps import resume, run_steps
 
 
 @dataclass
@@ -86,11 +85,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
         """Build from a dict (YAML/JSON), naming unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - names
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**raw)
+        return config_from_dict(cls, raw, "training")
 
 
 class TokenWindows:
@@ -179,57 +174,6 @@ def lm_loss(model: CausalLM, batch, eos_id: int | None) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metric lines of steps after the checkpoint we resume from (they are about to be redone), and a
-    line a kill tore in half."""
-    if not path.is_file():
-        return
-    kept, torn = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-            if row["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            torn += line.strip() != ""
-    if torn:
-        print(f"{path}: dropped {torn} unreadable line(s) (a write cut short)")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
-
-
-# Options that may change between invocations of one run without changing what it computes.
-RESUME_FREE = frozenset({"out_dir", "save_every", "keep_last", "log_every", "stop_at", "tensorboard", "peak_flops",
-                         "compile", "max_bad_steps", "device", "allow_config_change"})
-
-
-def record_run_config(path: Path, config: dict, resuming: bool, allow_change: bool, free=RESUME_FREE) -> None:
-    """Write a run's config to `path`. When resuming, the config saved there by the run's earlier invocations
-    must agree on every option outside `free` (seed, batch size, lr, steps...: a change would silently train
-    another run on top of this one's checkpoints): refused with the differences named, unless allow_change,
-    which logs them."""
-    config = json.loads(json.dumps(config))  # tuples as lists, as read back
-    if resuming and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            saved = None
-        if isinstance(saved, dict):
-            changed = {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
-                       if k not in free and saved.get(k) != config.get(k)}
-            if changed:
-                what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                if not allow_change:
-                    raise ValueError(f"{path.parent}: resuming with a changed config ({what}) would continue this "
-                                     f"run's checkpoints as another run. Use a new out_dir, restore the options, "
-                                     f"or resume anyway with --allow-config-change.")
-                print(f"{path.parent}: resuming with a changed config (allowed): {what}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Resolve `lr: auto`, `batch_size: auto` (scaling-law fit) and a token budget into concrete numbers."""
     if "auto" in (cfg.lr, cfg.batch_size):
@@ -313,43 +257,26 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
         raise ValueError(f"{world} processes, but the data object is not sliced for them (give `data:` shards, "
                          f"or an object with rank/world attributes)")
     mcfg = model_config(cfg)
-    last = latest_checkpoint(out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        record_run_config(out / "train_config.json", dataclasses.asdict(cfg), resuming=last is not None,
-                          allow_change=cfg.allow_config_change, free=RESUME_FREE)
-        mcfg.save(out)  # the architecture this run trains (rope_theta of its phase included)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
     if sharded:
         dist_utils.shard_model(model)
     optimizer = build_optimizer(model, cfg)
+    load = dist_utils.load_checkpoint if sharded else load_training_state
+    start = resume(out, "train_config.json", dataclasses.asdict(cfg), cfg.allow_config_change,
+                   lambda path: load(path, model, optimizer), "train", rank)["step"]
+    if rank == 0:
+        mcfg.save(out)  # the architecture this run trains (rope_theta of its phase included)
     # The compiled callable shares the model's parameters; checkpoints keep using the plain module.
     loss_fn = torch.compile(lm_loss, dynamic=False) if cfg.compile else lm_loss
-    start = 0
-    if last is not None:
-        load = dist_utils.load_checkpoint if sharded else load_training_state
-        start = load(last, model, optimizer)["step"]
-        if rank == 0:
-            print(f"resuming from {last} (step {start})")
-            drop_metrics_after(out / "metrics.jsonl", start)
     amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     has_experts = getattr(mcfg, "num_experts", 0) > 0  # MoE: the router loss joins the objective
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum  # global, all processes
     flops_per_step = flops_per_token(mcfg, cfg.seq_len, training=True) * tokens_per_step
     peak = cfg.peak_flops or measure_peak_flops(device, amp_dtype)
-    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    board = _tensorboard(cfg, out, rank)
-    bad, last_metrics = 0, {}
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0, desc="train")
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+
+    def step_fn(step: int) -> dict:
         micro = [data.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         counts = [count_targets(b, cfg.eos_id) for b in micro]
         # Every target of the global step weighs the same, however they are spread over micro-batches and
@@ -367,46 +294,28 @@ def train(cfg: TrainConfig, data=None, progress: bool = True) -> dict:
             (objective * (count * world / total_targets)).backward()
             loss_sum += loss.item() * count
             aux_sum += aux.item() * count if aux is not None else 0.0
-        total = dist_utils.all_sum(loss_sum, device) / max(total_targets, 1.0)
-        grad_norm = dist_utils.clip_grad_norm(model, cfg.clip)
-        if not (math.isfinite(total) and math.isfinite(grad_norm)):
-            bad += 1
-            if rank == 0:
-                print(f"step {step}: non-finite loss {total} / grad norm {grad_norm}; step skipped")
-            if bad >= cfg.max_bad_steps:
-                raise RuntimeError(f"stopped: {bad} consecutive non-finite steps (last at step {step}); "
-                                   f"lower the learning rate or check the data")
-            continue
-        bad = 0
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        mfu = flops_per_step / seconds / (peak * world)
-        last_metrics = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_step / seconds, "mfu": mfu}
+        metrics = {"loss": dist_utils.all_sum(loss_sum, device) / max(total_targets, 1.0), "tokens": tokens_per_step}
         if has_experts:
-            last_metrics["router_loss"] = dist_utils.all_sum(aux_sum, device) / max(total_targets, 1.0)
-        if rank == 0 and (step + 1) % cfg.log_every == 0:
-            metrics_file.write(json.dumps(last_metrics) + "\n")
-            metrics_file.flush()
-            if board is not None:
-                for key, value in last_metrics.items():
-                    if key != "step":
-                        board.add_scalar(f"train/{key}", value, step + 1)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}",
-                        mfu=f"{mfu:.1%}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, end):
-            if sharded:
-                dist_utils.save_checkpoint(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
-                                           keep_last=cfg.keep_last)
-            else:
-                save_training_state(out, step + 1, model, optimizer, data_state={"next_step": step + 1},
-                                    keep_last=cfg.keep_last)
-    if metrics_file is not None:
-        metrics_file.close()
-    if board is not None:
-        board.close()
+            metrics["router_loss"] = dist_utils.all_sum(aux_sum, device) / max(total_targets, 1.0)
+        return metrics
+
+    def save(step: int) -> None:
+        if sharded:
+            dist_utils.save_checkpoint(out, step, model, optimizer, data_state={"next_step": step},
+                                       keep_last=cfg.keep_last)
+        else:
+            save_training_state(out, step, model, optimizer, data_state={"next_step": step}, keep_last=cfg.keep_last)
+
+    board = _tensorboard(cfg, out, rank)
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    try:
+        last_metrics = run_steps(cfg, model, optimizer, step_fn, start=start, end=end, total=cfg.steps, out=out,
+                                 save=save, clip=lambda max_norm: dist_utils.clip_grad_norm(model, max_norm),
+                                 derive=lambda m: {"mfu": flops_per_step / m["seconds"] / (peak * world)},
+                                 board=board, desc="train", progress=progress, rank=rank)
+    finally:
+        if board is not None:
+            board.close()
     if end == cfg.steps:
         if sharded:
             dist_utils.export_full(model, out / "final")

@@ -26,14 +26,6 @@ def read_bandwidth(gib: float = 1.0) -> float:
     return x.numel() * 4 / seconds
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """Measured matmul FLOP/s for square n x n matrices in a dtype."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    seconds = timed(lambda: a @ b, repeat=3)
-    return 2 * n**3 / seconds
-
-
 def result_line(name: str, **fields) -> str:
     """The JSON line every benchmark prints last."""
     return json.dumps({"benchmark": name, **fields})

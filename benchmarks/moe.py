@@ -28,13 +28,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_peak, result_line, timed  # noqa: E402
+from common import result_line, timed  # noqa: E402
 
 from qwen25.config import ModelConfig, flops_per_token, param_count  # noqa: E402
 from qwen25.model import CausalLM, save_model  # noqa: E402
 from qwen25.model.moe import sparse_blocks  # noqa: E402
 from qwen25.serve.cpu_kernels import KernelMoeBlock  # noqa: E402
 from qwen25.serve.quant import prepare_for_decode  # noqa: E402
+from qwen25.train.loop import measure_peak_flops  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             for name, fn in runs.items():
                 best[name] = min(best[name], timed(fn))
         results = {name: tokens / seconds for name, seconds in best.items()}
-        peak = matmul_peak(dtype)
+        peak = measure_peak_flops(torch.device("cpu"), dtype)
         flops = flops_per_token(cfg, args.seq) * tokens  # activated weights only: what a forward computes
         print(f"measured {args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s; a forward is {flops / 1e9:.3g} GFLOP")
         for name, seconds in best.items():

@@ -78,9 +78,12 @@ def cmd_info(args) -> int:
         "KV cache": (f"{kv:,} bytes/token ({human_bytes(kv)}, {args.kv_dtype}); {human_bytes(kv * ctx * args.batch)} "
                      f"for {args.batch} x {ctx} tokens"),
     }
-    from .model.dca import long_context_estimate, measure_matmul_flops
+    import torch
 
-    est = long_context_estimate(cfg, ctx, args.flops or measure_matmul_flops())
+    from .model.dca import long_context_estimate
+    from .train.loop import measure_peak_flops
+
+    est = long_context_estimate(cfg, ctx, args.flops or measure_peak_flops(torch.device("cpu"), torch.float32, 1024, 3))
     rate = f"{est['flops_per_second']:.3g} FLOP/s" + ("" if args.flops else " (measured fp32 matmul)")
     lines["prefill"] = (f"{est['prefill_flops']:.3e} FLOPs at {ctx} tokens ({est['attention_flops']:.2e} in attention, "
                         f"the same with DCA): {est['prefill_seconds']:.3g} s at {rate}")

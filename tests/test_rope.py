@@ -187,3 +187,22 @@ def test_only_beyond_original_generate_and_serving_engine_agree():
         assert out == generate(model, [prompt], params)[0] == generate(reference, [prompt], params)[0]
     for prompt, params in batch:  # and the two tables give different tokens for each of these requests
         assert generate(plain, [prompt], params) != generate(scaled, [prompt], params)
+
+
+def test_rope_settings_apply_to_a_loaded_model_and_come_back():
+    """CausalLM.rope_settings: inside the block the model computes what a model built with the setting computes
+    (same weights), after it what it did before; a setting that is not about positions is refused."""
+    static = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    model = _tiny(None)
+    scaled = _same_weights(model, static)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        before = model(ids)
+        with model.rope_settings(rope_scaling=static) as same:
+            assert same is model and model.config.rope_scaling == static
+            torch.testing.assert_close(model(ids), scaled(ids), atol=0, rtol=0)
+        torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
+    assert model.config.rope_scaling is None
+    with pytest.raises(ValueError, match="not an inference-time position setting: hidden_size"):
+        with model.rope_settings(hidden_size=8):
+            pass

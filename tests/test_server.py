@@ -235,6 +235,10 @@ class ScriptedEngine:
     def has_work(self):
         return bool(self.waiting or self.running)
 
+    def reset(self):
+        self.waiting.clear()
+        self.running.clear()
+
     def step(self):
         time.sleep(self.delay)
         self.steps += 1

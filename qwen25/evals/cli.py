@@ -30,12 +30,9 @@ def cmd_eval_passkey(args) -> int:
         raise ValueError(f"passkey: cannot load a tokenizer from {args.model}: {e}") from e
     apply_threads(args)
     model = load_model(args.model, dtype=args.dtype)
-    changes = parse_sets(args.set)
-    if changes:  # inference-time settings only (rope_scaling, dual_chunk_attention_config, rope_theta)
-        model.config = model.config.replace(**changes)
-        model.reset_rope()
     lengths, depths = _numbers(args.lengths, int), _numbers(args.depths, float)
-    results = evaluate_passkey(model, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
+    with model.rope_settings(**parse_sets(args.set)):  # rope_scaling, dual_chunk_attention_config, rope_theta
+        results = evaluate_passkey(model, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
     table = accuracy_table(results)
     print(table)
     if args.out:

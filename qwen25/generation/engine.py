@@ -142,6 +142,13 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset(self) -> None:
+        """Drop every request, waiting or running (after a step that raised, their state is unknown)."""
+        self.waiting.clear()
+        self.running.clear()
+        self.cancelled.clear()
+        self.cache.lengths.zero_()
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit waiting requests into free slots, prefill (at most `prefill_chunk` prompt tokens in all), then one

@@ -22,7 +22,6 @@ value for the last prompt token, and a rule under which prefill + cached decodin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -288,17 +287,3 @@ def long_context_estimate(cfg: ModelConfig, length: int, flops_per_second: float
         "kv_cache_bytes": kv_cache, "dca_tile": tile,
         "dca_chunk_len": settings.chunk_len if settings else None,
     }
-
-
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3) -> float:
-    """Measured matmul FLOP/s of this machine for n x n matrices (best of `repeat`)."""
-    import time
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best

@@ -8,6 +8,8 @@ the HF checkpoint names (`model.layers.3.self_attn.q_proj` ...), so a state dict
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -90,6 +92,10 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+# What CausalLM.rope_settings may change: how positions are encoded, not the weights' meaning.
+ROPE_SETTINGS = ("rope_theta", "rope_scaling", "dual_chunk_attention_config")
+
+
 class CausalLM(nn.Module):
     """A Qwen2.5 dense language model: token ids in, next-token logits out."""
 
@@ -117,6 +123,24 @@ class CausalLM(nn.Module):
         self.inv_freq = inv_freq.to(device)
         self.inv_freq_unscaled = rope_parameters(self.config, scaled=False)[0].to(device)
         self.dual_chunk = DualChunkSettings.from_config(self.config)
+
+    @contextlib.contextmanager
+    def rope_settings(self, **changes):
+        """The same weights under other inference-time position settings (`rope_theta`, YaRN's `rope_scaling`, DCA's
+        `dual_chunk_attention_config`) inside the `with` block; the model's own come back on exit. The one way to
+        apply them to a loaded model (the passkey evaluations of `qwen25 eval` and the recipe use it)."""
+        unknown = sorted(set(changes) - set(ROPE_SETTINGS))
+        if unknown:
+            raise ValueError(f"not an inference-time position setting: {', '.join(unknown)} "
+                             f"(these are: {', '.join(ROPE_SETTINGS)})")
+        own = self.config
+        self.config = own.replace(**changes)
+        try:
+            self.reset_rope()
+            yield self
+        finally:
+            self.config = own
+            self.reset_rope()
 
     def rotary(self, position_ids: torch.Tensor, cache: CacheWrite | None = None):
         """What every layer rotates with: (cos, sin), or DualChunkRope when DCA differs from plain attention.

@@ -60,13 +60,8 @@ def passkey_scores(model, tokenizer, base_len: int, multiples: list[int], varian
     metrics = {}
     lengths = [base_len * m - ANSWER_ROOM for m in multiples]
     for name, changes in variants.items():
-        variant = model
-        if changes:
-            variant = type(model)(model.config.replace(**changes))
-            variant.load_state_dict(model.state_dict())
-            variant.eval()
-        with torch.inference_mode():
-            results = evaluate_passkey(variant, tokenizer, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], trials=trials,
+        with torch.inference_mode(), model.rope_settings(**(changes or {})):
+            results = evaluate_passkey(model, tokenizer, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], trials=trials,
                                        seed=1, batch_size=10)
         for m, n in zip(multiples, lengths):
             cell = [r for r in results if r.length == n]

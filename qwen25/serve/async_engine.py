@@ -17,9 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..generation import Engine, Request, SamplingParams, TextTracker
+from ..generation import Engine, Request, TextTracker
 
 log = logging.getLogger("qwen25.serve")
 
@@ -37,19 +37,15 @@ class Event:
     status: int = 400  # with error: 400 the request was refused, 500 generation failed, 503 shutting down
 
 
-@dataclass
-class GenerationRequest:
-    """One sequence to generate: prompt ids, sampling settings and stop strings (not included in the output)."""
-
-    prompt: list[int]
-    params: SamplingParams
-    stop: list[str] = field(default_factory=list)
-
-
 class _Handle:
-    def __init__(self, rid: str, index: int, request: GenerationRequest, tokenizer, sink):
+    """A request on its way through the engine thread: its choice index, its text so far, and where events go."""
+
+    def __init__(self, rid: str, index: int, request: Request, tokenizer, sink):
+        if not isinstance(request.should_stop, TextTracker):  # the text is read off the request's tracker
+            request.should_stop = TextTracker(tokenizer, [])
+        request.id = rid
         self.id, self.index, self.request, self.sink = rid, index, request, sink
-        self.tracker = TextTracker(tokenizer, request.stop)
+        self.tracker = request.should_stop
         self.tokens = 0
 
     def emit(self, event: Event) -> None:
@@ -135,10 +131,21 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.running)
 
+    @property
+    def max_len(self) -> int:
+        """Tokens a sequence may hold, prompt and output."""
+        return self.engine.max_len
+
+    @property
+    def stats(self) -> dict:
+        """The engine's counters (prefill and generated tokens, decode steps, prefix reuse)."""
+        return self.engine.stats
+
     # ---- the async side ------------------------------------------------------------------------------------
-    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[Event]:
-        """Submit requests (choice i = requests[i]) and yield their events until all have finished. Leaving the
-        loop early (client gone, task cancelled) cancels whatever is still generating."""
+    async def stream(self, requests: list[Request]) -> AsyncIterator[Event]:
+        """Submit requests (choice i = requests[i]; stop strings in a TextTracker as should_stop) and yield their
+        events until all have finished. Leaving the loop early (client gone, task cancelled) cancels whatever is
+        still generating."""
         self.start()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -195,8 +202,7 @@ class AsyncEngine:
             with self._pending_lock:
                 self.pending -= 1
             try:
-                self.engine.submit(Request(list(handle.request.prompt), handle.request.params, id=handle.id,
-                                           should_stop=handle.tracker))
+                self.engine.submit(handle.request)
             except Exception as e:  # a request the engine refuses (ValueError: a 400) must not end the thread
                 self.counters["errors"] += 1
                 refused = isinstance(e, ValueError)
@@ -241,7 +247,4 @@ class AsyncEngine:
             handle.emit(Event(handle.index, tokens=handle.tokens, finish_reason="error", error=message, status=status))
         self.counters["errors"] += len(self.handles)
         self.handles.clear()
-        self.engine.waiting.clear()
-        self.engine.running.clear()
-        self.engine.cancelled.clear()
-        self.engine.cache.lengths.zero_()
+        self.engine.reset()

@@ -21,9 +21,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..generation import SamplingParams
+from .. import generation
+from ..generation import SamplingParams, TextTracker
 from ..tokenizer import TokenizerError, encode_chat
-from .async_engine import AsyncEngine, GenerationRequest
+from .async_engine import AsyncEngine
 from .openai_protocol import (APIError, ChatCompletionRequest, ChatDeltaStream, CompletionRequest, envelope,
                               finish_reason, merge_deltas, new_id, parse_request, usage)
 
@@ -58,7 +59,7 @@ class Metrics:
             self.latency_count += 1
 
     def render(self, engine: AsyncEngine) -> str:
-        c, stats = engine.counters, engine.engine.stats
+        c, stats = engine.counters, engine.stats
         lines = ["# HELP qwen25_requests_total HTTP requests by endpoint and status.",
                  "# TYPE qwen25_requests_total counter"]
         lines += [f'qwen25_requests_total{{endpoint="{e}",status="{s}"}} {n}'
@@ -100,7 +101,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="qwen25", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(_Gate, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     metrics = Metrics()
-    max_len = engine.engine.max_len
+    max_len = engine.max_len
     stop_ids = sorted(set(config.defaults.eos_token_ids) | _chat_stop_ids(tokenizer))
     slots = {"used": 0}  # sequences admitted and not yet finished (changed on the event loop only)
     # Tokenising a long prompt takes a while: done off the event loop (one thread: the tokenizer is shared).
@@ -161,11 +162,12 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty,
             max_new_tokens=min(max_tokens or config.max_tokens_limit, room), eos_token_ids=stop_ids, seed=req.seed)
 
-    def choices_for(req, prompt: list[int], params: SamplingParams) -> list[GenerationRequest]:
+    def choices_for(req, prompt: list[int], params: SamplingParams) -> list[generation.Request]:
         out = []
         for i in range(req.n):  # n choices differ by seed (seed + i; unseeded ones draw their own)
             seed = None if params.seed is None else params.seed + i
-            out.append(GenerationRequest(prompt, dataclasses.replace(params, seed=seed), req.stop))
+            out.append(generation.Request(list(prompt), dataclasses.replace(params, seed=seed),
+                                          should_stop=TextTracker(tokenizer, req.stop)))
         return out
 
     def check_size(sequences: int) -> None:

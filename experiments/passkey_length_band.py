@@ -4,7 +4,7 @@ Starting from phase 1's weights of a `qwen25 recipe tiny` run (RoPE base raised 
 passkey prompts of --min-len..--max-len tokens alone (loss on the answer only), then measure retrieval at lengths
 inside and outside that band, at every depth, with plain RoPE and with DCA:
 
-    python benchmarks/passkey_length_band.py --run runs/recipe-tiny [--steps 1200] [--batch 16] [--lr 2e-3]
+    python experiments/passkey_length_band.py --run runs/recipe-tiny [--steps 1200] [--batch 16] [--lr 2e-3]
 
 docs/recipe.md records a run: 8 of 8 at every depth inside the band, much less just outside it (shorter prompts
 included, although every key-question distance there was trained).
@@ -12,7 +12,7 @@ included, although every key-question distance there was trained).
 `--spread` trains on the whole range instead: every step draws a length log-uniformly in --min-len..--max-len
 and fills --tokens tokens with prompts of 80-100% of it (so short steps hold many prompts, long ones few):
 
-    python benchmarks/passkey_length_band.py --run runs/recipe-tiny --spread --min-len 80 --max-len 1024 \
+    python experiments/passkey_length_band.py --run runs/recipe-tiny --spread --min-len 80 --max-len 1024 \
         --steps 2000 --lengths 120,248,512,1016,4088
 
 Prints one table row per length (DCA beside plain RoPE above --max-len) and a JSON line last."""
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 from passkey_extrapolation import training_batch  # noqa: E402
 
@@ -98,15 +98,14 @@ def main() -> None:
     dca = {"dual_chunk_attention_config": {"chunk_size": args.dca_chunk or args.max_len * 3 // 4,
                                            "local_size": args.dca_local or args.max_len // 8,
                                            "original_max_position_embeddings": args.max_len}}
-    with_dca = type(model)(model.config.replace(**dca))
-    with_dca.load_state_dict(model.state_dict())
     how = f"log-uniform, {args.tokens} tokens a step" if args.spread else f"{args.batch} a step"
     print(f"trained on prompts of {args.min_len}..{args.max_len} tokens ({how}); keys right of {args.trials} at depths {DEPTHS}")
     table = {}
     for length in map(int, args.lengths.split(",")):
         table[length] = {"rope": per_depth(model, tok, length, args.trials)}
         if length > args.max_len:
-            table[length]["dca"] = per_depth(with_dca, tok, length, args.trials)
+            with model.rope_settings(**dca):
+                table[length]["dca"] = per_depth(model, tok, length, args.trials)
         print(f"{length:>6} tokens: " + "  ".join(f"{k} {v}" for k, v in table[length].items()), flush=True)
     print(result_line("passkey_length_band", final_answer_loss=round(recent_mean(losses), 4),
                       band=[args.min_len, args.max_len], spread=args.spread,

@@ -5,8 +5,8 @@ documents (answer-only loss) with the phase-1 text replayed, so as not to forget
 reruns that stage from a run's phase-1 weights with the recipe's own trainer, varying the share of replayed text
 and the step layout, then measures held-out bits per byte and passkey retrieval at every depth:
 
-    python benchmarks/passkey_replay.py --run runs/recipe-tiny --replay 1.0     # the recipe's mix
-    python benchmarks/passkey_replay.py --run runs/recipe-tiny --replay 0.15    # ~5% of the tokens text
+    python experiments/passkey_replay.py --run runs/recipe-tiny --replay 1.0     # the recipe's mix
+    python experiments/passkey_replay.py --run runs/recipe-tiny --replay 0.15    # ~5% of the tokens text
 
 `--replay` is the share of the kept + arithmetic documents replayed beside --docs passkey documents (the
 recipe's are 12,000 of 80-240 tokens). `--steps/--batch/--lr` lay out the training (the recipe: 1,200 x 8 at
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 from passkey_length_band import DEPTHS, per_depth  # noqa: E402
 

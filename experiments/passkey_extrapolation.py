@@ -1,7 +1,7 @@
 """Passkey retrieval past the training length: a small model trained at length L, evaluated at up to 4L with
 full attention, with YaRN, and with Dual Chunk Attention (same weights, same prompts).
 
-    python benchmarks/passkey_extrapolation.py [--train-len 128] [--steps 1200] [--trials 4] [--threads 2]
+    python experiments/passkey_extrapolation.py [--train-len 128] [--steps 1200] [--trials 4] [--threads 2]
 
 The model is trained from scratch on passkey prompts of 16..L tokens (a word-level tokenizer over the task's
 text in which every filler sentence is one token; next-token loss on the answer tokens only: the filler is
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402
@@ -90,13 +90,6 @@ def train_passkey_model(train_len: int, steps: int, batch: int = 32, hidden: int
     return model.eval(), tokenizer
 
 
-def with_settings(model: CausalLM, **changes) -> CausalLM:
-    """The same weights under other inference settings (rope_scaling, dual_chunk_attention_config)."""
-    other = CausalLM(model.config.replace(**changes))
-    other.load_state_dict(model.state_dict())
-    return other.eval()
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-len", type=int, default=128)
@@ -131,17 +124,17 @@ def main(argv=None) -> dict:
     depths = [float(d) for d in args.depths.split(",")]
     max_factor = max(factors)
     dca_chunk, dca_local = args.dca_chunk or 3 * L // 4, args.dca_local or L // 8
-    variants = {"full attention": model,
-                "DCA": with_settings(model, dual_chunk_attention_config={
-                    "chunk_size": dca_chunk, "local_size": dca_local, "original_max_position_embeddings": L})}
+    variants = {"full attention": {},
+                "DCA": {"dual_chunk_attention_config": {
+                    "chunk_size": dca_chunk, "local_size": dca_local, "original_max_position_embeddings": L}}}
     if not args.no_yarn:
-        variants["YaRN"] = with_settings(model, rope_scaling={
-            "rope_type": "yarn", "factor": max_factor, "original_max_position_embeddings": L})
+        variants["YaRN"] = {"rope_scaling": {
+            "rope_type": "yarn", "factor": max_factor, "original_max_position_embeddings": L}}
     accuracy = {}
-    for name, variant in variants.items():
+    for name, changes in variants.items():
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            results = evaluate_passkey(variant, tokenizer, lengths, depths, trials=args.trials, seed=args.seed + 1,
+        with torch.inference_mode(), model.rope_settings(**changes):
+            results = evaluate_passkey(model, tokenizer, lengths, depths, trials=args.trials, seed=args.seed + 1,
                                        batch_size=len(depths) * args.trials)
         print(f"\n{name} (trained at {L} tokens; {time.perf_counter() - t0:.1f} s)")
         print(accuracy_table(results))

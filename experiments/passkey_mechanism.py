@@ -12,7 +12,7 @@ occurrence of the current one). This script measures, on the checkpoints of a `q
    produce the key's first digit, the largest share of one head's attention that lands on the key's digits,
    per layer, with the key near the question and far from it.
 
-    python benchmarks/passkey_mechanism.py --run runs/recipe-tiny
+    python experiments/passkey_mechanism.py --run runs/recipe-tiny
 
 Prints tables and a JSON line last; with --plot PNG, the induction curves. docs/recipe.md records a run."""
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 
 from qwen25.tasks.passkey import FILLER, passkey_sample, passkey_samples  # noqa: E402

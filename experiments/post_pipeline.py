@@ -3,7 +3,7 @@
 merges, Qwen's control tokens). Prints held-out accuracy (greedy, and sampled at T=1) after every stage, writes
 out/pipeline.png, and a JSON line last.
 
-    python benchmarks/post_pipeline.py [--out runs/post-pipeline] [--sft-steps 300]
+    python experiments/post_pipeline.py [--out runs/post-pipeline] [--sft-steps 300]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 
 from qwen25.tasks.task import make_task  # noqa: E402

@@ -1,7 +1,7 @@
 """What serving's precisions cost in accuracy: a trained checkpoint's next-token loss and greedy choices when it
 decodes held-out text token by token, as `qwen25 serve` runs it in fp32, bf16, --int8 and --w8a8.
 
-    python benchmarks/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200]
+    python experiments/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200]
 
 Each model is prepared as `qwen25 serve` prepares it (prepare_for_decode) and fed the text one token at a time
 through its KV cache, so every matmul takes the decode path (for --w8a8: int8 activations). Prints the mean
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 
 from qwen25.model import KVCache, load_model  # noqa: E402

@@ -9,8 +9,8 @@ on the positions after the pattern's first occurrence, on held-out rows of the s
 - variable period ("8-48"): each row draws its own P. Only a content lookup works here (attend to the token
   after the earlier occurrence of the current one: an induction head).
 
-    python benchmarks/induction_formation.py                      # recipe shape, periods 32 and 8-48, 600 steps
-    python benchmarks/induction_formation.py --shape control --steps 4000
+    python experiments/induction_formation.py                      # recipe shape, periods 32 and 8-48, 600 steps
+    python experiments/induction_formation.py --shape control --steps 4000
 
 `--shape control` is a 2-layer, hidden-64 model on a 64-token vocabulary with rows of 96 tokens, batch 32.
 Prints a table (step x period) and a JSON line last; --plot PNG draws the curves. docs/recipe.md records a run."""
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "benchmarks")]
 from common import result_line  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402

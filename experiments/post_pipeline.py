@@ -68,7 +68,7 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=2, eos_token_ids=[im_end])
         if samples:
             prompts, rows = [p for p in prompts for _ in range(samples)], [r for r in rows for _ in range(samples)]
-            params = SamplingParams(do_sample=True, temperature=1.0, max_new_tokens=2, eos_token_ids=[im_end], seed=0)
+            params = SamplingParams(temperature=1.0, max_new_tokens=2, eos_token_ids=[im_end], seed=0)
         outs = generate(model.eval(), prompts, params, len(tok))
         texts = [tok.decode([t for t in o if t != im_end]) for o in outs]
         return sum(held_out.evaluate(r["example"], t) for r, t in zip(rows, texts)) / len(rows)

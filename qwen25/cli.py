@@ -22,7 +22,7 @@ def cmd_init(args) -> int:
     import torch
 
     from .config import ModelConfig
-    from .generation import QWEN_INSTRUCT_DEFAULTS
+    from .generation import QWEN_INSTRUCT_DEFAULTS, SamplingParams
     from .model import CausalLM, save_model
     from .utils import parse_sets
 
@@ -30,7 +30,7 @@ def cmd_init(args) -> int:
     torch.manual_seed(args.seed)
     model = CausalLM(cfg)
     model.init_weights(seed=args.seed)
-    gen = dict(QWEN_INSTRUCT_DEFAULTS) if args.preset.endswith("instruct") else {}
+    gen = SamplingParams(**QWEN_INSTRUCT_DEFAULTS).to_generation_config() if args.preset.endswith("instruct") else {}
     if cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
     out = save_model(model, args.out, dtype=args.dtype, generation_config=gen or None,

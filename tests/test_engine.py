@@ -132,7 +132,7 @@ def test_cancel_and_stop_sequences(model):
 
 def test_sampling_settings_are_per_request(model):
     prompt = _prompts(1, seed=4)[0]
-    sampled = SamplingParams(do_sample=True, temperature=1.0, top_k=20, max_new_tokens=10, seed=7)
+    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=10, seed=7)
     greedy = SamplingParams(max_new_tokens=10)
     penalised = SamplingParams(max_new_tokens=10, repetition_penalty=1.3)
     other = _prompts(1, seed=5)[0]

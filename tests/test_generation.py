@@ -28,7 +28,7 @@ def test_processors_equal_transformers():
         logits = torch.randn(4, 500) * 3
         history = torch.randint(0, 500, (4, 30))
         seen = torch.zeros(4, 500, dtype=torch.bool).scatter_(1, history, True)
-        params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=penalty)
         ref = logits.clone()
         for proc in [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature),
@@ -65,7 +65,7 @@ def test_stops_on_every_eos_id(models):
 
 def test_padding_vocabulary_is_never_sampled(models):
     _, ours, _ = models
-    params = SamplingParams(do_sample=True, temperature=5.0, max_new_tokens=40, seed=1)
+    params = SamplingParams(temperature=5.0, max_new_tokens=40, seed=1)
     outs = generate(ours, [[1, 2, 3]] * 4, params, vocab_limit=50)
     assert all(t < 50 for row in outs for t in row)
     assert max(t for row in generate(ours, [[1, 2, 3]] * 4, params) for t in row) >= 50
@@ -76,9 +76,8 @@ def test_seeded_sampling_is_reproducible(models):
     params = SamplingParams(**QWEN_INSTRUCT_DEFAULTS, max_new_tokens=16, seed=123)
     a = generate(ours, [[5, 6, 7]], params)
     assert a == generate(ours, [[5, 6, 7]], params)
-    other = SamplingParams(do_sample=True, temperature=1.5, max_new_tokens=16, seed=124)
-    assert generate(ours, [[5, 6, 7]], other) != generate(ours, [[5, 6, 7]], SamplingParams(
-        do_sample=True, temperature=1.5, max_new_tokens=16, seed=123))
+    other = SamplingParams(temperature=1.5, max_new_tokens=16, seed=124)
+    assert generate(ours, [[5, 6, 7]], other) != generate(ours, [[5, 6, 7]], SamplingParams(temperature=1.5, max_new_tokens=16, seed=123))
 
 
 def test_stream_yields_each_step_and_none_after_finish(models):

@@ -677,8 +677,7 @@ def test_a_failing_request_fails_alone(model_dir, monkeypatch):
     engine = Engine(model, max_batch=4, max_len=128)
     prompt = encode_chat(tok, MESSAGES, add_generation_prompt=True).ids
     good = SamplingParams(max_new_tokens=6)
-    ids = [engine.submit(Request(list(prompt), good)), engine.submit(Request(list(prompt), SamplingParams(
-        do_sample=True, temperature=0.5, seed=666, max_new_tokens=6))), engine.submit(Request(list(prompt), good))]
+    ids = [engine.submit(Request(list(prompt), good)), engine.submit(Request(list(prompt), SamplingParams(temperature=0.5, seed=666, max_new_tokens=6))), engine.submit(Request(list(prompt), good))]
     tokens, errors = {i: [] for i in ids}, {}
     while engine.has_work():
         for out in engine.step():

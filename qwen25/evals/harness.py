@@ -184,7 +184,7 @@ class ModelLM:
         for i in _progress(batches, "generate", progress):
             chunk = [p[-(self.max_length - max_new_tokens):] if len(p) + max_new_tokens > self.max_length else p
                      for p in prompts[i:i + self.batch_size]]
-            params = SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0,
+            params = SamplingParams(temperature=temperature,
                                     max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                     seed=None if seed is None else seed + i)
             trackers = [TextTracker(self.tokenizer, until or []) for _ in chunk]

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import torch
 
-# Qwen2.5-Instruct's generation_config.json (used when a checkpoint ships none and sampling is asked for).
-QWEN_INSTRUCT_DEFAULTS = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+# Qwen2.5-Instruct's sampling settings (its generation_config.json): the one place they are written down.
+QWEN_INSTRUCT_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. Greedy when do_sample is False or temperature is 0."""
+    """How to pick each next token. Temperature 0 (the default) is greedy decoding: the one signal for it."""
 
-    do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = 0.0
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -41,24 +40,36 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return self.temperature == 0
+
+    @property
+    def do_sample(self) -> bool:
+        """transformers' name for not greedy (generation_config.json)."""
+        return not self.greedy
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, eos_token_ids: list[int] | None = None, **overrides):
-        """Defaults from a checkpoint's generation_config.json (if present), then `overrides` (None = keep)."""
+        """Settings from a checkpoint's generation_config.json (if present), then `overrides` (None = keep): the
+        CLI's flags. As in transformers, do_sample false (or absent) means greedy whatever the temperature; true
+        samples at the given temperature (1.0 if none)."""
         path = Path(directory) / "generation_config.json"
         raw = json.loads(path.read_text()) if path.is_file() else {}
+        settings = {k: v for k, v in raw.items() if v is not None}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in names and v is not None}
+        values = {k: v for k, v in settings.items() if k in names}
+        values["temperature"] = values.get("temperature", 1.0) if settings.get("do_sample") else 0.0
         eos = raw.get("eos_token_id", eos_token_ids)
         if eos is not None:
-            values["eos_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            values.setdefault("eos_token_ids", [eos] if isinstance(eos, int) else list(eos))
         return cls(**values)
 
     def to_generation_config(self) -> dict:
-        """The generation_config.json dictionary for these settings."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("eos_token_ids", "seed", "max_new_tokens")}
+        """The generation_config.json dictionary for these settings (transformers' do_sample switch included)."""
+        out = {"do_sample": self.do_sample, **{k: v for k, v in asdict(self).items()
+                                               if k not in ("eos_token_ids", "seed", "max_new_tokens")}}
+        if self.greedy:  # transformers warns about sampling settings beside do_sample false
+            out = {k: v for k, v in out.items() if k in ("do_sample", "repetition_penalty")}
         if self.eos_token_ids:
             out["eos_token_id"] = self.eos_token_ids if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         return out

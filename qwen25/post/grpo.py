@@ -134,7 +134,7 @@ def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list
                     max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1,
                     prefix_capacity_blocks=0)  # weights change every step: cached prefixes would be stale
     flat = [p for p in prompts for _ in range(cfg.group_size)]
-    params = [SamplingParams(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
                              seed=cfg.seed * 1_000_003 + step * 4099 + i) for i in range(len(flat))]
     was_training = model.training

@@ -54,7 +54,7 @@ def sample(model, prompts: list[list[int]], cfg: RejectionConfig) -> list[list[i
     flat = [p for p in prompts for _ in range(k)]
     engine = Engine(model, max_batch=min(cfg.max_batch, len(flat)), vocab_limit=cfg.vocab_limit,
                     max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1)
-    params = [SamplingParams(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
                              seed=cfg.seed * 1_000_003 + i) for i in range(len(flat))]
     model.eval()

@@ -154,9 +154,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
                                 f"{max_tokens} max_tokens exceed it", param="max_tokens",
                            code="context_length_exceeded")
         d = config.defaults
-        temperature = req.temperature if req.temperature is not None else (d.temperature if d.do_sample else 0.0)
         return SamplingParams(
-            do_sample=temperature > 0, temperature=temperature or 1.0,
+            temperature=req.temperature if req.temperature is not None else d.temperature,
             top_p=req.top_p if req.top_p is not None else d.top_p,
             top_k=req.top_k if req.top_k is not None else d.top_k,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty,

@@ -91,8 +91,8 @@ def main() -> None:
     record("sft", sft)
 
     stats = rejection_sample(sft, task.rl_examples(), task.reward_fn(), RejectionConfig(
-        out_dir=str(out / "rs"), samples_per_prompt=8, max_new_tokens=2, temperature=1.0, top_p=1.0, top_k=0,
-        eos_ids=[im_end], threshold=1.0, pairs_per_prompt=2), tok)
+        out_dir=str(out / "rs"), samples_per_prompt=8, threshold=1.0, pairs_per_prompt=2,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=2, eos_token_ids=[im_end])), tok)
     print(f"rejection  {json.dumps(stats)}")
     pairs = read_jsonl(out / "rs" / "dpo.jsonl")
 
@@ -105,7 +105,8 @@ def main() -> None:
     grpo = dpo
     metrics = train_grpo(GRPOConfig(out_dir=str(out / "grpo"), model=str(out / "dpo" / "final"), lr=args.grpo_lr,
                                     steps=args.grpo_steps,
-                                    queries_per_step=8, group_size=8, max_new_tokens=2, eos_ids=[im_end],
+                                    queries_per_step=8, group_size=8,
+                                    sampling=SamplingParams(temperature=1.0, max_new_tokens=2, eos_token_ids=[im_end]),
                                     beta=0.04, save_every=10**9), task.rl_examples(), task.reward_fn(), tok,
                          model=grpo)
     record("grpo", grpo, f"(last rollout reward {metrics['reward']:.2f})")

@@ -57,7 +57,8 @@ def set_nested(config: dict, changes: dict, where: str = "config") -> dict:
 
 def config_from_dict(cls, raw: dict, what: str | None = None, **values):
     """A dataclass config from a YAML/JSON mapping (every config of qwen25 is built this way): an unknown key is an
-    error that names it and the known ones; a list given for a tuple field becomes a tuple; `values` are set too."""
+    error that names it and the known ones; a list given for a tuple field becomes a tuple, a mapping given for a
+    field whose default is a dataclass (e.g. `sampling: {temperature: 0.7}`) that dataclass; `values` are set too."""
     import dataclasses
 
     if not isinstance(raw, dict):
@@ -67,9 +68,15 @@ def config_from_dict(cls, raw: dict, what: str | None = None, **values):
     if unknown:
         raise ValueError(f"unknown {what or cls.__name__} option(s): {', '.join(unknown)} (unknown keys are refused; "
                          f"known: {', '.join(sorted(fields))})")
-    raw = {k: tuple(v) if isinstance(v, list) and str(fields[k].type).startswith("tuple") else v
-           for k, v in raw.items()}
-    return cls(**raw, **values)
+    def convert(name, value):
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):  # a nested config, e.g. sampling: {...}
+            return config_from_dict(type(default), {**dataclasses.asdict(default), **value},
+                                    f"{what or cls.__name__}.{name}")  # over the field's own defaults
+        return tuple(value) if isinstance(value, list) and str(f.type).startswith("tuple") else value
+
+    return cls(**{k: convert(k, v) for k, v in raw.items()}, **values)
 
 
 def parse_sets(items: list[str] | None) -> dict:

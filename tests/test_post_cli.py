@@ -11,6 +11,7 @@ import yaml
 from post_fixtures import arithmetic_chats, byte_tokenizer, one_thread, separable_pairs  # noqa: F401
 
 from qwen25.cli import main
+from qwen25.generation import SamplingParams
 from qwen25.model import save_model
 from qwen25.post.rejection import RejectionConfig, rejection_sample
 from qwen25.post.runner import load_causal_lm
@@ -28,9 +29,9 @@ def _prompts(n=6, seed=0):
 
 
 def test_rejection_sampling_keeps_only_verified_responses(tmp_path):
-    cfg = RejectionConfig(out_dir=str(tmp_path), samples_per_prompt=8, max_new_tokens=4, vocab_limit=8,
-                          temperature=1.0, top_p=1.0, top_k=0, threshold=0.25, max_kept_per_prompt=8,
-                          pairs_per_prompt=2)
+    cfg = RejectionConfig(out_dir=str(tmp_path), samples_per_prompt=8, vocab_limit=8,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=4), threshold=0.25,
+                          max_kept_per_prompt=8, pairs_per_prompt=2)
     examples = _prompts()
     stats = rejection_sample(load_causal_lm("tiny", 0), examples, digit7, cfg)
     sft, dpo = read_jsonl(tmp_path / "sft.jsonl"), read_jsonl(tmp_path / "dpo.jsonl")
@@ -55,8 +56,8 @@ def test_rejection_sampling_with_a_math_task_as_verifier(tmp_path):
     task = make_task({"name": "digits", "kind": "math", "chat": True, "template": "{question}"},
                      examples=[{"question": f"{a}+{b}", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2)]])
     tok = byte_tokenizer()
-    cfg = RejectionConfig(out_dir=str(tmp_path), samples_per_prompt=6, max_new_tokens=3, vocab_limit=64,
-                          temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.im_end_id])
+    cfg = RejectionConfig(out_dir=str(tmp_path), samples_per_prompt=6, vocab_limit=64,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=3, eos_token_ids=[tok.im_end_id]))
     seen = []
 
     def verifier(prompts, completions, examples):
@@ -112,19 +113,20 @@ def test_cli_stages_run_from_yaml(tmp_path, tiny_checkpoint, capsys):
     write_jsonl(prompts, _prompts(4))
     reward = {"type": "python", "function": "test_post_cli:digit7"}
     assert main(["grpo", _config(tmp_path, "grpo", out_dir=str(tmp_path / "grpo"), data=str(prompts),
-                                 reward=reward, queries_per_step=2, group_size=4, max_new_tokens=3, vocab_limit=16,
+                                 reward=reward, queries_per_step=2, group_size=4, sampling={"max_new_tokens": 3},
+                                 vocab_limit=16,
                                  **common), "--no-progress"]) == 0
     assert "reward" in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")[-1]
     assert main(["rejection-sample", _config(tmp_path, "rs", out_dir=str(tmp_path / "rs"), data=str(prompts),
                                              model=str(tiny_checkpoint), reward=reward, samples_per_prompt=4,
-                                             max_new_tokens=3, vocab_limit=8, threshold=0.3)]) == 0
+                                             sampling={"max_new_tokens": 3}, vocab_limit=8, threshold=0.3)]) == 0
     stats = json.loads((tmp_path / "rs" / "stats.json").read_text())
     assert stats["samples"] == 16
     # A list of rewards is their weighted sum: 2 * r - r = r gives the same run.
     twice = [{**reward, "weight": 2.0}, {**reward, "weight": -1.0}]
     assert main(["rejection-sample", _config(tmp_path, "rs2", out_dir=str(tmp_path / "rs2"), data=str(prompts),
                                              model=str(tiny_checkpoint), reward=twice, samples_per_prompt=4,
-                                             max_new_tokens=3, vocab_limit=8, threshold=0.3)]) == 0
+                                             sampling={"max_new_tokens": 3}, vocab_limit=8, threshold=0.3)]) == 0
     assert json.loads((tmp_path / "rs2" / "stats.json").read_text()) == stats
     capsys.readouterr()
 
@@ -160,10 +162,10 @@ def test_cli_chat_stages_with_the_checkpoints_tokenizer_and_a_task(tmp_path, tin
     reward = {"type": "task", "task": str(tmp_path / "math.json")}
     assert main(["rejection-sample", _config(tmp_path, "rs", model=str(tiny_checkpoint), reward=reward,
                                              out_dir=str(tmp_path / "rs"), samples_per_prompt=3,
-                                             max_new_tokens=4)]) == 0
+                                             sampling={"max_new_tokens": 4})]) == 0
     assert json.loads((tmp_path / "rs" / "stats.json").read_text())["samples"] == 6
     assert main(["grpo", _config(tmp_path, "grpo", model=str(tiny_checkpoint), reward=reward,
                                  out_dir=str(tmp_path / "g"), steps=1, queries_per_step=2, group_size=2,
-                                 max_new_tokens=4, lr=1e-3), "--no-progress"]) == 0
+                                 sampling={"max_new_tokens": 4}, lr=1e-3), "--no-progress"]) == 0
     assert read_jsonl(tmp_path / "g" / "metrics.jsonl")[0]["completion_length"] > 0
     capsys.readouterr()

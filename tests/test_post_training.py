@@ -16,6 +16,7 @@ import pytest
 import torch
 from post_fixtures import arithmetic_chats, byte_tokenizer, one_thread, separable_pairs  # noqa: F401
 
+from qwen25.generation import SamplingParams
 from qwen25.post.dpo import DPOConfig, train_dpo
 from qwen25.post.grpo import GRPOConfig, prioritise, train_grpo
 from qwen25.post.reward import RMConfig, load_reward_model, reward_fn, train_reward_model
@@ -250,7 +251,8 @@ def test_grpo_with_a_reward_model_as_reward(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt_ids": torch.randint(40, 100, (4,), generator=g).tolist()} for _ in range(8)]
     cfg = GRPOConfig(out_dir=str(tmp_path / "grpo"), model="tiny", lr=1e-2, steps=6, queries_per_step=4,
-                     group_size=8, max_new_tokens=4, vocab_limit=32)
+                     group_size=8, sampling=SamplingParams(temperature=1.0, max_new_tokens=4),
+                     vocab_limit=32)
     train_grpo(cfg, prompts, reward_fn(rm), progress=False)
     rows = metrics(tmp_path / "grpo")
     assert rows[-1]["reward"] > rows[0]["reward"] + 0.5, [round(r["reward"], 3) for r in rows]  # 0.25 -> 1.8
@@ -263,7 +265,7 @@ def _digit7(prompts, completions, examples):
 
 def _grpo_cfg(out, **kw):
     return GRPOConfig(out_dir=str(out), model="tiny", lr=1e-2, queries_per_step=4, group_size=8,
-                      max_new_tokens=4, vocab_limit=16, **kw)
+                      sampling=SamplingParams(temperature=1.0, max_new_tokens=4), vocab_limit=16, **kw)
 
 
 @pytest.mark.parametrize("loss_type", ["token", "sequence", "dr_grpo"])

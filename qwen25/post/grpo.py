@@ -17,7 +17,7 @@ groups disagreed most.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,11 +36,8 @@ class GRPOConfig(StageConfig):
     weight_decay: float = 0.0
     queries_per_step: int = 4
     group_size: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos_ids: list[int] = field(default_factory=list)
+    # how rollouts sample (temperature, top_p, top_k, max_new_tokens, eos_token_ids); the seed is set per rollout
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=256))
     vocab_limit: int | None = None  # sample only ids below this (a model whose embedding is padded past its vocab)
     beta: float = 0.0  # KL weight (TRL's default 0: no reference model is kept)
     epsilon_low: float = 0.2
@@ -131,12 +128,10 @@ def weighted_rewards(functions: list, weights: list[float] | None = None):
 def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list[list[int]]:
     """group_size sampled completions per prompt (group by group), seeded by (seed, step, index)."""
     engine = Engine(model, max_batch=min(64, len(prompts) * cfg.group_size), vocab_limit=cfg.vocab_limit,
-                    max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1,
+                    max_len=max(len(p) for p in prompts) + cfg.sampling.max_new_tokens + 1,
                     prefix_capacity_blocks=0)  # weights change every step: cached prefixes would be stale
     flat = [p for p in prompts for _ in range(cfg.group_size)]
-    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
-                             seed=cfg.seed * 1_000_003 + step * 4099 + i) for i in range(len(flat))]
+    params = [replace(cfg.sampling, seed=cfg.seed * 1_000_003 + step * 4099 + i) for i in range(len(flat))]
     was_training = model.training
     model.eval()
     out = engine.generate(flat, params)
@@ -175,7 +170,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         flat_examples = [examples[q] for q in queries for _ in range(cfg.group_size)]
         if tokenizer is not None:
             rewards = reward_fn([tokenizer.decode(p) for p in flat_prompts],
-                                [tokenizer.decode(strip_eos(c, cfg.eos_ids)) for c in completions], flat_examples)
+                                [tokenizer.decode(strip_eos(c, cfg.sampling.eos_token_ids)) for c in completions], flat_examples)
         else:
             rewards = reward_fn(flat_prompts, completions, flat_examples)
         rewards = [float(r) for r in rewards]
@@ -186,7 +181,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         if cfg.updates_per_rollout > 1:  # pi_old: the policy that sampled, fixed across the reuses
             with torch.no_grad(), autocast(cfg):
                 batch = prompt_completion_batch(flat_prompts, completions, cfg.pad_id)
-                out["old_logps"] = model_token_logprobs(model, batch, cfg.temperature).float().cpu().tolist()
+                out["old_logps"] = model_token_logprobs(model, batch, cfg.sampling.temperature).float().cpu().tolist()
         return out
 
     def step_fn(step: int) -> dict:
@@ -200,18 +195,18 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
         advantages = advantages.to(cfg.device)
         mask = batch.target_mask
         with autocast(cfg):
-            logps = model_token_logprobs(model, batch, cfg.temperature)
+            logps = model_token_logprobs(model, batch, cfg.sampling.temperature)
             ref_logps = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logps = model_token_logprobs(ref_model, batch, cfg.temperature)
+                    ref_logps = model_token_logprobs(ref_model, batch, cfg.sampling.temperature)
         # With one update per rollout (TRL's default num_iterations=1) pi_old is the current policy: the ratio
         # is 1 in value and clipping only shapes the gradient. Reused rollouts keep the sampling policy's logps.
         old_logps = logps.detach() if "old_logps" not in current else \
             torch.tensor(current["old_logps"], device=logps.device)
         token_loss, kl = grpo_token_loss(logps, old_logps, advantages, ref_logps, cfg.beta,
                                          cfg.epsilon_low, cfg.epsilon_high)
-        loss = aggregate(token_loss, mask, cfg.loss_type, cfg.max_new_tokens)
+        loss = aggregate(token_loss, mask, cfg.loss_type, cfg.sampling.max_new_tokens)
         loss.backward()
         n_tokens = mask.sum().clamp(min=1.0)
         ratio = torch.exp(logps.detach() - old_logps)

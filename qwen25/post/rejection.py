@@ -11,28 +11,26 @@ Outputs in out_dir: sft.jsonl (train_sft's format), dpo.jsonl (train_dpo's), sta
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..generation import Engine, SamplingParams
+from ..generation import QWEN_INSTRUCT_DEFAULTS, Engine, SamplingParams
 from .logprobs import _messages, encode_prompt, is_chat_prompt, sampling_vocab_limit, strip_eos
 from ..utils import config_from_dict, write_jsonl
 
 
 @dataclass
 class RejectionConfig:
-    """Sampling and acceptance settings (Qwen2.5-Instruct's sampling defaults: 0.7 / top-p 0.8 / top-k 20)."""
+    """Sampling and acceptance settings. Sampling defaults to Qwen2.5-Instruct's (temperature 0.7, top-p 0.8,
+    top-k 20) without its repetition penalty, 512 new tokens."""
 
     out_dir: str = "runs/rejection"
     model: str = ""
     data: str = ""  # jsonl of prompts (+ whatever the verifier needs, e.g. "answer")
     tokenizer: str = ""
     samples_per_prompt: int = 8
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    eos_ids: list[int] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        **{**QWEN_INSTRUCT_DEFAULTS, "repetition_penalty": 1.0}, max_new_tokens=512))  # the seed is set per sample
     vocab_limit: int | None = None
     threshold: float = 1.0  # accept when reward >= threshold (1.0: a binary verifier said "correct")
     max_kept_per_prompt: int = 4  # distinct accepted responses kept for SFT
@@ -53,10 +51,8 @@ def sample(model, prompts: list[list[int]], cfg: RejectionConfig) -> list[list[i
     k = cfg.samples_per_prompt
     flat = [p for p in prompts for _ in range(k)]
     engine = Engine(model, max_batch=min(cfg.max_batch, len(flat)), vocab_limit=cfg.vocab_limit,
-                    max_len=max(len(p) for p in prompts) + cfg.max_new_tokens + 1)
-    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_new_tokens=cfg.max_new_tokens, eos_token_ids=list(cfg.eos_ids),
-                             seed=cfg.seed * 1_000_003 + i) for i in range(len(flat))]
+                    max_len=max(len(p) for p in prompts) + cfg.sampling.max_new_tokens + 1)
+    params = [replace(cfg.sampling, seed=cfg.seed * 1_000_003 + i) for i in range(len(flat))]
     model.eval()
     return engine.generate(flat, params)
 
@@ -69,7 +65,7 @@ def rejection_sample(model, examples: list[dict], reward_fn, cfg: RejectionConfi
     k = cfg.samples_per_prompt
     text = tokenizer is not None  # reward_fn sees text (prompt as the model saw it, reply without its eos)
     flat_examples = [e for e in examples for _ in range(k)]
-    texts = [tokenizer.decode(strip_eos(c, cfg.eos_ids)) for c in completions] if text else None
+    texts = [tokenizer.decode(strip_eos(c, cfg.sampling.eos_token_ids)) for c in completions] if text else None
     if text:
         rewards = reward_fn([tokenizer.decode(p) for p in prompts for _ in range(k)], texts, flat_examples)
     else:

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from ..data.domains import classify_format, classify_topic, domain_of
+from ..generation import SamplingParams
 from ..utils import read_jsonl, set_nested, write_jsonl
 from .corpus import stdlib_documents
 from .runner import RecipeRun
@@ -413,10 +414,9 @@ def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
     tok = Tokenizer.from_dir(sft_model)
     problems = read_jsonl(corpus / "arith_train.jsonl")[:cfg["rejection"]["prompts"]]
     examples, reward_fn = arithmetic_rl_examples(problems)
-    rs = RejectionConfig(out_dir=str(out), model=str(sft_model), max_new_tokens=24, seed=cfg["seed"],
-                         eos_ids=[tok.im_end_id, tok.endoftext_id], threshold=1.0,
-                         samples_per_prompt=cfg["rejection"]["samples_per_prompt"], temperature=1.0, top_p=1.0,
-                         top_k=0)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, eos_token_ids=[tok.im_end_id, tok.endoftext_id])
+    rs = RejectionConfig(out_dir=str(out), model=str(sft_model), sampling=sampling, seed=cfg["seed"], threshold=1.0,
+                         samples_per_prompt=cfg["rejection"]["samples_per_prompt"])
     stats = rejection_sample(load_model(sft_model, dtype="fp32"), examples, reward_fn, rs, tokenizer=tok)
     # Questions the model never solved still get a pair: the reference solution (verified passing) against a
     # wrong one (verified failing) - "passing = chosen, failing = rejected" with the reference as the pass.
@@ -493,8 +493,9 @@ def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path) -> dict:
     problems = read_jsonl(corpus / "arith_train.jsonl")
     examples, reward_fn = arithmetic_rl_examples(problems)
     g = dict(cfg["grpo"])
-    grpo = GRPOConfig(out_dir=str(out), model=str(policy), max_new_tokens=24, eos_ids=[tok.im_end_id, tok.endoftext_id],
-                      pad_id=tok.endoftext_id, seed=cfg["seed"], vocab_limit=len(tok), **g)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, eos_token_ids=[tok.im_end_id, tok.endoftext_id])
+    grpo = GRPOConfig(out_dir=str(out), model=str(policy), sampling=sampling, pad_id=tok.endoftext_id,
+                      seed=cfg["seed"], vocab_limit=len(tok), **g)
     train_grpo(grpo, examples, reward_fn, tokenizer=tok)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     half = max(1, len(rows) // 2)

@@ -120,11 +120,7 @@ def cmd_generate(args) -> int:
             raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
     apply_threads(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    do_sample = None if args.sample is None else args.sample
-    params = SamplingParams.from_checkpoint(
-        args.model, eos_token_ids=model.config.eos_token_ids, do_sample=do_sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     vocab_limit = len(tokenizer) if tokenizer is not None else tokenizer_vocab_size(args.model)
     outputs: list[list[int]] = [[] for _ in prompts]
     stream = args.stream and len(prompts) == 1
@@ -183,19 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue token-id prompts with a checkpoint",
                        description="Generate from a checkpoint directory. Sampling defaults come from its "
                                    "generation_config.json; flags override them.")
-    add_common_flags(p, model="checkpoint directory (HF layout)", dtype=True, threads=True)
+    add_common_flags(p, model="checkpoint directory (HF layout)", dtype=True, threads=True, sampling=True)
     p.add_argument("--prompt", action="append", help="prompt text, encoded with the model directory's tokenizer "
                                                        "(repeat for a batch)")
     p.add_argument("--plain", action="store_true", help="encode control-token strings in --prompt as plain text")
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, help="seed for sampling (reproducible outputs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)

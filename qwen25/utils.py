@@ -16,9 +16,10 @@ SET_SYNTAX = ("KEY=VALUE, repeatable; VALUE is read as JSON (numbers such as 1e-
 
 
 def add_common_flags(p, *, model: str | None = None, dtype: bool = False, threads: bool = False,
-                     sets: str | None = None, quiet: bool = False) -> None:
+                     sets: str | None = None, quiet: bool = False, sampling: bool = False) -> None:
     """The flags shared by qwen25's commands, spelt and explained the same way everywhere: --model DIR (with `model`
-    as its help), --dtype, --threads, --set (`sets` says what it overrides) and --quiet."""
+    as its help), --dtype, --threads, --set (`sets` says what it overrides), --quiet, and the sampling flags over a
+    checkpoint's generation_config.json (read by SamplingParams.from_checkpoint)."""
     if model is not None:
         p.add_argument("--model", required=True, type=Path, help=model)
     if dtype:
@@ -29,6 +30,16 @@ def add_common_flags(p, *, model: str | None = None, dtype: bool = False, thread
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"{sets}: {SET_SYNTAX}")
     if quiet:
         p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bars")
+    if sampling:
+        import argparse
+
+        p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                       help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--repetition-penalty", type=float)
+        p.add_argument("--seed", type=int, help="seed for sampling (reproducible outputs)")
 
 
 def apply_threads(args) -> None:

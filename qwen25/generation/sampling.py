@@ -64,6 +64,15 @@ class SamplingParams:
             values.setdefault("eos_token_ids", [eos] if isinstance(eos, int) else list(eos))
         return cls(**values)
 
+    @classmethod
+    def from_flags(cls, args, eos_token_ids: list[int] | None = None) -> SamplingParams:
+        """The settings a command line asks for (utils.add_common_flags(sampling=True), --max-new-tokens) over the
+        checkpoint's generation_config.json (`args.model`)."""
+        return cls.from_checkpoint(args.model, eos_token_ids=eos_token_ids, do_sample=args.sample,
+                                   **{k: getattr(args, k, None) for k in ("temperature", "top_k", "top_p",
+                                                                           "repetition_penalty", "max_new_tokens",
+                                                                           "seed")})
+
     def to_generation_config(self) -> dict:
         """The generation_config.json dictionary for these settings (transformers' do_sample switch included)."""
         out = {"do_sample": self.do_sample, **{k: v for k, v in asdict(self).items()

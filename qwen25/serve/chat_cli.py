@@ -125,9 +125,7 @@ def cmd_chat(args) -> int:
     tokenizer = Tokenizer.from_dir(args.model)
     model = load_model(args.model, dtype=args.dtype)
     prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, kernels=args.kernels)
-    params = SamplingParams.from_checkpoint(
-        args.model, eos_token_ids=model.config.eos_token_ids, do_sample=args.sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     engine = Engine(model, max_batch=1, max_len=args.max_len, vocab_limit=len(tokenizer))
     session = ChatSession(engine, tokenizer, params, system=args.system)
     return run_chat(session, sys.stdin, sys.stdout, sys.stderr, prompt=">>> " if sys.stdin.isatty() else "")

@@ -45,12 +45,7 @@ def add_chat_command(subparsers) -> None:
     p.add_argument("--system", help="system prompt (default: the chat format's default)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
     p.add_argument("--max-len", type=int, help="context, history + reply (default min(max positions, 4096))")
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    add_common_flags(p, sampling=True)
     _model_flags(p)
     p.set_defaults(func=_cmd_chat)
 

@@ -109,7 +109,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
         quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
     if kernels:
         cpu_kernels.use_cpu_kernels(model)
-    uses = ("compiled AVX-512 kernels (decode matmuls, norms, RoPE" + (", AMX experts" if cpu_kernels.amx() else "") + ")"
-            if compiled else "torch's kernels")
+    amx = ", AMX experts" if compiled and cpu_kernels.amx() else ""
+    uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
     quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
     return f"{compute}{quant}, fused projections, {uses}"

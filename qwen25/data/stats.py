@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from .mixture import merge_histograms
+
 STATS_FILE, PLOT_FILE = "stats.json", "stats.png"
 
 
@@ -69,8 +71,6 @@ def mixture_table(extra: dict) -> dict | None:
     histogram of its output."""
     if "mixture" not in extra:
         return None
-    from .mixture import merge_histograms
-
     plan = extra["mixture"]["plan"]["domains"]
     out_sizes = {d: int(h.sum()) for d, h in merge_histograms(extra["mixture"]["output_counts"]).items()}
     total_in = sum(p["size_in"] for p in plan.values()) or 1

@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..generation import SamplingParams, TextTracker, stream_generate
+from ..model import load_model
+from ..post.logprobs import encode_pair, pair_batch
+from ..tasks.passkey import passkey_sample
 from ..tasks.task import Task
+from ..tokenizer import Tokenizer, encode_chat
+from ..verifiers.code import mean_pass_at_k
 
 
 @dataclass
@@ -74,9 +79,6 @@ class ModelLM:
     @classmethod
     def from_dir(cls, directory, dtype: str = "auto", batch_size: int = 8, **kwargs) -> "ModelLM":
         """Load a checkpoint directory (HF layout) and its tokenizer files."""
-        from ..model import load_model
-        from ..tokenizer import Tokenizer
-
         return cls(load_model(directory, dtype=dtype), Tokenizer.from_dir(directory), batch_size,
                    name=str(directory), **kwargs)
 
@@ -171,8 +173,6 @@ class ModelLM:
         """Token ids of a task prompt: plain text, or chat messages rendered with the generation prompt."""
         if isinstance(prompt, str):
             return self.encode(prompt)
-        from ..tokenizer.chat import encode_chat
-
         return encode_chat(self.tokenizer, prompt, add_generation_prompt=True).ids
 
     @torch.inference_mode()
@@ -259,8 +259,6 @@ def _generate_and_check(task, lm: ModelLM, examples, progress, samples: int, tem
                         "correct": [verdicts[k] for k in mine]})
     metrics = {"acc": _mean(v for r in records for v in r["correct"])}
     if task.kind == "code":
-        from ..verifiers.code import mean_pass_at_k
-
         counts = [(len(r["correct"]), sum(r["correct"])) for r in records]
         metrics = {f"pass@{k}": mean_pass_at_k(counts, k) for k in (1, 5, 10, 100) if k <= samples}
         metrics["solved"] = sum(c > 0 for _, c in counts)
@@ -291,8 +289,6 @@ def _preference(task, scorer, examples, progress) -> tuple[dict, list[dict]]:
 
 
 def _passkey(task, lm: ModelLM, examples, progress) -> tuple[dict, list[dict]]:
-    from ..tasks.passkey import passkey_sample
-
     records = []
     for ex in _progress(examples, "passkey", progress):
         sample = passkey_sample(lm.tokenizer, int(ex["length"]), float(ex["depth"]), int(ex["passkey"]))
@@ -339,8 +335,6 @@ def run_task(task: Task, lm: ModelLM | None = None, progress: bool = True, sampl
 
 def reward_model_scorer(rm, tokenizer=None):
     """scorer(example) -> (r_chosen, r_rejected) from a qwen25 reward model (qwen25.post.reward)."""
-    from ..post.logprobs import encode_pair, pair_batch
-
     @torch.inference_mode()
     def scorer(example: dict) -> tuple[float, float]:
         rm.eval()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizer.chat import encode_chat
+
 
 @dataclass
 class Batch:
@@ -111,8 +113,6 @@ def encode_prompt(example: dict, tokenizer=None, chat: bool = True) -> list[int]
         raise ValueError("text prompts need a tokenizer (or give prompt_ids)")
     if not is_chat_prompt(example, chat):
         return tokenizer.encode(example["prompt"])
-    from ..tokenizer.chat import encode_chat
-
     return encode_chat(tokenizer, _messages(example["prompt"]), example.get("tools"), add_generation_prompt=True).ids
 
 
@@ -127,8 +127,6 @@ def encode_completion(example: dict, key: str, tokenizer=None) -> tuple[list[int
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
     if tokenizer is None:
         raise ValueError(f"chat pairs need a tokenizer (or give prompt_ids and {key}_ids)")
-    from ..tokenizer.chat import encode_chat
-
     response = example[key]
     turn = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
     enc = encode_chat(tokenizer, _messages(example["prompt"]) + turn, example.get("tools"))

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..utils import config_from_dict, read_jsonl
+from ..utils import config_from_dict, load_yaml, read_jsonl
+from ..verifiers.code import check_program
+from ..verifiers.math import extract_answer, is_equiv
+from .passkey import MAX_PASSKEY, passkey_answer
 
 LETTERS = string.ascii_uppercase
 
@@ -72,8 +75,6 @@ class TaskSpec:
         path = Path(path)
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
-            from ..utils import load_yaml
-
             raw = load_yaml(text)
         else:
             raw = json.loads(text)
@@ -274,15 +275,11 @@ class MathTask(Task):
     default_chat_template = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
     def reference(self, example: dict) -> str:
-        from ..verifiers.math import extract_answer
-
         answer = str(example["answer"])
         # GSM8K-style references carry a worked solution ending in "#### 42": compare with its final answer.
         return extract_answer(answer) if ("####" in answer or "\\boxed" in answer) else answer
 
     def check(self, example: dict, completion) -> float:
-        from ..verifiers.math import extract_answer, is_equiv
-
         return float(is_equiv(extract_answer(str(completion)), self.reference(example), self.spec.timeout))
 
 
@@ -310,8 +307,6 @@ class CodeTask(Task):
         return example.get("canonical_solution", example.get("code", ""))
 
     def check(self, example: dict, completion) -> float:
-        from ..verifiers.code import check_program
-
         return float(check_program(example, str(completion), timeout=self.spec.timeout).passed)
 
 
@@ -367,8 +362,6 @@ class PasskeyTask(Task):
     def load_rows(self) -> list[dict]:
         import random
 
-        from .passkey import MAX_PASSKEY
-
         if self.spec.data:
             return super().load_rows()
         o = {"lengths": [1024, 2048, 4096], "depths": [0, 0.25, 0.5, 0.75, 1], "trials": 2, "seed": 0,
@@ -378,8 +371,6 @@ class PasskeyTask(Task):
                 for n in o["lengths"] for d in o["depths"] for _ in range(o["trials"])]
 
     def check(self, example: dict, completion) -> float:
-        from .passkey import passkey_answer
-
         return float(passkey_answer(str(completion)) == int(example["passkey"]))
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, flops_per_token, param_count
 from ..model import CausalLM, save_model
 from ..model.checkpoint import load_weights
+from ..model.moe import router_loss
 from ..utils import config_from_dict
 from . import distributed as dist_utils
 from .checkpoint import load_training_state, save_training_state
@@ -151,8 +152,6 @@ def count_targets(batch, eos_id: int | None = None) -> int:
 def moe_router_loss(model: torch.nn.Module, batch, eos_id: int | None) -> torch.Tensor:
     """What a model with experts adds to the LM loss after a forward (model/moe.py's router_loss:
     router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss), padding left out."""
-    from ..model.moe import router_loss  # only models with experts get here
-
     _, docs, _ = _tokens_and_docs(batch, eos_id)
     return router_loss(model, None if docs is None else docs[:, :-1] >= 0)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .scaling import read_results
+
 LAW_FILE = "loss_law.json"
 
 
@@ -151,8 +153,6 @@ def plot_loss_law(result: dict, path: str | Path) -> Path:
 def write_loss_law(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
     """Fit a quality sweep's results (sweep_dir/results.jsonl with heldout_loss and quality per run) with D and with
     D_eff; write loss_law.json and loss_law.png beside them (or at `out`)."""
-    from .scaling import read_results
-
     points = [{k: r[k] for k in ("name", "N", "D", "quality", "heldout_loss")}
               for r in read_results(sweep_dir) if np.isfinite(r.get("heldout_loss", np.inf))]
     missing = [r["name"] for r in read_results(sweep_dir) if "quality" not in r or "heldout_loss" not in r]

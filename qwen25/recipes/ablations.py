@@ -22,8 +22,26 @@ import json
 import statistics
 from pathlib import Path
 
+from ..evals.harness import ModelLM, run_task
+from ..model import load_model
+from ..tasks.task import make_task
+from ..tokenizer import Tokenizer
+from ..train.sweep import final_loss
 from ..utils import read_jsonl
+from .evaluate import passkey_scores
+from .loss_law import run_loss_law
 from .runner import RecipeRun
+from .tiny import (
+    _with_tokenizer,
+    passkey_variants,
+    phase1_lr,
+    pretraining_phases,
+    recipe_config,
+    run_data_pipeline,
+    run_recipe,
+    train_phases,
+    write_model_dir,
+)
 
 FAR_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # at 8x and 16x these keys sit far outside DCA's local window
 _LAW_MODELS = [dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
@@ -42,10 +60,6 @@ SETTINGS = {
 def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], min_docs: int = 3) -> dict:
     """Held-out bits per byte of a checkpoint on the recipe's held-out set (as its evaluations report it), and on
     the held-out documents of each mixture domain with min_docs or more."""
-    from ..evals.harness import ModelLM, run_task
-    from ..tasks.task import make_task
-    from ..model import load_model
-    from ..tokenizer import Tokenizer
 
     lm = ModelLM(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), batch_size=16)
 
@@ -64,9 +78,6 @@ def heldout_by_domain(model_dir: Path, heldout: list[dict], docs: list[dict], mi
 def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dict, out: Path,
                  trials: int | None = None) -> dict:
     """Passkey accuracy per multiple and variant (recipes/evaluate.py), and over the far depths only."""
-    from ..model import load_model
-    from ..tokenizer import Tokenizer
-    from .evaluate import passkey_scores
 
     metrics = passkey_scores(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), cfg["phase1_len"],
                              multiples, variants, out, trials or cfg["passkey"]["trials"])
@@ -81,7 +92,6 @@ def passkey_grid(model_dir: Path, cfg: dict, multiples: list[int], variants: dic
 
 def final_train_loss(run_dir: Path) -> float:
     """Mean training loss over the last fifth of a run's steps (the scaling sweep's score)."""
-    from ..train.sweep import final_loss
 
     return final_loss(run_dir)
 
@@ -89,8 +99,6 @@ def final_train_loss(run_dir: Path) -> float:
 def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3,
                   sets: dict | None = None) -> Path:
     """The recipe (resumed or run first), then every ablation arm for `seeds` seeds; returns OUT/ablations.md."""
-    from .tiny import (_with_tokenizer, passkey_variants, phase1_lr, pretraining_phases, recipe_config,
-                       run_data_pipeline, run_recipe, train_phases, write_model_dir)
 
     out = Path(out)
     run_recipe(out, fast=fast, moe=moe, sets=sets)
@@ -144,7 +152,6 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
                 **(passkey_grid(m, cfg, settings["long_multiples"], g, d / "long",
                                 settings["long_trials"]) if abf else {})}})
     # the loss law on a larger grid than the demo's (more tokens per run, three model sizes)
-    from .loss_law import run_loss_law
 
     abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,
                                                   tok, corpus / "heldout.jsonl", fit, d, settings["loss_law"]))
@@ -176,7 +183,6 @@ def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = Fals
                            sets: dict | None = None) -> Path:
     """OUT/ablations.md and OUT/ablations/results.json from every finished stage under OUT/ablations/: at the end
     of `--ablations`, or of a run still in progress (`--ablations-report`; the file then says it is partial)."""
-    from .tiny import recipe_config
 
     out = Path(out)
     cfg, settings = recipe_config(fast, moe, sets), SETTINGS["fast" if fast else "full"]

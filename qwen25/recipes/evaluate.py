@@ -12,8 +12,8 @@ import torch
 
 from ..evals.harness import ModelLM, run_task
 from ..evals.passkey import evaluate_passkey, plot_heatmap, results_json
-from ..tasks.task import make_task
 from ..model import load_model
+from ..tasks.task import make_task
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import encode_chat
 from ..tokenizer.tool_calls import parse_tool_calls

@@ -14,13 +14,18 @@ import json
 import random
 from pathlib import Path
 
+from ..data.pack import is_packed, pack_documents
+from ..data.quality import QualityClassifier
+from ..data.steps import SafeJsonlReader
+from ..tokenizer import Tokenizer
+from ..train.loss_law import write_loss_law
+from ..train.sweep import run_sweep
 from ..utils import read_jsonl
 from .synthetic import spam_text
 
 
 def scored_documents(pipeline: Path) -> list[dict]:
     """{id, text, quality} of the documents the data pipeline kept (its last stage, the mixture)."""
-    from ..data.steps import SafeJsonlReader
 
     stage = sorted(p for p in (pipeline / "stages").iterdir() if p.is_dir())[-1]
     return [{"id": d.id, "text": d.text, "quality": float(d.metadata["quality_score"])}
@@ -32,9 +37,6 @@ def build_quality_corpora(pipeline: Path, tokenizer: Path, heldout: Path, out: P
     """One token-shard folder per low-quality fraction f: `tokens` tokens, a share f of spam documents and the rest
     the pipeline's kept documents, each corpus's mean quality (token-weighted classifier score) in its index meta;
     and the clean held-out documents as evaluation shards. Returns ([{name, path, quality}], held-out shards)."""
-    from ..data.pack import is_packed, pack_documents
-    from ..data.quality import QualityClassifier
-    from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer)
     clf = QualityClassifier.load(next((pipeline / "quality").glob("*/classifier.npz")))
@@ -82,8 +84,6 @@ def run_loss_law(cfg: dict, model_dir: Path, pipeline: Path, tokenizer: Path, he
                  out: Path, law: dict | None = None) -> dict:
     """The quality sweep and both loss-law fits (a recipe stage): metrics, loss_law.json and loss_law.png. `law`
     (models, tokens, fractions, batch_size) defaults to the recipe's cfg["loss_law"]."""
-    from ..train.loss_law import write_loss_law
-    from ..train.sweep import run_sweep
 
     law = law or cfg["loss_law"]
     corpora, held = build_quality_corpora(pipeline, tokenizer, heldout, out / "corpora", law["fractions"],

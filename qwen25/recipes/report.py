@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import ModelConfig, param_count
 from .runner import RecipeRun, metrics_table, stage_table, timing_table
 
 EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call_valid", "tool_call_correct"]
@@ -61,7 +62,6 @@ def plot_curves(run_dir: Path, path: Path) -> Path | None:
 
 def describe_model(model_dir: Path) -> str:
     """One line on the architecture a run trains: dense or MoE, shape, total and activated parameters."""
-    from ..config import ModelConfig, param_count
 
     cfg = ModelConfig.from_json(model_dir)
     kind = (f"MoE ({cfg.num_experts} routed experts of width {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, "

@@ -27,14 +27,41 @@ import random
 import shutil
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..data.domains import classify_format, classify_topic, domain_of
+from ..data.pack import is_packed, pack_documents
+from ..data.pipeline import DataPipeline
+from ..data.steps import SafeJsonlReader
 from ..generation import SamplingParams
+from ..model import load_model
+from ..post.dpo import DPOConfig, train_dpo
+from ..post.grpo import GRPOConfig, train_grpo
+from ..post.rejection import RejectionConfig, rejection_sample
+from ..post.reward import RMConfig, train_reward_model
+from ..post.sft import SFTConfig, train_sft
+from ..serve.server import build_server, run_in_thread
+from ..tokenizer import Tokenizer
+from ..tokenizer.chat import render_chat
+from ..tokenizer.train import train_tokenizer
+from ..train.loop import TrainConfig, resolve_config
+from ..train.phases import run_phases
+from ..train.scaling import write_fit
+from ..train.sweep import run_sweep
 from ..utils import read_jsonl, set_nested, write_jsonl
 from .corpus import stdlib_documents
+from .evaluate import arithmetic_task, evaluate_stage, sample_generations
+from .loss_law import run_loss_law
+from .report import write_report
 from .runner import RecipeRun
 from .synthetic import (
-    arithmetic_problems, passkey_answer_start, passkey_document, passkey_documents, problem_document,
-    problem_messages, spam_text, tool_conversations,
+    arithmetic_problems,
+    passkey_answer_start,
+    passkey_document,
+    passkey_documents,
+    problem_document,
+    problem_messages,
+    spam_text,
+    tool_conversations,
 )
 
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -161,8 +188,6 @@ def build_corpus(cfg: dict, out: Path) -> dict:
 
 def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
     """BBPE trained on the raw corpus and the chat data with Qwen's 22 control tokens appended."""
-    from ..tokenizer.chat import render_chat
-    from ..tokenizer.train import train_tokenizer
 
     texts = [json.loads(line)["text"] for name in ("raw/corpus.jsonl", "synthetic.jsonl")
              for line in (corpus / name).open()]
@@ -177,7 +202,6 @@ def train_vocabulary(cfg: dict, corpus: Path, out: Path) -> dict:
 def kept_documents(pipeline: Path) -> list[tuple[str, str]]:
     """(id, text) of the documents the data pipeline kept: the output of its last step (the mixture, unless an
     ablation left it out) under `pipeline` (the pipeline's output folder)."""
-    from ..data.steps import SafeJsonlReader
 
     stage = sorted(p for p in (pipeline / "stages").iterdir() if p.is_dir())[-1]
     return [(d.id, d.text) for d in SafeJsonlReader(str(stage), glob_pattern="*.jsonl.gz")()]
@@ -203,9 +227,6 @@ def run_data_pipeline(cfg: dict, corpus: Path, tokenizer: Path, out: Path, skip:
     """The data pipeline on the corpus, then packing: the kept documents plus the synthetic task data, in rows of
     phase 1's length and (with longer passkey documents) of phase 2's. `skip` leaves steps out and `phase1_only`
     packs phase 1's rows only (the ablations' data variants)."""
-    from ..data.pack import is_packed, pack_documents
-    from ..data.pipeline import DataPipeline
-    from ..tokenizer import Tokenizer
 
     config = {
         "output": str(out / "pipeline"), "tokenizer": str(tokenizer),
@@ -266,8 +287,6 @@ def tokenize_with_loss_masks(tok, docs: list[tuple[str, str]]) -> tuple[list[lis
 # ---- stage 4-5: scaling-law sweep, pre-training ---------------------------------------------------------------------
 def write_model_dir(cfg: dict, tokenizer: Path, out: Path) -> Path:
     """A config.json (and tokenizer files) for the recipe's architecture, vocabulary sized to the tokenizer."""
-    from ..config import ModelConfig
-    from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer)
     vocab = -(-len(tok) // 64) * 64  # padded like the official vocabularies; padding rows are masked at sampling
@@ -282,8 +301,6 @@ def write_model_dir(cfg: dict, tokenizer: Path, out: Path) -> Path:
 
 def run_scaling(cfg: dict, model_dir: Path, shards: Path, out: Path) -> dict:
     """A small grid (models x token budgets x learning rates) and the power-law fit of mu_opt(N, D)."""
-    from ..train.scaling import write_fit
-    from ..train.sweep import run_sweep
 
     grid = dict(cfg["sweep"])
     grid["models"] = [dict(m, name=f"m{i}") for i, m in enumerate(grid["models"])]
@@ -314,7 +331,6 @@ def pretraining_phases(cfg: dict, data: dict, lr: float, abf: bool = True,
 
 def phase1_lr(cfg: dict, model_dir: Path, data: dict, fit: Path) -> float:
     """Phase 1's learning rate from the scaling fit (`lr: auto` at the phase's N and D)."""
-    from ..train.loop import TrainConfig, resolve_config
 
     return resolve_config(TrainConfig.from_dict({
         "out_dir": "unused", "model": str(model_dir), "data": str(data["shards"]),
@@ -324,7 +340,6 @@ def phase1_lr(cfg: dict, model_dir: Path, data: dict, fit: Path) -> float:
 def train_phases(cfg: dict, model_dir: Path, phases: list[dict], out: Path, seed: int, init: Path | None = None,
                  progress: bool = True) -> None:
     """Run phases in order into out/NAME (resumable), from random init (seed) or from `init`'s weights."""
-    from ..train.phases import run_phases
 
     start = {"model": str(init), "init_from": str(init)} if init else {"model": str(model_dir)}
     run_phases({"out_dir": str(out), **start, "dtype": cfg.get("dtype", "fp32"), "warmup": 10, "seed": seed,
@@ -384,16 +399,12 @@ def _with_tokenizer(model_dir: Path, tokenizer: Path) -> Path:
 
 def arithmetic_rl_examples(problems: list[dict]) -> tuple[list[dict], object]:
     """(GRPO / rejection-sampling examples, reward_fn) from the arithmetic task: the benchmark's own check."""
-    from .evaluate import arithmetic_task
 
     task = arithmetic_task(problems, chat=True)
     return task.rl_examples(), task.reward_fn()
 
 
 def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> dict:
-    from ..post.sft import SFTConfig, train_sft
-    from ..tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(tokenizer)
     examples = [{"messages": problem_messages(p)} for p in read_jsonl(corpus / "arith_train.jsonl")]
     examples += [{"messages": c["messages"], "tools": c["tools"]} for c in read_jsonl(corpus / "tool_train.jsonl")]
@@ -407,10 +418,6 @@ def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> 
 
 
 def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
-    from ..model import load_model
-    from ..post.rejection import RejectionConfig, rejection_sample
-    from ..tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(sft_model)
     problems = read_jsonl(corpus / "arith_train.jsonl")[:cfg["rejection"]["prompts"]]
     examples, reward_fn = arithmetic_rl_examples(problems)
@@ -451,9 +458,6 @@ def _pairs(path: Path, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, out: Path) -> dict:
-    from ..post.reward import RMConfig, train_reward_model
-    from ..tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(sft_model)
     train, held = _pairs(pairs_file, cfg["seed"])
     if not train:
@@ -467,9 +471,6 @@ def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, out: Path) ->
 
 
 def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out: Path) -> dict:
-    from ..post.dpo import DPOConfig, train_dpo
-    from ..tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(sft_model)
     train, held = _pairs(pairs_file, cfg["seed"])
     if not train:
@@ -486,9 +487,6 @@ def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out:
 
 
 def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path) -> dict:
-    from ..post.grpo import GRPOConfig, train_grpo
-    from ..tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(policy)
     problems = read_jsonl(corpus / "arith_train.jsonl")
     examples, reward_fn = arithmetic_rl_examples(problems)
@@ -509,7 +507,6 @@ def run_serve_smoke(model_dir: Path, corpus: Path) -> dict:
     """Serve the final model over HTTP on localhost and ask it one arithmetic question (OpenAI chat format)."""
     import urllib.request
 
-    from ..serve.server import build_server, run_in_thread
 
     app, engine = build_server(model_dir, max_batch=2, model_name="qwen25-tiny")
     server, url = run_in_thread(app)
@@ -560,9 +557,6 @@ def passkey_variants(cfg: dict) -> dict:
 
 def run_recipe(out: str | Path, fast: bool = False, moe: bool = False, sets: dict | None = None) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
-    from .evaluate import evaluate_stage, sample_generations
-    from .loss_law import run_loss_law
-    from .report import write_report
 
     cfg = recipe_config(fast, moe, sets)
     run = RecipeRun(out, cfg)

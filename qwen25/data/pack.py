@@ -26,6 +26,8 @@ import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from ..tokenizer import Tokenizer
+from .mixture import hash01
 from .shards import INDEX, ShardWriter
 
 SEGMENTS, DOCUMENTS = "segments.npy", "documents.jsonl"
@@ -164,8 +166,6 @@ def pack_stream(documents, tokenizer_dir: str | Path, out_dir: str | Path, seq_l
     tokenise them (text as plain text) and pack them into a token-shard directory; returns the packing stats."""
     from tqdm import tqdm
 
-    from ..tokenizer import Tokenizer
-    from .mixture import hash01
 
     docs = sorted(((hash01(d.id, seed, "shuffle"), d.id, d.text) for d in documents), key=lambda x: (x[0], x[1]))
     tok = Tokenizer.from_dir(tokenizer_dir)

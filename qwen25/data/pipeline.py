@@ -27,12 +27,19 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
 
+import tomllib
 from tqdm import tqdm
 
 from ..utils import load_yaml
+from .decontam import humaneval_path
+from .domains import DomainTagger
+from .mixture import DomainHistogram, MixtureSampler, merge_histograms, plan_mixture
+from .pack import PackStep, is_packed, merge_parts, pack_folder
+from .quality import QualityFilter, RatingSampler, train_from_ratings
+from .stats import summarize_stage, write_report
+from .steps import DecontaminationFilter, EffectiveTokens, SafeJsonlReader, TokenCounter, make_filters, make_reader
 
 STEP_NAMES = ("filters", "minhash", "quality", "domains", "decontaminate", "mixture", "pack")
 
@@ -234,7 +241,6 @@ class DataPipeline:
 
     def reader(self, folder: Path | None):
         """The raw input reader (folder None) or a jsonl reader of a previous step's output."""
-        from .steps import SafeJsonlReader, make_reader
 
         if folder is None:
             spec = dict(self.config["input"])
@@ -251,7 +257,6 @@ class DataPipeline:
         """The end of a step's pipeline: count tokens (once: later steps find metadata token_count, and datatrove's
         readers and writers report it as doc_len_tokens) and effective tokens (q * n per domain, once documents
         have a quality score) when there is a tokenizer, then write the documents."""
-        from .steps import EffectiveTokens, TokenCounter
 
         counter = [TokenCounter(self.tokenizer_dir), EffectiveTokens()] if self.tokenizer_dir else []
         return [*counter, self.writer(folder)]
@@ -267,7 +272,6 @@ class DataPipeline:
 
     def run(self) -> dict:
         """Run every step (skipping finished work), write stats.json and stats.png; returns the statistics."""
-        from .stats import summarize_stage, write_report
 
         self._check_output_dir()
         previous: Path | None = None
@@ -285,14 +289,16 @@ class DataPipeline:
     # ---- steps: each returns the datatrove stats of its executor runs ----------------------------------------
 
     def step_filters(self, label, previous, out, opts):
-        from .steps import make_filters
-
         filters = make_filters(opts, lambda f: self.exclusion(f"{label}/{f}"))
         return self.execute(label, [self.reader(previous), *filters, *self.tail(out)])
 
     def step_minhash(self, label, previous, out, opts):
-        from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                              MinhashDedupSignature)
+        from datatrove.pipeline.dedup import (
+            MinhashDedupBuckets,
+            MinhashDedupCluster,
+            MinhashDedupFilter,
+            MinhashDedupSignature,
+        )
         from datatrove.pipeline.dedup.minhash import MinhashConfig
 
         cfg = MinhashConfig(**opts)
@@ -306,8 +312,6 @@ class DataPipeline:
                                     *self.tail(out)])
 
     def step_quality(self, label, previous, out, opts):
-        from .quality import QualityFilter, RatingSampler, train_from_ratings
-
         classifier = opts.get("classifier")
         if classifier:
             classifier = self._path(classifier)
@@ -331,16 +335,11 @@ class DataPipeline:
                                     *self.tail(out)])
 
     def step_domains(self, label, previous, out, opts):
-        from .domains import DomainTagger
-
         if opts.get("classifier"):
             opts["classifier"] = str(self._path(opts["classifier"]))
         return self.execute(label, [self.reader(previous), DomainTagger(**opts), *self.tail(out)])
 
     def step_decontaminate(self, label, previous, out, opts):
-        from .decontam import humaneval_path
-        from .steps import DecontaminationFilter
-
         sets = []
         for spec in opts.get("test_sets") or []:
             spec = dict(spec)
@@ -353,9 +352,6 @@ class DataPipeline:
         return self.execute(label, [self.reader(previous), step, *self.tail(out)])
 
     def step_mixture(self, label, previous, out, opts):
-        from .mixture import DomainHistogram, MixtureSampler, merge_histograms, plan_mixture
-        from .steps import TokenCounter
-
         unit, seed = opts.get("unit", "tokens"), opts.get("seed", 0)
         count = [TokenCounter(self.tokenizer_dir)] if unit == "tokens" and self.tokenizer_dir else []
         work = self.out / "mixture" / label
@@ -374,8 +370,6 @@ class DataPipeline:
                                     DomainHistogram(work / "output_counts", unit, seed), *self.tail(out)])
 
     def step_pack(self, label, previous, out, opts):
-        from .pack import PackStep, is_packed, merge_parts, pack_folder
-
         shards, tasks = self.out / "shards", int(opts.pop("tasks", 1))
         if not is_packed(shards):
             if tasks == 1:  # one process: one shuffle over every document, the same for any earlier task count

@@ -25,6 +25,9 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
+from .. import generation
+from ..model import load_model
+from ..tokenizer import Tokenizer, encode_chat
 from .mixture import hash01
 
 DIMENSIONS = ("educational_value", "coherence", "writing_quality", "informativeness")
@@ -68,25 +71,19 @@ class LMRater:
 
     def prompt_ids(self, text: str) -> list[int]:
         """Chat-formatted prompt ids for one document (document text encoded as plain text, never as controls)."""
-        from ..tokenizer import encode_chat
-
         messages = [{"role": "user", "content": RATING_PROMPT.format(text=text[:self.max_doc_chars])}]
         return encode_chat(self._tokenizer, messages, add_generation_prompt=True, sanitize=True).ids
 
     def __call__(self, texts: Sequence[str]) -> list[dict[str, float] | None]:
-        from ..generation import SamplingParams, generate
-        from ..model import load_model
-        from ..tokenizer import Tokenizer
-
         if self._model is None:
             self._tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
             self._model = load_model(self.model_dir)
-        params = SamplingParams(max_new_tokens=self.max_new_tokens,
+        params = generation.SamplingParams(max_new_tokens=self.max_new_tokens,
                                 eos_token_ids=[self._tokenizer.im_end_id, self._tokenizer.endoftext_id])
         out = []
         for i in range(0, len(texts), self.batch_size):
             prompts = [self.prompt_ids(t) for t in texts[i:i + self.batch_size]]
-            for ids in generate(self._model, prompts, params):
+            for ids in generation.generate(self._model, prompts, params):
                 out.append(parse_ratings(self._tokenizer.decode(ids, skip_special_tokens=True), self.dimensions))
         return out
 

@@ -12,6 +12,7 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.logging import logger
 
+from ..tokenizer import Tokenizer
 from .decontam import TestSetIndex, build_index
 
 
@@ -100,8 +101,12 @@ def make_filters(spec: dict, exclusion_writer_for) -> list[BaseFilter]:
 
     spec maps gopher_quality | gopher_repetition | c4 | fineweb to keyword arguments (or {} for the defaults).
     The Gopher and C4 filters use spaCy's blank English tokenizer (no model download)."""
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
 
     known = {"gopher_quality": GopherQualityFilter, "gopher_repetition": GopherRepetitionFilter,
              "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
@@ -123,8 +128,6 @@ class TokenCounter(PipelineStep):
         self.tokenizer_dir, self.batch_size = str(tokenizer_dir), batch_size
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from ..tokenizer import Tokenizer
-
         tok = None  # loaded on first need: documents that went through decontamination are counted already
         batch: list[Document] = []
 
@@ -191,8 +194,6 @@ class DecontaminationFilter(BaseFilter):
         self._tok = self._index = None
 
     def _load(self) -> None:
-        from ..tokenizer import Tokenizer
-
         self._tok = Tokenizer.from_dir(self.tokenizer_dir)
         self._index: TestSetIndex = build_index(
             self.test_sets, lambda texts: self._tok.encode_batch(texts, allowed_special="none"),

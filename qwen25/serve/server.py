@@ -22,11 +22,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import generation
-from ..generation import SamplingParams, TextTracker
-from ..tokenizer import TokenizerError, encode_chat
+from ..generation import Engine, SamplingParams, TextTracker
+from ..model import load_model
+from ..tokenizer import Tokenizer, TokenizerError, encode_chat
 from .async_engine import AsyncEngine
-from .openai_protocol import (APIError, ChatCompletionRequest, ChatDeltaStream, CompletionRequest, envelope,
-                              finish_reason, merge_deltas, new_id, parse_request, usage)
+from .openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatDeltaStream,
+    CompletionRequest,
+    envelope,
+    finish_reason,
+    merge_deltas,
+    new_id,
+    parse_request,
+    usage,
+)
+from .quant import prepare_for_decode
 
 log = logging.getLogger("qwen25.serve")
 
@@ -437,10 +449,6 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     (`qwen25 serve` does, on the main thread, where the model was loaded: see AsyncEngine)."""
     import torch
 
-    from ..model import load_model
-    from ..tokenizer import Tokenizer
-    from .quant import prepare_for_decode
-    from ..generation import Engine
 
     if threads:
         torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..model import CausalLM, save_model
 from .checkpoint import _step_dir, publish_checkpoint
 
 
@@ -200,7 +201,6 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_full(model, directory: str | Path) -> Path:
     """Gather the weights and write an HF-layout checkpoint from rank 0 (what `load_model` reads)."""
-    from ..model import CausalLM, save_model
 
     weights = full_state_dict(model)
     if dist.get_rank() == 0:

@@ -71,3 +71,18 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_inside_functions_only_in_command_line_modules():
+    """Library modules import qwen25 at the top; only the command-line modules (cli.py, chat_cli.py) defer theirs,
+    so that `qwen25 --help` and each command load only what they run."""
+    late = []
+    for name, path in _modules().items():
+        if path.name in ("cli.py", "chat_cli.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for top in tree.body:
+            for node in ast.walk(top) if not isinstance(top, (ast.Import, ast.ImportFrom)) else ():
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qwen25")):
+                    late.append(f"{name}:{node.lineno}")
+    assert not late, "imports of qwen25 inside functions:\n" + "\n".join(late)

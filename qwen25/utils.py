@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -31,8 +33,6 @@ def add_common_flags(p, *, model: str | None = None, dtype: bool = False, thread
     if quiet:
         p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bars")
     if sampling:
-        import argparse
-
         p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
                        help="sample (--sample) or decode greedily (--no-sample); default from generation_config.json")
         p.add_argument("--temperature", type=float)
@@ -70,8 +70,6 @@ def config_from_dict(cls, raw: dict, what: str | None = None, **values):
     """A dataclass config from a YAML/JSON mapping (every config of qwen25 is built this way): an unknown key is an
     error that names it and the known ones; a list given for a tuple field becomes a tuple, a mapping given for a
     field whose default is a dataclass (e.g. `sampling: {temperature: 0.7}`) that dataclass; `values` are set too."""
-    import dataclasses
-
     if not isinstance(raw, dict):
         raise ValueError(f"{what or cls.__name__}: expected a mapping of options, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -56,6 +56,15 @@ class _Running:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
 
 
+def check_prompt(prompt: list[int], vocab_size: int) -> None:
+    """A prompt the model can read: at least one token, every id inside its vocabulary."""
+    if not prompt:
+        raise ValueError("every prompt needs at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+
+
 class PrefixCache:
     """LRU store of KV blocks keyed by the hash of every token up to the block's end."""
 
@@ -118,11 +127,7 @@ class Engine:
 
     def submit(self, request: Request) -> str:
         """Queue a request; returns its id. Errors for prompts that cannot fit."""
-        if not request.prompt:
-            raise ValueError("the prompt needs at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt):
-            raise ValueError(f"prompt token outside the model's vocabulary [0, {vocab})")
+        check_prompt(request.prompt, self.model.config.vocab_size)
         if request.params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         seed = request.params.seed
@@ -308,15 +313,6 @@ class Engine:
         return [results[i] for i in ids]
 
 
-def _check_prompts(model: CausalLM, prompts: list[list[int]]) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    vocab = model.config.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-
-
 @torch.inference_mode()
 def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
                     vocab_limit: int | None = None,
@@ -327,7 +323,10 @@ def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingP
     should_stop (e.g. a TextTracker for stop strings) says so. The prompts run as the Engine's requests, one slot
     each (no padding); with a seed, prompt i samples with seed + i.
     """
-    _check_prompts(model, prompts)
+    if not prompts:
+        raise ValueError("every prompt needs at least one token")
+    for prompt in prompts:  # before the early return: a bad prompt is refused even when nothing is generated
+        check_prompt(prompt, model.config.vocab_size)
     if params.max_new_tokens == 0:
         return
     engine = Engine(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + params.max_new_tokens,

@@ -58,15 +58,14 @@ class KVCache:
             self.key_valid[:, start:start + n] = valid
             self.has_padding = self.has_padding or not bool(valid.all())
         self.lengths.fill_(start + n)
-        return CacheWrite(self, slice(None), start, n, self.extents)
+        return CacheWrite(self, slice(None), start, n)
 
     def at(self, rows: list[int], starts: list[int] | torch.Tensor, n: int) -> CacheWrite:
         """The write of n tokens for each of `rows`, row i from slot starts[i] on. Rows of a batch may be right
         padded to n: the padding's keys land past the row's real tokens, where later writes overwrite them."""
         if len(rows) == 1:
-            return CacheWrite(self, slice(rows[0], rows[0] + 1), int(starts[0]), n, [self.extents[rows[0]]])
-        starts = torch.as_tensor(starts, device=self.k.device)
-        return CacheWrite(self, rows, starts, n, [self.extents[r] for r in rows])
+            return CacheWrite(self, slice(rows[0], rows[0] + 1), int(starts[0]), n)
+        return CacheWrite(self, rows, torch.as_tensor(starts, device=self.k.device), n)
 
     def reset(self):
         self.lengths.zero_()
@@ -79,13 +78,13 @@ class CacheWrite:
     """Where one forward writes its keys/values in a KVCache, what they attend to, and the RoPE extents.
 
     rows: a slice (one row, or all of them, sharing `start`) or a list of rows with their own starts (tensor).
-    The model calls `update(layer, k, v)` in every layer and reads `mask(t)` (None = plain causal or one new token
+    The model calls `update(layer, k, v)` in every layer and reads `mask()` (None = plain causal or one new token
     seeing everything before it), `positions` (the token positions written), `extents`, `key_valid`/`has_padding`.
     """
 
-    def __init__(self, cache: KVCache, rows: slice | list[int], start: int | torch.Tensor, n: int,
-                 extents: list[int]):
-        self.cache, self.n, self.extents = cache, n, extents
+    def __init__(self, cache: KVCache, rows: slice | list[int], start: int | torch.Tensor, n: int):
+        self.cache, self.n = cache, n
+        self.extents = cache.extents[rows] if isinstance(rows, slice) else [cache.extents[r] for r in rows]
         device = cache.k.device
         self.shared = isinstance(start, int)  # every written row starts at the same slot
         if self.shared:

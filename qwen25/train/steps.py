@@ -32,7 +32,6 @@ class LoopConfig(Protocol):
     max_bad_steps: int
     save_every: int
     log_every: int
-    allow_config_change: bool
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

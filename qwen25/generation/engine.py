@@ -302,15 +302,28 @@ class Engine:
         return StepOutput(state.request.id, token, reason)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        """Run prompts to completion (continuous batching when there are more prompts than slots)."""
+        """Run prompts to completion (continuous batching when there are more prompts than slots). With a prefix
+        cache, the copies of a prompt (a GRPO group, rejection sampling's k samples) wait until the first copy's
+        prompt is in the cache and then reuse its blocks: a shared prompt is prefilled once."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.submit(Request(list(p), q)) for p, q in zip(prompts, params)]
-        results: dict[str, list[int]] = {i: [] for i in ids}
+        requests = [Request(list(p), q, id=f"generate-{i}") for i, (p, q) in enumerate(zip(prompts, params))]
+        first: dict[tuple[int, ...], str] = {}  # prompt -> the id of its first copy
+        waiting: dict[str, list[Request]] = {}  # first copy's id -> the copies submitted once it has a token
+        for r in requests:
+            key = tuple(r.prompt)
+            if self.prefix and len(r.prompt) > self.prefix.block and key in first:
+                waiting[first[key]].append(r)
+            else:
+                first.setdefault(key, r.id)
+                waiting.setdefault(self.submit(r), [])
+        results: dict[str, list[int]] = {r.id: [] for r in requests}
         while self.has_work():
             for out in self.step():
                 if out.token is not None and out.request_id in results:
                     results[out.request_id].append(out.token)
-        return [results[i] for i in ids]
+                for r in waiting.pop(out.request_id, []):  # its prompt is cached (or it failed: they run anyway)
+                    self.submit(r)
+        return [results[r.id] for r in requests]
 
 
 @torch.inference_mode()

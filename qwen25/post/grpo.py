@@ -126,10 +126,13 @@ def weighted_rewards(functions: list, weights: list[float] | None = None):
 
 
 def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list[list[int]]:
-    """group_size sampled completions per prompt (group by group), seeded by (seed, step, index)."""
+    """group_size sampled completions per prompt (group by group), seeded by (seed, step, index), sampled with the
+    policy's own weights (no copy). A group's prompt is prefilled once (Engine.generate shares it through the
+    prefix cache); the engine is built for this rollout, so its cache only holds keys and values of the current
+    weights."""
     engine = Engine(model, max_batch=min(64, len(prompts) * cfg.group_size), vocab_limit=cfg.vocab_limit,
                     max_len=max(len(p) for p in prompts) + cfg.sampling.max_new_tokens + 1,
-                    prefix_capacity_blocks=0)  # weights change every step: cached prefixes would be stale
+                    prefix_capacity_blocks=sum(len(p) // 16 for p in prompts) + 1)
     flat = [p for p in prompts for _ in range(cfg.group_size)]
     params = [replace(cfg.sampling, seed=cfg.seed * 1_000_003 + step * 4099 + i) for i in range(len(flat))]
     was_training = model.training
@@ -140,12 +143,14 @@ def rollout(model, prompts: list[list[int]], cfg: GRPOConfig, step: int) -> list
 
 
 def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None, model=None,
-               progress: bool = True) -> dict:
+               progress: bool = True, variances: dict[int, float] | None = None) -> dict:
     """GRPO on prompts (examples with "prompt" or "prompt_ids"); reward_fn(prompts, completions, examples).
 
     Prompts and completions reach reward_fn as text when a tokenizer is given (prompt = rendered chat text),
     else as token-id lists. Metrics per step: loss, reward mean/std, frac_zero_std, clip_ratio, kl, completion
     length. A rollout and its pi_old log-probs live in checkpoints while it is being reused, so resuming is exact.
+    `variances` ({query index: reward variance}, e.g. of rejection sampling's responses to the same queries)
+    seeds the prioritisation; without it every query is sampled once, in random order, before any is ranked.
     """
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_causal_lm(cfg.model, cfg.seed, cfg.device)
@@ -153,7 +158,7 @@ def train_grpo(cfg: GRPOConfig, examples: list[dict], reward_fn, tokenizer=None,
     prompts = [encode_prompt(e, tokenizer, cfg.chat) for e in examples]
     cfg.vocab_limit = sampling_vocab_limit(cfg.vocab_limit, tokenizer)
     optimizer = adamw(model, cfg)
-    variances: dict[int, float] = {}  # query -> reward variance of its last group (prioritisation)
+    variances = dict(variances or {})  # query -> reward variance of its last group (prioritisation)
     current: dict = {}  # the rollout being trained on (reused for updates_per_rollout steps)
     total = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.queries_per_step))
 

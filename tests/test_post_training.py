@@ -319,3 +319,69 @@ def test_stages_run_under_bf16_autocast(tmp_path):
     grpo = train_grpo(_grpo_cfg(tmp_path / "grpo", steps=2, dtype="bf16", beta=0.1, updates_per_rollout=2),
                       [{"prompt_ids": [50, 51, 52]}] * 4, _digit7, progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for v in (dpo["loss"], grpo["loss"], grpo["kl"]))
+
+
+def test_rollout_prefills_a_groups_prompt_once(monkeypatch):
+    """A group's later samples copy its prompt from the rollout engine's prefix cache instead of prefilling it, and
+    every sample is still the one it gets alone with its seed."""
+    from dataclasses import replace
+
+    from qwen25.generation import Engine
+    from qwen25.post import grpo
+
+    engines = []
+
+    class Recorded(Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(grpo, "Engine", Recorded)
+    model = load_causal_lm("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(40, 100, (n,), generator=g).tolist() for n in (40, 9)]  # 2 whole blocks; none
+    cfg = GRPOConfig(group_size=4, seed=3, sampling=SamplingParams(temperature=1.0, max_new_tokens=6))
+    out = grpo.rollout(model, prompts, cfg, step=2)
+    assert engines[0].stats["reused_tokens"] == 3 * 32  # the 40-token prompt's 3 later samples, 2 blocks of 16 each
+    flat = [p for p in prompts for _ in range(4)]
+    seeds = [replace(cfg.sampling, seed=3 * 1_000_003 + 2 * 4099 + i) for i in range(8)]
+    alone = Engine(model.eval(), max_batch=1, prefix_capacity_blocks=0).generate(flat, seeds)  # one slot: one at a time
+    assert out == alone and len({tuple(c) for c in out}) == 8
+
+
+def test_dpo_rpo_alpha_adds_the_chosen_responses_token_nll(tmp_path):
+    """rpo_alpha (TRL's RPO term): the first step's loss is DPO's log 2 plus alpha x the chosen tokens' mean cross
+    entropy under the starting model, computed here directly."""
+    import torch.nn.functional as F
+
+    pairs = separable_pairs(8, 3)
+    cfg = DPOConfig(out_dir=str(tmp_path / "rpo"), model="tiny", lr=1e-3, steps=1, batch_size=8, rpo_alpha=2.0)
+    train_dpo(cfg, pairs, progress=False)
+    row = metrics(tmp_path / "rpo")[0]
+    model = load_causal_lm("tiny", seed=0).eval()
+    ce, n = 0.0, 0
+    with torch.no_grad():
+        for p in pairs:
+            ids = torch.tensor([p["prompt_ids"] + p["chosen_ids"]])
+            logits = model(ids[:, :-1])[0, len(p["prompt_ids"]) - 1:]
+            ce += F.cross_entropy(logits, ids[0, len(p["prompt_ids"]):], reduction="sum").item()
+            n += len(p["chosen_ids"])
+    assert row["nll_loss"] == pytest.approx(ce / n, rel=1e-4)
+    assert row["loss"] == pytest.approx(0.6931472 + 2.0 * ce / n, rel=1e-4)
+
+
+def test_grpo_starts_from_given_query_variances(tmp_path):
+    """Hand-made variances (e.g. of rejection sampling's groups on the same queries): the first steps sample the
+    queries whose responses disagreed most, in that order."""
+    asked = []
+
+    def reward(prompts, completions, examples):
+        asked.append(examples[0]["q"])
+        return [1.0] * len(completions)  # every group agrees: a query sampled once drops to variance 0
+
+    prompts = [{"prompt_ids": [40 + q, 41, 42], "q": q} for q in range(6)]
+    variances = {0: 0.0, 1: 0.05, 2: 0.25, 3: 0.0, 4: 0.2, 5: 0.1}
+    cfg = GRPOConfig(out_dir=str(tmp_path / "g"), model="tiny", lr=1e-2, steps=3, queries_per_step=1, group_size=4,
+                     explore=0.0, sampling=SamplingParams(temperature=1.0, max_new_tokens=2), vocab_limit=16)
+    train_grpo(cfg, prompts, reward, progress=False, variances=variances)
+    assert asked == [2, 4, 5]  # 0.25, 0.2, 0.1: each query's own group then sets its variance to 0

@@ -31,6 +31,10 @@ class DPOConfig(StageConfig):
     epochs: float = 1.0
     weight_decay: float = 0.0
     beta: float = 0.1
+    # TRL's rpo_alpha (RPO, Pang et al. 2024): + rpo_alpha x the chosen responses' mean token NLL, which keeps
+    # what the chosen responses share with the rejected (e.g. copying a result into the final answer) from being
+    # pushed down with them
+    rpo_alpha: float = 0.0
     precompute_ref: bool = True
     pad_id: int = 0
     eval_data: str = ""  # held-out pairs (jsonl) scored at the end into eval.json
@@ -125,6 +129,10 @@ def train_dpo(cfg: DPOConfig, examples: list[dict], tokenizer=None, model=None, 
             with torch.no_grad(), autocast(cfg):
                 ref_chosen, ref_rejected = sequence_logprobs(ref_model, batch).chunk(2)
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+        if cfg.rpo_alpha:
+            nll = -chosen.sum() / batch.target_mask[:len(idx)].sum().clamp(min=1.0).to(chosen.device)
+            loss = loss + cfg.rpo_alpha * nll
+            metrics["nll_loss"] = nll.item()
         loss.backward()
         return {"loss": loss.item(), **metrics, "tokens": int(batch.lengths.sum())}
 

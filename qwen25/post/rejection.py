@@ -5,7 +5,8 @@ The verifier is any reward function `reward_fn(prompts, completions, examples) -
 check, code unit tests in a sandbox, a Task's reward, or a reward model with a threshold); a response is accepted
 when its reward >= `threshold`. Chat prompts ({"prompt": messages or text}) are rendered with the chat format and
 responses decoded to text (reward_fn gets text); token prompts ({"prompt_ids": [...]}) stay token ids.
-Outputs in out_dir: sft.jsonl (train_sft's format), dpo.jsonl (train_dpo's), stats.json (acceptance rates).
+Outputs in out_dir: sft.jsonl (train_sft's format), dpo.jsonl (train_dpo's), rewards.jsonl (every prompt's
+k rewards: GRPO can order the same queries by their variance), stats.json (acceptance rates).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def rejection_sample(model, examples: list[dict], reward_fn, cfg: RejectionConfi
     out = Path(cfg.out_dir)
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "dpo.jsonl", dpo_rows)
+    write_jsonl(out / "rewards.jsonl", [{"index": i, "rewards": rewards[i * k:(i + 1) * k]}
+                                        for i in range(len(examples))])
     stats = {"prompts": len(examples), "samples": len(completions), "accepted": accepted_total,
              "acceptance_rate": accepted_total / max(1, len(completions)),
              "prompts_solved": solved, "sft_examples": len(sft_rows), "dpo_pairs": len(dpo_rows),

@@ -171,12 +171,15 @@ def reward_fn(rm: RewardModel, tokenizer=None, batch_size: int = 8):
     """The reward-function interface over a reward model.
 
     Called as f(prompts, completions, examples): token-id lists are scored as they are; with a tokenizer, texts
-    are encoded (prompt text should be the rendered chat prompt, completion the assistant's reply).
+    are encoded (prompt text should be the rendered chat prompt, completion the assistant's reply; after a chat
+    prompt the reply gets its turn's closing "<|im_end|>\n", as in training, since the score is read at the last
+    token).
     """
     def f(prompts, completions, examples=None) -> list[float]:
         if tokenizer is not None and prompts and isinstance(prompts[0], str):
+            ends = ["<|im_end|>\n" if p.endswith("<|im_start|>assistant\n") else "" for p in prompts]
             prompts = [tokenizer.encode(p) for p in prompts]
-            completions = [tokenizer.encode(c) for c in completions]
+            completions = [tokenizer.encode(c + end) for c, end in zip(completions, ends)]
         return score(rm, prompts, completions, batch_size)
     return f
 

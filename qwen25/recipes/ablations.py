@@ -1,4 +1,5 @@
-"""`qwen25 recipe tiny --ablations`: each pre-training claim of the report, rerun with one thing removed, over seeds.
+"""`qwen25 recipe tiny --ablations`: each pre- and post-training claim of the report, rerun with one thing removed,
+over seeds.
 
 | claim | with | without | metric |
 |---|---|---|---|
@@ -7,8 +8,13 @@
 | ABF (RoPE base 10K -> 1M) lets the long phase read far | base 1M in phase 2 | base 10K in phase 2 | passkey at 4x |
 | DCA extends retrieval past the trained length | DCA | plain RoPE, YaRN | passkey at 8x and 16x, keys at every depth |
 | `lr: auto` from the scaling fit is near the best rate | the fit's rate | 3x higher, 3x lower | phase 1's final loss |
+| SFT teaches the tasks; rejection-sampled SFT adds to it | SFT; rs_sft | pre-trained; SFT | arithmetic, tool calls |
+| online merging removes DPO's alignment tax | OnDARE | plain AdamW | arithmetic, held-out text |
+| GRPO raises accuracy, high-variance queries first | GRPO by variance | uniform order; no GRPO | arithmetic |
+| the reward model ranks pairs it never saw | the reward model | chance | held-out pair accuracy |
 
-Every arm trains with seeds 0..S-1 (model init and data order); the data variants keep phase 1's token budget
+Every pre-training arm trains with seeds 0..S-1 (model init and data order); the post-training chain starts
+from the recipe's pre-trained model with seeds 0..S-1 (data order, sampling, reward-model head); the data variants keep phase 1's token budget
 (same steps and rows), so only what the documents are changes. Seed 0's "with" arms are the main recipe run's
 own checkpoints. The run lives in OUT/ablations/ (resumable stage by stage, like the recipe) and writes
 OUT/ablations.md: per cell the mean, the standard deviation and every seed's value, and per claim whether the
@@ -28,16 +34,19 @@ from ..tasks.task import make_task
 from ..tokenizer import Tokenizer
 from ..train.sweep import final_loss
 from ..utils import read_jsonl
-from .evaluate import passkey_scores
+from .evaluate import evaluate_stage, passkey_scores
 from .loss_law import run_loss_law
 from .runner import RecipeRun
 from .tiny import (
     _with_tokenizer,
     passkey_variants,
     phase1_lr,
+    post_training,
     pretraining_phases,
     recipe_config,
     run_data_pipeline,
+    run_dpo,
+    run_grpo,
     run_recipe,
     train_phases,
     write_model_dir,
@@ -97,8 +106,9 @@ def final_train_loss(run_dir: Path) -> float:
 
 
 def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3,
-                  sets: dict | None = None) -> Path:
-    """The recipe (resumed or run first), then every ablation arm for `seeds` seeds; returns OUT/ablations.md."""
+                  sets: dict | None = None, parts: tuple[str, ...] = ("post", "pretrain")) -> Path:
+    """The recipe (resumed or run first), then every ablation arm of `parts` (post-training first: it is the
+    shorter) for `seeds` seeds; returns OUT/ablations.md."""
 
     out = Path(out)
     run_recipe(out, fast=fast, moe=moe, sets=sets)
@@ -112,6 +122,10 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
     lr = phase1_lr(cfg, model_dir, data, fit)
     settings = SETTINGS["fast" if fast else "full"]
     abl = RecipeRun(out / "ablations", {"recipe": cfg, "seeds": seeds, "settings": settings})
+    if "post" in parts:
+        run_post_ablations(out, cfg, abl, seeds)
+    if "pretrain" not in parts:
+        return write_ablations_report(out, fast, moe, seeds, sets)
     heldout, domains = read_jsonl(corpus / "heldout.jsonl"), read_jsonl(corpus / "heldout_domains.jsonl")
     variants = passkey_variants(cfg)
     data_variants = {"no_quality_dedup": ("quality", "minhash"), "no_mixture": ("mixture",)}
@@ -160,6 +174,39 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
 
 PHASE1_ARMS = ("base", "no_quality_dedup", "no_mixture", "lr_x3", "lr_div3")
 PHASE2_ARMS = ("abf", "no_abf")
+POST_ARMS = ("pretrained", "sft", "rs_sft", "dpo_merge", "dpo_plain", "grpo_priority", "grpo_uniform", "rm")
+
+
+def run_post_ablations(out: Path, cfg: dict, abl: RecipeRun, seeds: int) -> None:
+    """The post-training chain once per seed (the recipe's own stages for its seed), plus the arms without the
+    report's choices: DPO with plain AdamW instead of online merging, GRPO with queries in uniform order instead
+    of by reward variance. Every arm's model gets the recipe's chat evaluation (s{seed}_eval_post_{arm})."""
+    main = RecipeRun(out, cfg, log=lambda *_: None)
+    corpus, tok = out / "stages" / "corpus", out / "stages" / "tokenizer"
+    pretrained = Path(main.record("pretrain").outputs["final"])
+    held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
+            "tool_test": read_jsonl(corpus / "tool_test.jsonl")}
+    for seed in range(seeds):
+        c = dict(cfg, seed=seed)
+        reuse = seed == cfg["seed"]
+
+        def stage(name, fn, seed=seed, reuse=reuse):  # the recipe's own stage for its seed, else this seed's
+            return main.record(name) if reuse and main.done(name) else abl.stage(f"s{seed}_{name}", fn)
+
+        post = post_training(c, stage, lambda *_: None, pretrained, corpus, tok)
+        final = {name: Path(post[name].outputs["final"]) for name in ("sft", "rs_sft", "dpo", "grpo")}
+        pairs = Path(post["rejection"].outputs["pairs"])
+        plain = abl.stage(f"s{seed}_dpo_plain", lambda d: run_dpo(c, final["rs_sft"], pretrained, pairs, d, merge=False))
+        uniform = abl.stage(f"s{seed}_grpo_uniform", lambda d: run_grpo(
+            dict(c, grpo=dict(c["grpo"], prioritise=False)), final["dpo"], corpus, d, post["rm"].outputs.get("final")))
+        models = {"pretrained": pretrained, "sft": final["sft"], "rs_sft": final["rs_sft"], "dpo_merge": final["dpo"],
+                  "dpo_plain": Path(plain.outputs["final"]), "grpo_priority": final["grpo"],
+                  "grpo_uniform": Path(uniform.outputs["final"])}
+        for arm, model in models.items():
+            abl.stage(f"s{seed}_eval_post_{arm}", lambda d, m=model: {"metrics": evaluate_stage(m, held, d)})
+        rm = post["rm"].metrics
+        abl.stage(f"s{seed}_eval_post_rm", lambda d: {"metrics": {
+            **{k: rm[k] for k in ("rm_heldout_acc", "rm_step_acc") if k in rm}, "chance": 0.5}})
 
 
 def collect_results(abl_dir: Path, seeds: int) -> tuple[dict[str, dict[str, list[float]]], int]:
@@ -168,7 +215,7 @@ def collect_results(abl_dir: Path, seeds: int) -> tuple[dict[str, dict[str, list
     results: dict[str, dict[str, list[float]]] = {}
     finished = 0
     for seed in range(seeds):
-        for kind, arms in (("phase1", PHASE1_ARMS), ("phase2", PHASE2_ARMS)):
+        for kind, arms in (("phase1", PHASE1_ARMS), ("phase2", PHASE2_ARMS), ("post", POST_ARMS)):
             for arm in arms:
                 marker = abl_dir / "stages" / f"s{seed}_eval_{kind}_{arm}" / "done.json"
                 if not marker.is_file():
@@ -193,7 +240,7 @@ def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = Fals
     law_marker = abl_dir / "stages" / "loss_law" / "done.json"
     law = json.loads(law_marker.read_text())["metrics"] if law_marker.is_file() else None
     seconds = sum(json.loads(p.read_text()).get("seconds", 0) for p in (abl_dir / "stages").glob("*/done.json"))
-    total = seeds * (len(PHASE1_ARMS) + len(PHASE2_ARMS))
+    total = seeds * (len(PHASE1_ARMS) + len(PHASE2_ARMS) + len(POST_ARMS))
     summary = summarize(results, cfg, settings)
     (abl_dir / "results.json").write_text(json.dumps({"results": results, "summary": summary, "loss_law": law,
                                                       "finished": finished, "of": total, "seconds": seconds},
@@ -224,6 +271,21 @@ def claims(cfg: dict, settings: dict) -> list[dict]:
     for domain in ("technology", "code", "general"):
         out.insert(1, {"claim": f"domain mixture ({domain})", "metric": f"heldout_bpb_{domain}", "with": "base",
                        "without": "no_mixture", "better": "lower"})
+    post = [("SFT vs the pre-trained model", "arith_acc", "sft", "pretrained"),
+            ("SFT: tool calls exactly right", "tool_call_correct", "sft", "pretrained"),
+            ("rejection-sampled SFT vs plain SFT", "arith_acc", "rs_sft", "sft"),
+            ("DPO + online merging vs plain DPO", "arith_acc", "dpo_merge", "dpo_plain"),
+            ("DPO + online merging vs plain DPO: held-out text (tax)", "heldout_bits_per_byte", "dpo_merge",
+             "dpo_plain"),
+            ("DPO + online merging vs no DPO", "arith_acc", "dpo_merge", "rs_sft"),
+            ("GRPO, high-variance queries first, vs uniform order", "arith_acc", "grpo_priority", "grpo_uniform"),
+            ("GRPO vs no GRPO", "arith_acc", "grpo_priority", "dpo_merge")]
+    for claim, metric, with_arm, without in post:
+        out.append({"claim": claim, "metric": metric, "with": with_arm, "without": without,
+                    "better": "lower" if "bits" in metric else "higher"})
+    for metric in ("rm_heldout_acc", "rm_step_acc"):
+        out.append({"claim": f"reward model vs chance ({metric})", "metric": (metric, "chance"), "with": "rm",
+                    "without": "rm", "better": "higher"})
     for m in long:
         for other in ("rope", "yarn"):
             out.append({"claim": f"DCA vs {other} at {m}x, far keys", "metric": (f"passkey_{m}x_dca_far", f"passkey_{m}x_{other}_far"),
@@ -262,7 +324,7 @@ def _shown(row: dict) -> str:
 
 def ablations_markdown(summary: list[dict], results: dict, command: str, seeds: int, law: dict | None = None) -> str:
     """ablations.md: the claims table, the loss law on the larger grid, and every arm's metrics."""
-    lines = ["# Ablations of the recipe's pre-training claims", "",
+    lines = ["# Ablations of the recipe's pre- and post-training claims", "",
              f"Command: `{command}`; {seeds} seeds per arm (model init and data order). A cell is mean ± standard "
              "deviation (every seed's value). **Shown** means every seed of the claimed-better arm beats every seed "
              "of the other; otherwise the difference is within the seed spread and the claim is not shown here.", "",

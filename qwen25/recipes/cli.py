@@ -23,7 +23,8 @@ def cmd_recipe(args) -> int:
     if args.ablations:
         from .ablations import run_ablations
 
-        path = run_ablations(out, fast=args.fast, moe=args.moe, seeds=args.seeds, sets=sets)
+        parts = ("post", "pretrain") if args.ablations == "all" else (args.ablations,)
+        path = run_ablations(out, fast=args.fast, moe=args.moe, seeds=args.seeds, sets=sets, parts=parts)
         print(f"ablations: {path}")
     report = run_recipe(out, fast=args.fast, moe=args.moe, sets=sets)  # after the ablations: the report cites them
     print(f"report: {report}")
@@ -42,9 +43,10 @@ def add_recipe_command(subparsers) -> None:
     p.add_argument("--fast", action="store_true", help="a ~2-minute version (what the tests run)")
     p.add_argument("--moe", action="store_true", help="the MoE variant: routed + shared experts in every layer")
     p.add_argument("--out", type=Path, help="run folder (default runs/recipe-tiny[-moe][-fast])")
-    p.add_argument("--ablations", action="store_true",
-                   help="after the recipe, rerun each pre-training claim with one thing removed over --seeds seeds "
-                        "(OUT/ablations.md; about 2 hours; resumable)")
+    p.add_argument("--ablations", nargs="?", const="all", choices=["all", "pretrain", "post"],
+                   help="after the recipe, rerun each claim with one thing removed over --seeds seeds "
+                        "(OUT/ablations.md; resumable): `post` the post-training rows (about 25 minutes), "
+                        "`pretrain` the pre-training rows (about 2 hours), no value both")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ablation arm")
     p.add_argument("--ablations-report", action="store_true",
                    help="write OUT/ablations.md from the ablation stages finished so far (marked partial while the "

@@ -12,7 +12,9 @@ EVAL_KEYS = ["heldout_bits_per_byte", "arith_acc_plain", "arith_acc", "tool_call
 CURVES = [("pretrain", "phase1/metrics.jsonl", "loss", "pre-training phase 1"),
           ("pretrain", "phase2a/metrics.jsonl", "loss", "phase 2a (ABF, 1x: passkeys + replay)"),
           ("pretrain", "phase2/metrics.jsonl", "loss", "phase 2 (4x, ABF: passkeys of all lengths + replay)"),
-          ("sft", "metrics.jsonl", "loss", "SFT loss"), ("rm", "metrics.jsonl", "loss", "reward model loss"),
+          ("sft", "metrics.jsonl", "loss", "SFT loss"),
+          ("rs_sft", "metrics.jsonl", "loss", "rejection-sampled SFT loss"),
+          ("rm", "metrics.jsonl", "loss", "reward model loss"),
           ("dpo", "metrics.jsonl", "rewards/margins", "DPO reward margin"),
           ("grpo", "metrics.jsonl", "reward", "GRPO mean reward")]
 
@@ -103,10 +105,11 @@ def summary_rows(records: dict, ablations: dict, cfg_multiples: list[int]) -> li
     """The report card: one row per stage, its headline number in this run and what it is measured against."""
     seeds = {(r["with"], r["metric"]): r for r in ablations.get("summary", [])}
 
-    def against(arm_metric: tuple[str, str], label: str) -> str:
+    def against(arm_metric: tuple[str, str], label: str, this_run: str = "") -> str:
+        """The ablation row over seeds (without-arm mean vs with-arm mean), else this run's number, else a hint."""
         row = next((r for (w, m), r in seeds.items() if r["without"] == arm_metric[0] and m == arm_metric[1]), None)
         if row is None:
-            return f"{label}: run `--ablations`"
+            return f"{label}: {this_run}" if this_run else f"{label}: run `--ablations`"
         verdict = "shown" if row["shown"] else "not shown"
         return (f"{label}: {row['without_mean']:.3f} ± {row['without_sd']:.3f} vs {row['with_mean']:.3f} ± "
                 f"{row['with_sd']:.3f} over {len(row['with_values'])} seeds ({verdict})")
@@ -142,16 +145,24 @@ def summary_rows(records: dict, ablations: dict, cfg_multiples: list[int]) -> li
                 f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_dca'))} / "
                 f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_yarn'))} / "
                 f"{_num(_get(records, 'eval_pretrain', f'passkey_{m16}x_rope'))} | keys far outside DCA's window: ablations.md |")
-    rows.append(f"| SFT | arithmetic accuracy; tool calls exactly right | {_num(_get(records, 'eval_sft', 'arith_acc'))}; "
-                f"{_num(_get(records, 'eval_sft', 'tool_call_correct'))} | pre-trained: "
-                f"{_num(_get(records, 'eval_pretrain', 'arith_acc'))}; {_num(_get(records, 'eval_pretrain', 'tool_call_correct'))} |")
-    rows.append(f"| reward model | held-out pair accuracy | {_num(_get(records, 'rm', 'rm_heldout_acc'))} | chance: 0.500 |")
-    rows.append(f"| DPO (online merging) | arithmetic accuracy | {_num(_get(records, 'eval_dpo', 'arith_acc'))} | "
-                f"SFT: {_num(_get(records, 'eval_sft', 'arith_acc'))} |")
-    rows.append(f"| GRPO | mean reward, second half of the steps; accuracy | "
-                f"{_num(_get(records, 'grpo', 'grpo_reward_second_half'))}; {_num(_get(records, 'eval_grpo', 'arith_acc'))} | "
-                f"first half: {_num(_get(records, 'grpo', 'grpo_reward_first_half'))}; before GRPO: "
-                f"{_num(_get(records, 'eval_dpo', 'arith_acc'))} |")
+    acc = lambda stage: _num(_get(records, f"eval_{stage}", "arith_acc"))  # noqa: E731
+    tools = lambda stage: _num(_get(records, f"eval_{stage}", "tool_call_correct"))  # noqa: E731
+    rows.append(f"| SFT | arithmetic accuracy; tool calls exactly right | {acc('sft')}; {tools('sft')} | "
+                f"{against(('pretrained', 'arith_acc'), 'pre-trained', acc('pretrain'))}; "
+                f"{against(('pretrained', 'tool_call_correct'), 'pre-trained', tools('pretrain'))} |")
+    rows.append(f"| rejection-sampled SFT | arithmetic accuracy after a second round on verified samples | "
+                f"{acc('rs_sft')} | {against(('sft', 'arith_acc'), 'SFT', acc('sft'))} |")
+    rm = [_num(_get(records, "rm", key)) for key in ("rm_heldout_acc", "rm_step_acc")]
+    rows.append(f"| reward model | held-out sampled pairs ranked right; test step pairs (both answers right) | "
+                f"{rm[0]}; {rm[1]} | {against(('rm', 'rm_heldout_acc vs chance'), 'chance', '0.500')} |")
+    rows.append(f"| DPO (online merging) | arithmetic accuracy; tool calls exactly right | {acc('dpo')}; {tools('dpo')} | "
+                f"{against(('rs_sft', 'arith_acc'), 'before DPO', acc('rs_sft'))}; "
+                f"{against(('dpo_plain', 'arith_acc'), 'plain DPO')} |")
+    rows.append(f"| GRPO | arithmetic accuracy; mean reward, first / second half of the steps | {acc('grpo')}; "
+                f"{_num(_get(records, 'grpo', 'grpo_reward_first_half'))} / "
+                f"{_num(_get(records, 'grpo', 'grpo_reward_second_half'))} | "
+                f"{against(('dpo_merge', 'arith_acc'), 'before GRPO', acc('dpo'))}; "
+                f"{against(('grpo_uniform', 'arith_acc'), 'uniform query order')} |")
     rows.append(f"| serve | one chat completion over HTTP | {'ok' if _get(records, 'serve', 'serve_ok') else '-'} | |")
     return rows
 

@@ -64,6 +64,15 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None, max_
     return out
 
 
+def wrong_solution(problem: dict, rng: random.Random, step_only: bool = False) -> str:
+    """The worked solution with a wrong result: a near miss (off by 1-3 or 10) in the equation and the final answer,
+    or (step_only) in the equation alone, so the final answer is right but the step that reaches it is not."""
+    answer = int(problem["answer"])
+    wrong = answer + rng.choice([d for d in (-10, -3, -2, -1, 1, 2, 3, 10) if answer + d >= 0])
+    solution = problem["solution"].replace(f"= {answer}.", f"= {wrong}.")
+    return solution if step_only else solution.replace(f"is {answer}.", f"is {wrong}.")
+
+
 def problem_document(problem: dict) -> str:
     """A problem as pre-training text (question, then the worked solution)."""
     return f"Question: {problem['question']}\nSolution: {problem['solution']}"

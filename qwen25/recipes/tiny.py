@@ -9,10 +9,13 @@ Stages (each the library's real code at small size; each resumable, see runner.p
   pretrain    phase 1 at a short context (RoPE base 10K); phase 2 raises the base to 1M (ABF): 2a at the same
               length on passkey retrieval, then 4x the context on long documents
   sft         chat SFT on arithmetic solutions and tool-call conversations (assistant tokens only)
-  rejection   k samples per training question, verified by the math checker -> SFT data and DPO pairs
-  rm          a reward model on the verified pairs (Bradley-Terry)
-  dpo         DPO from the SFT model with the Online Merging Optimizer (OnDARE, SFT delta over the base)
-  grpo        GRPO on arithmetic questions, reward = the same math check
+  rejection   k samples per question of the RL query set (questions with answers, outside SFT and the test set),
+              verified by the math checker -> SFT data and preference pairs
+  rs_sft      a second SFT round on the verified samples (the report's rejection-sampled SFT data)
+  rm          a reward model (Bradley-Terry) on the sampled pairs plus reference-vs-corrupted ones
+  dpo         DPO from the rs_sft model with the Online Merging Optimizer (OnDARE, SFT delta over the base)
+  grpo        GRPO on the RL query set, reward = the same math check + 0.1 x the reward model's score,
+              high-variance queries first
   serve       the final model behind the OpenAI-compatible server, one chat request (smoke test)
 After every model stage: held-out bits per byte, arithmetic accuracy, tool-call validity; passkey at 1x, 4x and
 16x the phase-1 context (plain RoPE, YaRN, DCA) after pre-training. `report.md` gathers it all.
@@ -25,6 +28,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -35,9 +39,11 @@ from ..data.steps import SafeJsonlReader
 from ..generation import SamplingParams
 from ..model import load_model
 from ..post.dpo import DPOConfig, train_dpo
-from ..post.grpo import GRPOConfig, train_grpo
+from ..post.grpo import GRPOConfig, train_grpo, weighted_rewards
+from ..post.logprobs import encode_pair
 from ..post.rejection import RejectionConfig, rejection_sample
-from ..post.reward import RMConfig, train_reward_model
+from ..post.reward import RMConfig, evaluate_reward_model, load_reward_model, train_reward_model
+from ..post.reward import reward_fn as rm_reward_fn
 from ..post.sft import SFTConfig, train_sft
 from ..serve.server import build_server, run_in_thread
 from ..tokenizer import Tokenizer
@@ -62,6 +68,7 @@ from .synthetic import (
     problem_messages,
     spam_text,
     tool_conversations,
+    wrong_solution,
 )
 
 MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -69,7 +76,7 @@ MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_at
 
 CONFIGS = {
     "full": dict(
-        seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, tool_train=600,
+        seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, arith_rl=1000, tool_train=600,
         tool_test=40, passkey_docs=8000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
         model=MODEL, phase1_len=256, phase2_len=1024,
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
@@ -80,17 +87,25 @@ CONFIGS = {
         # phase 2: 600 steps of 4 x 1,024 tokens, passkey prompts of every length up to 4x plus replayed text
         # (1,500 steps did the same for retrieval here and took 9 minutes more: docs/recipe.md)
         phase2=dict(steps=600, batch_size=4, lr=2e-3), retrieval_docs=12000, spread_docs=12000,
-        sft=dict(epochs=3, batch_size=16, lr=1e-3, seq_len=512),
-        rejection=dict(prompts=200, samples_per_prompt=4),
-        rm=dict(epochs=1, batch_size=8, lr=3e-4), dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1),
-        grpo=dict(steps=30, queries_per_step=8, group_size=8, lr=2e-5),
+        # SFT: 4 epochs of batches of 4 packed rows (3 epochs of 16: arithmetic 0.25; 3 of 4: 0.53; 6 of 4: 1.0)
+        sft=dict(epochs=4, batch_size=4, lr=1e-3, seq_len=512),
+        rejection=dict(prompts=1000, samples_per_prompt=4),
+        rs_sft=dict(epochs=1, batch_size=4, lr=1e-4, seq_len=512),
+        # the reward model learns from sampled pairs plus 3,000 reference-vs-corrupted ones (a quarter with only
+        # the equation wrong): on ~160 sampled pairs alone its loss did not fall and it ranked held-out pairs at 0.43
+        rm=dict(epochs=2, batch_size=8, lr=3e-4, synthetic=3000, step_share=0.25),
+        # DPO: plain DPO cost 26 points of arithmetic (the rejected answers push down copying a result into "The
+        # answer is"); the chosen answers' NLL (rpo_alpha 5) keeps it. Online merging: keep-rate 0.5, weight 1e-4
+        # for a tiny model over tens of steps (docs/recipe.md)
+        dpo=dict(epochs=1, batch_size=8, lr=5e-5, beta=0.1, rpo_alpha=5.0, merge_weight=1e-4, merge_keep=0.5),
+        grpo=dict(steps=60, queries_per_step=8, group_size=8, lr=3e-5, rm_weight=0.1),
         passkey=dict(multiples=[1, 4, 16], trials=8),  # 40 prompts per length and method
         # the loss law: the sweep's 2 model sizes x 3 token budgets x 4 shares of spam in the corpus (24 small runs)
         loss_law=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
                               dict(hidden_size=64, intermediate_size=192)],
                       tokens=[50_000, 100_000, 200_000], fractions=[0.0, 0.25, 0.5, 0.75], batch_size=8)),
     "fast": dict(
-        seed=0, corpus_bytes=300_000, heldout_docs=4, arith_train=400, arith_test=20, tool_train=100,
+        seed=0, corpus_bytes=300_000, heldout_docs=4, arith_train=400, arith_test=20, arith_rl=40, tool_train=100,
         tool_test=8, passkey_docs=300, spam_docs=60, leaks=5, duplicates=5, vocab_size=512,
         model=dict(MODEL, hidden_size=64, intermediate_size=192, num_hidden_layers=2), phase1_len=128,
         phase2_len=512,
@@ -101,8 +116,11 @@ CONFIGS = {
         phase2=dict(steps=6, batch_size=2, lr=1e-3), retrieval_docs=64, spread_docs=300,
         sft=dict(epochs=1, batch_size=4, lr=1e-3, seq_len=1024),
         rejection=dict(prompts=16, samples_per_prompt=2),
-        rm=dict(epochs=3, batch_size=4, lr=1e-3), dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1),
-        grpo=dict(steps=2, queries_per_step=2, group_size=4, lr=2e-5),
+        rs_sft=dict(epochs=1, batch_size=4, lr=1e-4, seq_len=1024),
+        rm=dict(epochs=6, batch_size=4, lr=3e-3, synthetic=20, step_share=0.25),  # the fast model barely reads
+        # no NLL term: the smoke model's ~3 nats per token would swamp the DPO loss
+        dpo=dict(epochs=2, batch_size=4, lr=3e-4, beta=0.1, rpo_alpha=0.0, merge_weight=1e-4, merge_keep=0.5),
+        grpo=dict(steps=2, queries_per_step=2, group_size=4, lr=2e-5, rm_weight=0.1),
         passkey=dict(multiples=[1, 4], trials=1),
         loss_law=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1),
                               dict(hidden_size=64, intermediate_size=192)],
@@ -153,6 +171,10 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     stdlib = stdlib[:-cfg["heldout_docs"]]
     test = arithmetic_problems(cfg["arith_test"], seed=cfg["seed"] + 1)
     train = arithmetic_problems(cfg["arith_train"], seed=cfg["seed"] + 2, exclude={p["question"] for p in test})
+    # the RL query set (questions with reference answers, none in SFT or the test set): rejection sampling, the
+    # reward model's preference pairs and GRPO all draw on it, as the report's RL stages share one query set
+    queries = arithmetic_problems(cfg["arith_rl"], seed=cfg["seed"] + 6,
+                                  exclude={p["question"] for p in test + train})
     docs = [dict(d, metadata=dict(d["metadata"], rating=4.5)) for d in stdlib]
     docs += [{"id": f"copy/{i}", "text": d["text"].replace("\n\n", "\n", 3),
               "metadata": {"source": "duplicate", "rating": 4.5}}
@@ -173,6 +195,7 @@ def build_corpus(cfg: dict, out: Path) -> dict:
     n_docs = write_jsonl(out / "raw" / "corpus.jsonl", docs)
     write_jsonl(out / "arith_test.jsonl", test)
     write_jsonl(out / "arith_train.jsonl", train)
+    write_jsonl(out / "arith_rl.jsonl", queries)
     write_jsonl(out / "heldout.jsonl", heldout)
     write_jsonl(out / "heldout_domains.jsonl", by_domain)
     write_jsonl(out / "tool_train.jsonl", tool_conversations(cfg["tool_train"], cfg["seed"] + 4))
@@ -418,27 +441,26 @@ def run_sft(cfg: dict, base: Path, corpus: Path, tokenizer: Path, out: Path) -> 
 
 
 def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
+    """k samples per RL query from the SFT model, verified by the math check: the verified ones are SFT data for
+    a second round (rs_sft), passing-vs-failing pairs are DPO and reward-model data."""
     tok = Tokenizer.from_dir(sft_model)
-    problems = read_jsonl(corpus / "arith_train.jsonl")[:cfg["rejection"]["prompts"]]
+    problems = read_jsonl(corpus / "arith_rl.jsonl")[:cfg["rejection"]["prompts"]]
     examples, reward_fn = arithmetic_rl_examples(problems)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=24, eos_token_ids=[tok.im_end_id, tok.endoftext_id])
     rs = RejectionConfig(out_dir=str(out), model=str(sft_model), sampling=sampling, seed=cfg["seed"], threshold=1.0,
-                         samples_per_prompt=cfg["rejection"]["samples_per_prompt"])
+                         samples_per_prompt=cfg["rejection"]["samples_per_prompt"], max_batch=64)
     stats = rejection_sample(load_model(sft_model, dtype="fp32"), examples, reward_fn, rs, tokenizer=tok)
     # Questions the model never solved still get a pair: the reference solution (verified passing) against a
     # wrong one (verified failing) - "passing = chosen, failing = rejected" with the reference as the pass.
-    pairs = read_jsonl(out / "dpo.jsonl")
+    pairs = [dict(p, source="sampled") for p in read_jsonl(out / "dpo.jsonl")]
     have = {json.dumps(p["prompt"]) for p in pairs}
     rng = random.Random(cfg["seed"])
     added = 0
     for example, problem in zip(examples, problems):
         if json.dumps(example["prompt"]) in have:
             continue
-        wrong = str(int(problem["answer"]) + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
-        rejected = problem["solution"].replace(f"= {problem['answer']}.", f"= {wrong}.").replace(
-            f"is {problem['answer']}.", f"is {wrong}.")
-        ok = reward_fn([None, None], [problem["solution"], rejected], [example, example])
-        if ok == [1.0, 0.0]:
+        rejected = wrong_solution(problem, rng)
+        if reward_fn([None, None], [problem["solution"], rejected], [example, example]) == [1.0, 0.0]:
             pairs.append({"prompt": example["prompt"], "chosen": problem["solution"], "rejected": rejected,
                           "source": "reference"})
             added += 1
@@ -448,36 +470,77 @@ def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
             "outputs": {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}}
 
 
+def run_rs_sft(cfg: dict, sft_model: Path, rs_data: Path, out: Path) -> dict:
+    """A second SFT round on the rejection-sampled answers the verifier accepted (the report's SFT data for math
+    comes from rejection sampling), from the SFT model at a tenth of its learning rate."""
+    tok = Tokenizer.from_dir(sft_model)
+    examples = [{"messages": row["messages"]} for row in read_jsonl(rs_data)]
+    if not examples:
+        return {"notes": ["no verified samples: the second SFT round is skipped"], "outputs": {"final": sft_model}}
+    random.Random(cfg["seed"]).shuffle(examples)
+    rs = SFTConfig(out_dir=str(out), model=str(sft_model), pad_id=tok.endoftext_id, seed=cfg["seed"], warmup=5,
+                   **cfg["rs_sft"])
+    train_sft(rs, examples, tokenizer=tok)
+    first, last = _first_last_metrics(out)
+    return {"metrics": {"rs_sft_examples": len(examples), "rs_sft_loss_first": first["loss"],
+                        "rs_sft_loss_last": last["loss"]},
+            "outputs": {"final": _with_tokenizer(out / "final", sft_model), "metrics": out / "metrics.jsonl"}}
+
+
 def _pairs(path: Path, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) preference pairs: a fifth held out (at least one when there are two or more)."""
+    """(train, held-out) preference pairs: a fifth of the model-sampled pairs held out (at least one when there
+    are two or more); reference-vs-corrupted pairs only ever train."""
 
     pairs = read_jsonl(path)
     random.Random(seed).shuffle(pairs)
-    k = len(pairs) // 5 if len(pairs) >= 5 else min(1, len(pairs) - 1)
-    return pairs[k:], pairs[:k]
+    sampled = [p for p in pairs if p.get("source") != "reference"]
+    k = len(sampled) // 5 if len(sampled) >= 5 else min(1, max(0, len(sampled) - 1))
+    held = sampled[:k]
+    return [p for p in pairs if all(p is not h for h in held)], held
 
 
-def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, out: Path) -> dict:
+def step_pairs(problems: list[dict], seed: int) -> list[dict]:
+    """Pairs whose final answers are both right: the reference solution against one whose equation is wrong."""
+    rng = random.Random(seed)
+    return [{"prompt": problem_messages(p, with_answer=False), "chosen": p["solution"],
+             "rejected": wrong_solution(p, rng, step_only=True), "source": "step"} for p in problems]
+
+
+def run_reward_model(cfg: dict, sft_model: Path, pairs_file: Path, corpus: Path, out: Path) -> dict:
+    """A Bradley-Terry reward model from the SFT model on the sampled pairs plus reference-vs-corrupted pairs of
+    the SFT questions (a share with only the equation wrong); scored on held-out sampled pairs it never saw and on
+    the test questions' step pairs (final answers both right, one equation wrong)."""
     tok = Tokenizer.from_dir(sft_model)
     train, held = _pairs(pairs_file, cfg["seed"])
+    options = dict(cfg["rm"])
+    n_synthetic, step_share = options.pop("synthetic", 0), options.pop("step_share", 0.0)
+    rng = random.Random(cfg["seed"] + 1)
+    for p in read_jsonl(corpus / "arith_train.jsonl")[:n_synthetic]:
+        train.append({"prompt": problem_messages(p, with_answer=False), "chosen": p["solution"],
+                      "rejected": wrong_solution(p, rng, step_only=rng.random() < step_share), "source": "corrupted"})
     if not train:
         return {"notes": ["no preference pairs (every sample passed or every sample failed): reward model skipped"]}
-    rm_cfg = RMConfig(out_dir=str(out), model=str(sft_model), pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["rm"])
-    _, result = train_reward_model(rm_cfg, train, tokenizer=tok, eval_examples=held or None)
+    rng.shuffle(train)
+    rm_cfg = RMConfig(out_dir=str(out), model=str(sft_model), pad_id=tok.endoftext_id, seed=cfg["seed"], **options)
+    rm, result = train_reward_model(rm_cfg, train, tokenizer=tok, eval_examples=held or None)
+    steps = step_pairs(read_jsonl(corpus / "arith_test.jsonl"), cfg["seed"])
+    step_acc = evaluate_reward_model(rm, [encode_pair(e, tok) for e in steps], batch_size=16, pad_id=tok.endoftext_id)
     metrics = {"rm_heldout_acc": result["eval/accuracy"]} if "eval/accuracy" in result else {}
     first, last = _first_last_metrics(out)
-    return {"metrics": {"rm_loss_first": first["loss"], "rm_loss_last": last["loss"], **metrics},
+    return {"metrics": {"rm_train_pairs": len(train), "rm_heldout_pairs": len(held), "rm_loss_first": first["loss"],
+                        "rm_loss_last": last["loss"], **metrics, "rm_step_acc": step_acc["accuracy"]},
             "outputs": {"final": _with_tokenizer(out / "final", sft_model)}}
 
 
-def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out: Path) -> dict:
+def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out: Path, merge: bool = True) -> dict:
+    """DPO on the preference pairs, with the Online Merging Optimizer (OnDARE) or, merge=False, plain AdamW."""
     tok = Tokenizer.from_dir(sft_model)
     train, held = _pairs(pairs_file, cfg["seed"])
     if not train:
         return {"notes": ["no preference pairs: DPO skipped, the SFT model goes on"],
                 "outputs": {"final": sft_model}}
-    dpo = DPOConfig(out_dir=str(out), model=str(sft_model), base_model=str(base_model), merge="dare",
-                    merge_weight=1e-4, merge_keep=0.5,  # a tiny model over tens of steps (docs/recipe.md)
+    dpo = DPOConfig(out_dir=str(out), model=str(sft_model), base_model=str(base_model),
+                    merge="dare" if merge else "none",
                     pad_id=tok.endoftext_id, seed=cfg["seed"], **cfg["dpo"])
     train_dpo(dpo, train, tokenizer=tok, eval_examples=held or None)
     first, last = _first_last_metrics(out)
@@ -486,15 +549,25 @@ def run_dpo(cfg: dict, sft_model: Path, base_model: Path, pairs_file: Path, out:
             "outputs": {"final": _with_tokenizer(out / "final", sft_model), "metrics": out / "metrics.jsonl"}}
 
 
-def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path) -> dict:
+def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path, reward_model: str | Path | None = None,
+             scores: str | Path | None = None) -> dict:
+    """GRPO on the RL query set (the reward model's), reward = the math check plus `rm_weight` x the reward model's
+    score when there is one. Queries whose responses' rewards varied most are sampled first (`prioritise`), from
+    the start when `scores` (rejection sampling's rewards.jsonl over the same queries) gives their variance."""
     tok = Tokenizer.from_dir(policy)
-    problems = read_jsonl(corpus / "arith_train.jsonl")
+    problems = read_jsonl(corpus / "arith_rl.jsonl")
     examples, reward_fn = arithmetic_rl_examples(problems)
     g = dict(cfg["grpo"])
+    rm_weight = g.pop("rm_weight", 0.0)
+    if reward_model and rm_weight:
+        reward_fn = weighted_rewards([reward_fn, rm_reward_fn(load_reward_model(reward_model), tok, batch_size=64)],
+                                     [1.0, rm_weight])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=24, eos_token_ids=[tok.im_end_id, tok.endoftext_id])
     grpo = GRPOConfig(out_dir=str(out), model=str(policy), sampling=sampling, pad_id=tok.endoftext_id,
                       seed=cfg["seed"], vocab_limit=len(tok), **g)
-    train_grpo(grpo, examples, reward_fn, tokenizer=tok)
+    variances = {row["index"]: statistics.variance(row["rewards"]) for row in read_jsonl(scores)
+                 if len(row["rewards"]) > 1} if scores and Path(scores).is_file() else None
+    train_grpo(grpo, examples, reward_fn, tokenizer=tok, variances=variances)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     half = max(1, len(rows) // 2)
     reward = lambda part: sum(r["reward"] for r in part) / len(part)  # noqa: E731
@@ -555,6 +628,23 @@ def passkey_variants(cfg: dict) -> dict:
                                                     "original_max_position_embeddings": cfg["phase2_len"]}}}
 
 
+def post_training(cfg: dict, stage, evaluation, pretrained: Path, corpus: Path, tok: Path) -> dict:
+    """SFT -> rejection sampling -> rejection-sampled SFT -> reward model -> DPO (online merging) -> GRPO, each a
+    `stage(name, fn)` (resumable), with `evaluation(name, model)` after SFT, rs_sft and DPO; the stages' records.
+    The recipe runs it once; the ablations once per seed (cfg["seed"])."""
+    sft = stage("sft", lambda d: run_sft(cfg, pretrained, corpus, tok, d))
+    evaluation("sft", Path(sft.outputs["final"]))
+    rs = stage("rejection", lambda d: run_rejection(cfg, Path(sft.outputs["final"]), corpus, d))
+    rs_sft = stage("rs_sft", lambda d: run_rs_sft(cfg, Path(sft.outputs["final"]), Path(rs.outputs["sft"]), d))
+    evaluation("rs_sft", Path(rs_sft.outputs["final"]))
+    rm = stage("rm", lambda d: run_reward_model(cfg, Path(sft.outputs["final"]), Path(rs.outputs["pairs"]), corpus, d))
+    dpo = stage("dpo", lambda d: run_dpo(cfg, Path(rs_sft.outputs["final"]), pretrained, Path(rs.outputs["pairs"]), d))
+    evaluation("dpo", Path(dpo.outputs["final"]))
+    grpo = stage("grpo", lambda d: run_grpo(cfg, Path(dpo.outputs["final"]), corpus, d, rm.outputs.get("final"),
+                                            Path(rs.outputs["sft"]).with_name("rewards.jsonl")))
+    return {"sft": sft, "rejection": rs, "rs_sft": rs_sft, "rm": rm, "dpo": dpo, "grpo": grpo}
+
+
 def run_recipe(out: str | Path, fast: bool = False, moe: bool = False, sets: dict | None = None) -> Path:
     """Run (or resume) every stage into `out` and write out/report.md; returns its path."""
 
@@ -589,14 +679,8 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False, sets: dic
                passkey=dict(passkey, multiples=cfg["passkey"]["multiples"][:2], variants={"rope": None}))
     evaluation("pretrain", Path(pre.outputs["final"]), plain=True, chat=True, passkey=passkey)
     run.stage("samples", lambda d: sample_generations(Path(pre.outputs["final"]), sample_prompts(corpus), d))
-    sft = run.stage("sft", lambda d: run_sft(cfg, Path(pre.outputs["final"]), corpus, tok, d))
-    evaluation("sft", Path(sft.outputs["final"]))
-    rs = run.stage("rejection", lambda d: run_rejection(cfg, Path(sft.outputs["final"]), corpus, d))
-    run.stage("rm", lambda d: run_reward_model(cfg, Path(sft.outputs["final"]), Path(rs.outputs["pairs"]), d))
-    dpo = run.stage("dpo", lambda d: run_dpo(cfg, Path(sft.outputs["final"]), Path(pre.outputs["final"]),
-                                             Path(rs.outputs["pairs"]), d))
-    evaluation("dpo", Path(dpo.outputs["final"]))
-    grpo = run.stage("grpo", lambda d: run_grpo(cfg, Path(dpo.outputs["final"]), corpus, d))
+    post = post_training(cfg, run.stage, evaluation, Path(pre.outputs["final"]), corpus, tok)
+    grpo = post["grpo"]
     evaluation("grpo", Path(grpo.outputs["final"]),  # does DCA retrieval survive post-training (longest prompts)
                passkey=dict(passkey, multiples=cfg["passkey"]["multiples"][-1:], variants={"dca": variants["dca"]}))
     run.stage("serve", lambda d: run_serve_smoke(Path(grpo.outputs["final"]), corpus))

@@ -125,7 +125,7 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
     if "post" in parts:
         run_post_ablations(out, cfg, abl, seeds)
     if "pretrain" not in parts:
-        return write_ablations_report(out, fast, moe, seeds, sets)
+        return write_ablations_report(out, fast, moe, seeds, sets, parts)
     heldout, domains = read_jsonl(corpus / "heldout.jsonl"), read_jsonl(corpus / "heldout_domains.jsonl")
     variants = passkey_variants(cfg)
     data_variants = {"no_quality_dedup": ("quality", "minhash"), "no_mixture": ("mixture",)}
@@ -227,7 +227,7 @@ def collect_results(abl_dir: Path, seeds: int) -> tuple[dict[str, dict[str, list
 
 
 def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = False, seeds: int = 3,
-                           sets: dict | None = None) -> Path:
+                           sets: dict | None = None, parts: tuple[str, ...] = ("post", "pretrain")) -> Path:
     """OUT/ablations.md and OUT/ablations/results.json from every finished stage under OUT/ablations/: at the end
     of `--ablations`, or of a run still in progress (`--ablations-report`; the file then says it is partial)."""
 
@@ -246,7 +246,8 @@ def write_ablations_report(out: str | Path, fast: bool = False, moe: bool = Fals
                                                       "finished": finished, "of": total, "seconds": seconds},
                                                      indent=1))
     changes = "".join(f" --set {k}={json.dumps(v)}" for k, v in (sets or {}).items())
-    command = f"qwen25 recipe tiny --ablations --seeds {seeds}{' --fast' * fast}{' --moe' * moe}{changes} --out {out}"
+    part = f" {parts[0]}" if len(parts) == 1 else ""
+    command = f"qwen25 recipe tiny --ablations{part} --seeds {seeds}{' --fast' * fast}{' --moe' * moe}{changes} --out {out}"
     text = ablations_markdown(summary, results, command, seeds, law)
     progress = (f"**Partial**: {finished} of {total} arm x seed evaluations have finished"
                 f"{'' if law else ', the larger loss law not yet'}; rerun the command to go on.\n\n"

@@ -558,11 +558,12 @@ def run_grpo(cfg: dict, policy: Path, corpus: Path, out: Path, reward_model: str
     problems = read_jsonl(corpus / "arith_rl.jsonl")
     examples, reward_fn = arithmetic_rl_examples(problems)
     g = dict(cfg["grpo"])
-    rm_weight = g.pop("rm_weight", 0.0)
+    rm_weight, temperature = g.pop("rm_weight", 0.0), g.pop("temperature", 1.0)
     if reward_model and rm_weight:
         reward_fn = weighted_rewards([reward_fn, rm_reward_fn(load_reward_model(reward_model), tok, batch_size=64)],
                                      [1.0, rm_weight])
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, eos_token_ids=[tok.im_end_id, tok.endoftext_id])
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=24,
+                              eos_token_ids=[tok.im_end_id, tok.endoftext_id])
     grpo = GRPOConfig(out_dir=str(out), model=str(policy), sampling=sampling, pad_id=tok.endoftext_id,
                       seed=cfg["seed"], vocab_limit=len(tok), **g)
     variances = {row["index"]: statistics.variance(row["rewards"]) for row in read_jsonl(scores)

@@ -88,3 +88,19 @@ def test_recipe_run_skips_finished_stages_and_refuses_another_config(tmp_path):
     with pytest.raises(RecipeError, match="another config"):
         RecipeRun(tmp_path, {"seed": 1})
     assert json.loads((tmp_path / "recipe.json").read_text()) == {"seed": 0}
+
+
+def test_summary_cites_every_claim_of_an_arm_that_has_several():
+    """DPO with merging is the "with" arm of two claims (vs plain DPO, vs no DPO): the report card cites both."""
+    from qwen25.recipes.report import summary_rows
+
+    def claim(without, with_mean, without_mean, shown):
+        return {"with": "dpo_merge", "without": without, "metric": "arith_acc", "with_values": [with_mean] * 3,
+                "with_mean": with_mean, "with_sd": 0.0, "without_mean": without_mean, "without_sd": 0.0,
+                "shown": shown}
+
+    rows = summary_rows({}, {"summary": [claim("dpo_plain", 0.83, 0.53, True), claim("rs_sft", 0.83, 0.80, False)]},
+                        [1, 4, 16])
+    dpo = next(r for r in rows if r.startswith("| DPO"))
+    assert "before DPO: 0.800 ± 0.000 vs 0.830 ± 0.000 over 3 seeds (not shown)" in dpo
+    assert "plain DPO: 0.530 ± 0.000 vs 0.830 ± 0.000 over 3 seeds (shown)" in dpo

@@ -103,11 +103,11 @@ def _num(value, digits: int = 3) -> str:
 
 def summary_rows(records: dict, ablations: dict, cfg_multiples: list[int]) -> list[str]:
     """The report card: one row per stage, its headline number in this run and what it is measured against."""
-    seeds = {(r["with"], r["metric"]): r for r in ablations.get("summary", [])}
+    seeds = ablations.get("summary", [])  # one row per claim (an arm can be the "with" of several)
 
     def against(arm_metric: tuple[str, str], label: str, this_run: str = "") -> str:
         """The ablation row over seeds (without-arm mean vs with-arm mean), else this run's number, else a hint."""
-        row = next((r for (w, m), r in seeds.items() if r["without"] == arm_metric[0] and m == arm_metric[1]), None)
+        row = next((r for r in seeds if r["without"] == arm_metric[0] and r["metric"] == arm_metric[1]), None)
         if row is None:
             return f"{label}: {this_run}" if this_run else f"{label}: run `--ablations`"
         verdict = "shown" if row["shown"] else "not shown"

@@ -76,8 +76,8 @@ MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_at
 
 CONFIGS = {
     "full": dict(
-        seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, arith_rl=1000, tool_train=600,
-        tool_test=40, passkey_docs=8000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
+        seed=0, corpus_bytes=3_000_000, heldout_docs=12, arith_train=3000, arith_test=100, arith_rl=1000,
+        tool_train=600, tool_test=40, passkey_docs=8000, spam_docs=300, leaks=20, duplicates=20, vocab_size=2048,
         model=MODEL, phase1_len=256, phase2_len=1024,
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],

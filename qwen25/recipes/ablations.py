@@ -39,6 +39,7 @@ from .loss_law import run_loss_law
 from .runner import RecipeRun
 from .tiny import (
     _with_tokenizer,
+    held_out_sets,
     passkey_variants,
     phase1_lr,
     post_training,
@@ -184,8 +185,7 @@ def run_post_ablations(out: Path, cfg: dict, abl: RecipeRun, seeds: int) -> None
     main = RecipeRun(out, cfg, log=lambda *_: None)
     corpus, tok = out / "stages" / "corpus", out / "stages" / "tokenizer"
     pretrained = Path(main.record("pretrain").outputs["final"])
-    held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
-            "tool_test": read_jsonl(corpus / "tool_test.jsonl")}
+    held = held_out_sets(corpus)
     for seed in range(seeds):
         c = dict(cfg, seed=seed)
         reuse = seed == cfg["seed"]

@@ -467,7 +467,7 @@ def run_rejection(cfg: dict, sft_model: Path, corpus: Path, out: Path) -> dict:
     write_jsonl(out / "pairs.jsonl", pairs)
     return {"metrics": {**{k: stats[k] for k in ("acceptance_rate", "prompts_solved", "sft_examples", "dpo_pairs")},
                         "reference_pairs": added},
-            "outputs": {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}}
+            "outputs": {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl", "rewards": out / "rewards.jsonl"}}
 
 
 def run_rs_sft(cfg: dict, sft_model: Path, rs_data: Path, out: Path) -> dict:
@@ -629,6 +629,11 @@ def passkey_variants(cfg: dict) -> dict:
                                                     "original_max_position_embeddings": cfg["phase2_len"]}}}
 
 
+def held_out_sets(corpus: Path) -> dict:
+    """What every stage's evaluation reads: held-out stdlib files, the arithmetic test set, the tool-call test set."""
+    return {name: read_jsonl(corpus / f"{name}.jsonl") for name in ("heldout", "arith_test", "tool_test")}
+
+
 def post_training(cfg: dict, stage, evaluation, pretrained: Path, corpus: Path, tok: Path) -> dict:
     """SFT -> rejection sampling -> rejection-sampled SFT -> reward model -> DPO (online merging) -> GRPO, each a
     `stage(name, fn)` (resumable), with `evaluation(name, model)` after SFT, rs_sft and DPO; the stages' records.
@@ -642,7 +647,7 @@ def post_training(cfg: dict, stage, evaluation, pretrained: Path, corpus: Path, 
     dpo = stage("dpo", lambda d: run_dpo(cfg, Path(rs_sft.outputs["final"]), pretrained, Path(rs.outputs["pairs"]), d))
     evaluation("dpo", Path(dpo.outputs["final"]))
     grpo = stage("grpo", lambda d: run_grpo(cfg, Path(dpo.outputs["final"]), corpus, d, rm.outputs.get("final"),
-                                            Path(rs.outputs["sft"]).with_name("rewards.jsonl")))
+                                            Path(rs.outputs["rewards"])))
     return {"sft": sft, "rejection": rs, "rs_sft": rs_sft, "rm": rm, "dpo": dpo, "grpo": grpo}
 
 
@@ -666,8 +671,7 @@ def run_recipe(out: str | Path, fast: bool = False, moe: bool = False, sets: dic
     for phase in ("phase1", "phase2a", "final"):
         _with_tokenizer(Path(pre.outputs[phase]), tok)
 
-    held = {"heldout": read_jsonl(corpus / "heldout.jsonl"), "arith_test": read_jsonl(corpus / "arith_test.jsonl"),
-            "tool_test": read_jsonl(corpus / "tool_test.jsonl")}
+    held = held_out_sets(corpus)
     variants = passkey_variants(cfg)
     passkey = dict(base_len=cfg["phase1_len"], variants=variants, **cfg["passkey"])
 

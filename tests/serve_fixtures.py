@@ -11,11 +11,12 @@ from qwen25.generation import SamplingParams, generate
 from qwen25.tokenizer import train_tokenizer
 
 
-def write_tiny_chat_checkpoint(path: Path, seed: int = 5) -> Path:
+def write_tiny_chat_checkpoint(path: Path, seed: int = 5, vocab_size: int = 640) -> Path:
     """A random 2-layer Qwen2 checkpoint (written by transformers) with a 622-token tokenizer trained here
-    (Qwen's regex and control tokens; seconds to build, instant to load)."""
+    (Qwen's regex and control tokens; seconds to build, instant to load). vocab_size 622: no padding rows (a random
+    model may rank a padding id first, which transformers generates and we never do)."""
     train_tokenizer([text * 5 for text in CORPUS], 600, out_dir=path)
-    random_hf_model(seed=seed, vocab_size=640, hidden_size=64, max_position_embeddings=512).save_pretrained(path)
+    random_hf_model(seed=seed, vocab_size=vocab_size, hidden_size=64, max_position_embeddings=512).save_pretrained(path)
     return path
 
 

@@ -168,7 +168,10 @@ def test_errors_are_4xx_with_reasons_and_server_keeps_serving(served):
         (chat(client, messages=[]), 400, "messages"),
         (chat(client, messages=[{"role": "user", "content": "word " * 400}]), 400, "more than the limit of 150"),
         (chat(client, max_tokens=200, messages=[{"role": "user", "content": "word " * 20}]), 400, "context is 256"),
-        (chat(client, logprobs=True), 400, "logprobs"),
+        (chat(client, top_logprobs=2), 400, "top_logprobs needs logprobs"),
+        (chat(client, best_of=3), 400, "best_of"),
+        (chat(client, logit_bias={"9999": -100}), 400, "logit_bias names token 9999"),
+        (chat(client, tool_choice="required"), 400, "no tools"),
         (client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 10_000]}), 400, "vocabulary"),
         (client.post("/v1/completions", json={"model": "tiny"}), 400, "prompt"),
     ]

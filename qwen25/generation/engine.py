@@ -17,24 +17,39 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
 from ..model.attention import KVCache
 from ..model.transformer import CausalLM
-from .sampling import SamplingParams, next_token
+from .sampling import SamplingParams, next_token, token_logprobs
+
+
+class Constraint(Protocol):
+    """What a request's output must match (generation/grammar.py's Grammar: a JSON schema, a forced tool call)."""
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab,) bool: the tokens that may come next."""
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled token (one `allowed` said may come)."""
 
 
 @dataclass
 class Request:
     """One generation request. `should_stop(tokens)`, asked after every token but an eos, stops it on text (a
-    TextTracker: stop strings); `stop_sequences` on token ids."""
+    TextTracker: stop strings); `stop_sequences` on token ids; `constraint` restricts every token to a grammar."""
 
     prompt: list[int]
     params: SamplingParams
     id: str = ""
     stop_sequences: list[list[int]] = field(default_factory=list)
     should_stop: Callable[[list[int]], bool] | None = None
+    constraint: Constraint | None = None
+
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log p of the token, [(id, log p)] of the most likely ones)
 
 
 @dataclass
@@ -45,12 +60,15 @@ class StepOutput:
     token: int | None
     finish_reason: str | None = None
     error: str | None = None  # finish_reason "error": why this request (and only it) failed
+    logprob: TokenLogprob | None = None  # with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs, on the first token only
 
 
 class _Running:
     def __init__(self, request: Request, slot: int, device):
         self.request, self.slot, self.output = request, slot, []
         self.prefilled = 0  # prompt tokens in the cache; the request decodes once all are
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk when asked for
         self.generator = None
         if request.params.seed is not None and not request.params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
@@ -217,6 +235,10 @@ class Engine:
     def _reuse_prefix(self, slot: int) -> None:
         """Copy the longest cached prefix of the slot's prompt (whole blocks, never the last token) into its rows."""
         state = self.running[slot]
+        if state.request.params.prompt_logprobs is not None:  # every prompt position's logits are needed
+            state.prompt_logprobs = [None]  # the first token has no context to be predicted from
+            self.cache.lengths[slot] = 0
+            return
         reused = self.prefix.lookup(state.request.prompt[:-1]) if self.prefix else []
         for i, (k, v) in enumerate(reused):
             span = slice(i * self.prefix.block, (i + 1) * self.prefix.block)
@@ -231,9 +253,14 @@ class Engine:
         state = self.running[slot]
         prompt, start = state.request.prompt, state.prefilled
         ids = torch.tensor([prompt[start:start + n]], device=self.device)
-        out = self.model(ids, cache=self.cache.at([slot], [start], n), last_only=True)
+        if state.prompt_logprobs is None:
+            out = self.model(ids, cache=self.cache.at([slot], [start], n), last_only=True)
+            self.stats["prefill_forwards"] += 1
+            return self._prefilled(slot, n, lambda: out[0, -1])
+        hidden = self.model(ids, cache=self.cache.at([slot], [start], n), return_hidden=True)
         self.stats["prefill_forwards"] += 1
-        return self._prefilled(slot, n, lambda: out[0, -1])
+        self._score_prompt(state, start, hidden[0, :n])
+        return self._prefilled(slot, n, lambda: self.model.lm_head(hidden[0, n - 1]))
 
     def _prefill_together(self, chunks: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
         """_prefill for several slots in one forward (rows right-padded to the longest chunk); the last position's
@@ -250,6 +277,9 @@ class Engine:
         complete = [row for row, (slot, n) in enumerate(chunks)
                     if starts[row] + n == len(self.running[slot].request.prompt)]
         head = self.model.lm_head(last[complete]) if complete else None
+        for row, (slot, n) in enumerate(chunks):
+            if self.running[slot].prompt_logprobs is not None:
+                self._score_prompt(self.running[slot], starts[row], hidden[row, :n])
         logits = {}
         for row, (slot, n) in enumerate(chunks):
             out = self._prefilled(slot, n, lambda row=row: head[complete.index(row)])
@@ -274,6 +304,17 @@ class Engine:
             self.prefix.insert(prompt, self.cache, slot)
         return last_logits()
 
+    def _score_prompt(self, state: _Running, start: int, hidden: torch.Tensor, rows: int = 64) -> None:
+        """Log-probabilities of the prompt tokens that prompt positions start.. predict (hidden: (n, d)), in pieces
+        of `rows` positions (fp32 log-softmax over a 152k vocabulary is 0.6 MB a position)."""
+        prompt, top = state.request.prompt, state.request.params.prompt_logprobs
+        targets = torch.tensor(prompt[start + 1:start + 1 + len(hidden)], device=self.device)
+        for a in range(0, len(targets), rows):
+            logits = self.model.lm_head(hidden[a:a + rows][:len(targets[a:a + rows])])
+            picked, ids, values = token_logprobs(logits, targets[a:a + rows], top, self.vocab_limit)
+            state.prompt_logprobs += [(p, list(zip(i, v))) for p, i, v in
+                                      zip(picked.tolist(), ids.tolist(), values.tolist())]
+
     def _decode(self, slots: list[int]) -> dict[int, torch.Tensor]:
         n = max(slots) + 1  # one batch over slots [0, n); idle slots compute a throw-away row
         tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
@@ -286,8 +327,17 @@ class Engine:
         return {slot: logits[slot] for slot in slots}
 
     def _sample(self, state: _Running, logits: torch.Tensor) -> StepOutput:
-        params, slot = state.request.params, state.slot
-        token = int(next_token(logits[None], params, self.seen[slot:slot + 1], state.generator, self.vocab_limit))
+        params, slot, constraint = state.request.params, state.slot, state.request.constraint
+        allowed = constraint.allowed().to(self.device) if constraint is not None else None
+        token = int(next_token(logits[None], params, self.seen[slot:slot + 1], state.generator, self.vocab_limit,
+                               state.output, allowed))
+        logprob = None
+        if params.logprobs is not None:
+            picked, ids, values = token_logprobs(logits[None], torch.tensor([token], device=self.device),
+                                                 params.logprobs, self.vocab_limit)
+            logprob = (float(picked[0]), list(zip(ids[0].tolist(), values[0].tolist())))
+        if constraint is not None:
+            constraint.accept(token)
         state.output.append(token)
         self.seen[slot, token] = True
         self.stats["generated_tokens"] += 1
@@ -299,7 +349,8 @@ class Engine:
             reason = "stop"
         elif len(out) >= params.max_new_tokens or int(self.cache.lengths[slot]) + 1 >= self.max_len:
             reason = "length"
-        return StepOutput(state.request.id, token, reason)
+        prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
+        return StepOutput(state.request.id, token, reason, logprob=logprob, prompt_logprobs=prompt_logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion (continuous batching when there are more prompts than slots). With a prefix

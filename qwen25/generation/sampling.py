@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -23,6 +24,15 @@ class SamplingParams:
     max_new_tokens: int = 128
     eos_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    # OpenAI's and vLLM's further settings (the server's fields of the same names)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token generated so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to a token's logit; -100 bans it
+    min_tokens: int = 0  # eos cannot end the sequence before this many tokens
+    logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first (the prompt is then
+    # prefilled from scratch: a reused prefix has no logits)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -37,6 +47,13 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if isinstance(self.eos_token_ids, int):
             self.eos_token_ids = [self.eos_token_ids]
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (or None), got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -76,12 +93,15 @@ class SamplingParams:
     def to_generation_config(self) -> dict:
         """The generation_config.json dictionary for these settings (transformers' do_sample switch included)."""
         out = {"do_sample": self.do_sample, **{k: v for k, v in asdict(self).items()
-                                               if k not in ("eos_token_ids", "seed", "max_new_tokens")}}
+                                               if k in _GENERATION_CONFIG_KEYS}}
         if self.greedy:  # transformers warns about sampling settings beside do_sample false
             out = {k: v for k, v in out.items() if k in ("do_sample", "repetition_penalty")}
         if self.eos_token_ids:
             out["eos_token_id"] = self.eos_token_ids if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         return out
+
+
+_GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
 # ---- logits processing (pure functions on (batch, vocab) float tensors) ---------------------------------
@@ -120,34 +140,78 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's (vLLM's min_p)."""
+    if min_p <= 0:
+        return logits
+    threshold = logits.amax(dim=-1, keepdim=True) + math.log(min_p)  # p < min_p * p_max  <=>  l < l_max + log min_p
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_presence_frequency(logits: torch.Tensor, generated: list[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on one row: minus presence for every token generated so far, minus frequency per time."""
+    if not generated or (presence == 0 and frequency == 0):
+        return logits
+    ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+    out = logits.clone()
+    out[:, ids] -= presence + frequency * counts.to(logits.dtype)
+    return out
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-                   vocab_limit: int | None = None) -> torch.Tensor:
-    """Repetition penalty, padding-vocabulary mask, then (when sampling) temperature, top-k and top-p."""
+                   vocab_limit: int | None = None, generated: list[int] | None = None,
+                   allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits a token is picked from: the padding-vocabulary mask, logit_bias, `allowed` (bool, a grammar's
+    tokens), eos held back before min_tokens, the repetition, presence and frequency penalties, then (when
+    sampling) temperature, top-k, top-p and min-p. `generated` (one row: its tokens so far) feeds the OpenAI
+    penalties and min_tokens."""
     as_float = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        if as_float is logits:  # already fp32: never write into the caller's tensor
-            as_float = as_float.clone()
-        as_float[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
+    if as_float is logits:  # already fp32: never write into the caller's tensor
+        as_float = as_float.clone()
     logits = as_float
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")  # embedding rows past the tokenizer are padding
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+    if allowed is not None:
+        logits[:, :allowed.shape[-1]].masked_fill_(~allowed, float("-inf"))
+    if params.min_tokens and generated is not None and len(generated) < params.min_tokens and params.eos_token_ids:
+        logits[:, params.eos_token_ids] = float("-inf")
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if generated is not None:
+        logits = apply_presence_frequency(logits, generated, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return logits
     scaled = logits / params.temperature
     if not torch.isfinite(scaled.amax(dim=-1)).all():  # a tiny temperature overflowed the largest logit: the same
         # distribution from logits shifted to a maximum of 0 (the rest -> -inf: greedy, ties shared), never NaN
         scaled = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
-    return apply_top_p(apply_top_k(scaled, params.top_k), params.top_p)
+    return apply_min_p(apply_top_p(apply_top_k(scaled, params.top_k), params.top_p), params.min_p)
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, vocab_limit: int | None = None,
+               generated: list[int] | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Pick one token per row from (batch, vocab) logits."""
-    logits = process_logits(logits, params, seen, vocab_limit)
+    logits = process_logits(logits, params, seen, vocab_limit, generated, allowed)
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int = 0,
+                   vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities (fp32 log-softmax over the whole row, as the eval harness scores) of
+    `targets` (N,) under (N, vocab) logits, and each row's `top` most likely ids below vocab_limit with theirs:
+    ((N,), (N, top) ids, (N, top) log-probabilities)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    values, ids = logprobs[:, :vocab_limit].topk(top, dim=-1) if top else (logprobs[:, :0], targets[:, None][:, :0])
+    return picked, ids, values
 
 
 def tokenizer_vocab_size(directory: str | Path) -> int | None:

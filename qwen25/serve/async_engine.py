@@ -17,9 +17,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..generation import Engine, Request, TextTracker
+from ..generation.engine import TokenLogprob
 
 log = logging.getLogger("qwen25.serve")
 
@@ -35,6 +36,8 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     status: int = 400  # with error: 400 the request was refused, 500 generation failed, 503 shutting down
+    logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # tokens generated since the last event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for
 
 
 class _Handle:
@@ -47,8 +50,12 @@ class _Handle:
         self.id, self.index, self.request, self.sink = rid, index, request, sink
         self.tracker = request.should_stop
         self.tokens = 0
+        self.logprobs: list[tuple[int, TokenLogprob]] = []  # not sent yet
+        self.prompt_logprobs = None
 
     def emit(self, event: Event) -> None:
+        event.logprobs, self.logprobs = self.logprobs, []
+        event.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         self.sink(event)
 
 
@@ -135,6 +142,11 @@ class AsyncEngine:
     def max_len(self) -> int:
         """Tokens a sequence may hold, prompt and output."""
         return self.engine.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's embedding: the ids a request may name (logit_bias, stop_token_ids)."""
+        return self.engine.model.config.vocab_size
 
     @property
     def stats(self) -> dict:
@@ -229,6 +241,10 @@ class AsyncEngine:
             if out.token is not None:
                 handle.tokens += 1
                 new_tokens += 1
+                if out.logprob is not None:
+                    handle.logprobs.append((out.token, out.logprob))
+            if out.prompt_logprobs is not None:
+                handle.prompt_logprobs = out.prompt_logprobs
             if reason is None:
                 piece = handle.tracker.release()
                 if piece:

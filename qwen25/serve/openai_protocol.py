@@ -1,8 +1,8 @@
 """The OpenAI API's request and response shapes: validation of requests, and the choices, chunks and deltas
 sent back (chat with tool calls, completions, usage, errors).
 
-Unknown request fields are ignored (clients send many optional ones); fields we cannot honour with a value that
-matters (logprobs, penalties other than 0, echo with streaming) are refused with a 400 that names them.
+Every field OpenAI or vLLM documents for these endpoints is honoured, or refused with a 400 that names it when
+its value would change the output (NOT_IMPLEMENTED); fields neither documents are ignored.
 """
 
 from __future__ import annotations
@@ -74,9 +74,54 @@ class Tool(_Lenient):
     function: FunctionSpec
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def schema(self) -> dict | None:
+        """The JSON schema the output must follow (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise APIError(400, 'response_format of type "json_schema" needs a json_schema object',
+                               param="response_format")
+            return self.json_schema.schema_
+        return None
+
+
+MAX_STOP_STRINGS = 256  # OpenAI allows 4; vLLM sets no limit and lm-eval sends 5-6
+MAX_TOP_LOGPROBS = 20
+
+# Fields OpenAI or vLLM document that this server does not implement: accepted at the value that changes nothing
+# (what a client sends as its default), refused with a 400 naming them otherwise.
+NOT_IMPLEMENTED = {
+    "best_of": 1, "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "return_tokens_as_token_ids": False,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "guided_decoding_backend": None, "guided_whitespace_pattern": None, "structured_outputs": None,
+    "structural_tag": None, "add_special_tokens": None, "chat_template": None, "chat_template_kwargs": None,
+    "continue_final_message": False, "add_generation_prompt": True, "documents": None, "mm_processor_kwargs": None,
+    "audio": None, "prediction": None, "web_search_options": None, "reasoning_effort": None, "verbosity": None,
+    "functions": None, "function_call": None, "repetition_detection": None, "thinking_token_budget": None,
+    "vllm_xargs": None, "kv_transfer_params": None,
+}
+# ... and values of fields that only some values of are implemented
+NOT_IMPLEMENTED_VALUES = {"modalities": (["text"],)}
+
+
 class SamplingFields(_Lenient):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # extra fields: checked against NOT_IMPLEMENTED
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -88,47 +133,107 @@ class SamplingFields(_Lenient):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logprobs: bool | int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's extensions from here
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"a logit_bias value must be in [-100, 100], got {bias} for token {key}")
+        return value
+
     def unsupported(self) -> None:
-        """Raise a 400 for settings this server does not implement."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported (only 0); use repetition_penalty", param=name)
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        """Raise a 400 for documented fields whose value this server does not implement."""
+        extra = self.model_extra or {}
+        for name, harmless in NOT_IMPLEMENTED.items():
+            if name in extra and extra[name] is not None and extra[name] != harmless:
+                raise APIError(400, f"{name} is not supported by this server (only {json.dumps(harmless)})",
+                               param=name)
+        for name, allowed in NOT_IMPLEMENTED_VALUES.items():
+            if extra.get(name) is not None and extra[name] not in allowed:
+                raise APIError(400, f"{name} {json.dumps(extra[name])} is not supported (only "
+                                    f"{' or '.join(json.dumps(a) for a in allowed)})", param=name)
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives to report per generated token (None: no log-probabilities)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class NamedFunction(_Lenient):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False  # vLLM's; only false
 
     def unsupported(self) -> None:
         super().unsupported()
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            raise APIError(400, 'tool_choice must be "auto" or "none" (forcing a tool is not supported)',
-                           param="tool_choice")
+        if self.echo:
+            raise APIError(400, "echo is not supported for chat completions", param="echo")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, "tool_choice forces a tool call, but the request has no tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise APIError(400, f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
+                                f"in tools", param="tool_choice")
+        if self.forced_tool is not None and self.response_format and self.response_format.schema() is not None:
+            raise APIError(400, "response_format and a forced tool_choice cannot be combined", param="response_format")
+        if self.parallel_tool_calls is False and self.parse_tools and self.tool_choice in (None, "auto"):
+            raise APIError(400, 'parallel_tool_calls false is supported only with tool_choice "required" or a '
+                                'named function', param="parallel_tool_calls")
 
     @property
     def parse_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """"*" when some tool call is required, a function's name when that one is, else None."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "*" if self.tool_choice == "required" and self.tools else None
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict]:
         """Messages as render_chat takes them ("developer" is OpenAI's newer name for "system")."""
@@ -145,6 +250,12 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -157,6 +268,31 @@ class CompletionRequest(SamplingFields):
         super().unsupported()
         if self.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it needs echo (to score the prompt)",
+                           param="max_tokens")
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # Qwen adds no special tokens either way
+
+    def unsupported(self) -> None:
+        pass
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+    def unsupported(self) -> None:
+        pass
 
 
 MAX_JSON_DEPTH = 64  # a chat request nests 6-8 levels (tool schemas more); far deeper is an attack or a bug
@@ -375,3 +511,55 @@ def finish_reason(engine_reason: str, tool_calls: int) -> str:
     if engine_reason == "stop" and tool_calls:
         return "tool_calls"
     return engine_reason if engine_reason in ("stop", "length") else "stop"
+
+
+# ---- log-probabilities ------------------------------------------------------------------------------------------
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -Infinity (vLLM clamps the same way)
+
+
+class LogprobFormatter:
+    """Token log-probabilities in OpenAI's two wire formats: chat's `{"content": [{token, logprob, bytes,
+    top_logprobs}]}` and the completions' `{tokens, token_logprobs, top_logprobs, text_offset}` (text_offset
+    counts on from the text already sent)."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tokenizer, self.offset = tokenizer, offset
+
+    def _bytes(self, token: int) -> bytes:
+        return self.tokenizer.decode_bytes([token])
+
+    def _text(self, token: int) -> str:
+        return self._bytes(token).decode("utf-8", errors="replace")
+
+    def chat(self, entries) -> list[dict]:
+        """[(token, (logprob, [(id, logprob)]))] -> chat's content entries."""
+        def item(token: int, logprob: float) -> dict:
+            return {"token": self._text(token), "logprob": _finite(logprob), "bytes": list(self._bytes(token))}
+        return [{**item(token, lp), "top_logprobs": [item(i, v) for i, v in top]} for token, (lp, top) in entries]
+
+    def completion(self, entries) -> dict:
+        """[(token, (logprob, top) or None)] -> the completions' logprobs object (None: a first prompt token)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, scored in entries:
+            text = self._text(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            if scored is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            logprob, top = scored
+            out["token_logprobs"].append(_finite(logprob))
+            alternatives = {self._text(i): _finite(v) for i, v in top}
+            alternatives.setdefault(text, _finite(logprob))  # as vLLM: the token itself is listed too
+            out["top_logprobs"].append(alternatives)
+        return out
+
+
+def merge_completion_logprobs(parts: list[dict]) -> dict | None:
+    """The logprobs objects of a choice's chunks as one."""
+    if not parts:
+        return None
+    return {key: [v for part in parts for v in part[key]] for key in parts[0]}

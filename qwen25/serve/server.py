@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: a thin FastAPI layer over one AsyncEngine (continuous batching).
 
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON or server-sent events), GET /v1/models,
-/health and /metrics (Prometheus text). `qwen25 serve --model DIR` runs it with uvicorn on 127.0.0.1.
+POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's, which lm-eval's remote tokenizer reads), /health and
+/metrics (Prometheus text). `qwen25 serve --model DIR` runs it with uvicorn on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import generation
 from ..generation import Engine, SamplingParams, TextTracker
+from ..generation.grammar import GrammarError, Grammars
 from ..model import load_model
 from ..tokenizer import Tokenizer, TokenizerError, encode_chat
 from .async_engine import AsyncEngine
@@ -31,8 +34,12 @@ from .openai_protocol import (
     ChatCompletionRequest,
     ChatDeltaStream,
     CompletionRequest,
+    DetokenizeRequest,
+    LogprobFormatter,
+    TokenizeRequest,
     envelope,
     finish_reason,
+    merge_completion_logprobs,
     merge_deltas,
     new_id,
     parse_request,
@@ -54,6 +61,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_concurrent: int = 64  # sequences (prompts x n) in flight, over all requests
     max_body_bytes: int = 16 * 2**20  # a longer body gets a 413 before it is read whole
+    chat_template: str | None = None  # what /tokenizer_info reports (the checkpoint's tokenizer_config.json)
 
 
 class Metrics:
@@ -116,6 +124,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
     max_len = engine.max_len
     stop_ids = sorted(set(config.defaults.eos_token_ids) | _chat_stop_ids(tokenizer))
     slots = {"used": 0}  # sequences admitted and not yet finished (changed on the event loop only)
+    grammars: list[Grammars] = []  # made on the first constrained request
+    chat_template = config.chat_template
     # Tokenising a long prompt takes a while: done off the event loop (one thread: the tokenizer is shared).
     tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen25-tokenize")
 
@@ -124,6 +134,13 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         if not getattr(error, "counted", False):
             metrics.finished(request.url.path, error.status)
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):  # unknown routes and methods
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
+                                                              f"{request.url.path}"}.get(error.status_code, error.detail)
+        return await _api_error(request, APIError(error.status_code, message, code={404: "not_found"}.get(
+            error.status_code)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):  # a bug must still answer in JSON, never plain text
@@ -151,6 +168,13 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {config.model_name!r}",
                            param="model", code="model_not_found")
 
+    def token_ids(ids, field: str) -> list[int]:
+        vocab = engine.vocab_size if ids else 0
+        for token in ids:
+            if not 0 <= int(token) < vocab:
+                raise APIError(400, f"{field} names token {token}, outside the vocabulary [0, {vocab})", param=field)
+        return [int(t) for t in ids]
+
     def sampling(req, prompt_len: int, max_tokens: int | None, prompt_field: str) -> SamplingParams:
         """The request's settings over the checkpoint's defaults, after the limits."""
         limit = config.max_prompt_tokens or max_len - 1
@@ -165,20 +189,50 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"this model's context is {max_len} tokens, but {prompt_len} prompt tokens + "
                                 f"{max_tokens} max_tokens exceed it", param="max_tokens",
                            code="context_length_exceeded")
+        max_new = min(max_tokens or config.max_tokens_limit, room) if max_tokens != 0 else 1  # 0: scoring (echo)
+        if req.min_tokens > max_new:
+            raise APIError(400, f"min_tokens {req.min_tokens} is more than max_tokens {max_new}", param="min_tokens")
+        bias = dict(zip(token_ids(req.logit_bias or {}, "logit_bias"), (req.logit_bias or {}).values()))
+        extra_stops = token_ids(req.stop_token_ids or [], "stop_token_ids")
         d = config.defaults
+        top = req.top_logprobs_count
         return SamplingParams(
             temperature=req.temperature if req.temperature is not None else d.temperature,
             top_p=req.top_p if req.top_p is not None else d.top_p,
             top_k=req.top_k if req.top_k is not None else d.top_k,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else d.repetition_penalty,
-            max_new_tokens=min(max_tokens or config.max_tokens_limit, room), eos_token_ids=stop_ids, seed=req.seed)
+            min_p=req.min_p if req.min_p is not None else d.min_p,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=bias, min_tokens=req.min_tokens, max_new_tokens=max_new, seed=req.seed,
+            eos_token_ids=sorted(set(extra_stops) | (set() if req.ignore_eos else set(stop_ids))), logprobs=top,
+            prompt_logprobs=top if getattr(req, "echo", False) and top is not None else None)
 
-    def choices_for(req, prompt: list[int], params: SamplingParams) -> list[generation.Request]:
+    def constraint_for(req):
+        """A function that makes each choice's grammar (response_format, a forced tool call), or None."""
+        forced = getattr(req, "forced_tool", None)
+        schema = req.response_format.schema() if req.response_format else None
+        if forced is None and schema is None:
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if forced else None
+        if not grammars:
+            grammars.append(Grammars(tokenizer, engine.vocab_size, stop_ids))
+        grammar = grammars[0]
+        try:
+            make = (lambda: grammar.json_schema(schema)) if forced is None else (
+                lambda: grammar.tool_calls(tools, None if forced == "*" else forced))
+            make()  # compiles now: a schema llguidance refuses is a 400 before anything runs
+        except GrammarError as e:
+            raise APIError(400, f"response_format: {e}" if forced is None else f"tools: {e}",
+                           param="response_format" if forced is None else "tools") from None
+        return make
+
+    def choices_for(req, prompt: list[int], params: SamplingParams, constraint=None) -> list[generation.Request]:
         out = []
         for i in range(req.n):  # n choices differ by seed (seed + i; unseeded ones draw their own)
             seed = None if params.seed is None else params.seed + i
             out.append(generation.Request(list(prompt), dataclasses.replace(params, seed=seed),
-                                          should_stop=TextTracker(tokenizer, req.stop)))
+                                          should_stop=TextTracker(tokenizer, req.stop),
+                                          constraint=constraint() if constraint else None))
         return out
 
     def check_size(sequences: int) -> None:
@@ -212,6 +266,36 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
     async def prometheus():
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": "Qwen2TokenizerFast", "eos_token": _token_or_none(tokenizer, "eos_id"),
+                "bos_token": None, "pad_token": _token_or_none(tokenizer, "pad_id"),
+                "chat_template": chat_template, "model_max_length": max_len, "vocab_size": len(tokenizer)}
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        body = await off_loop(parse_request, TokenizeRequest, await read_body(request))
+        if body.messages is not None:
+            try:
+                ids = await off_loop(lambda: encode_chat(tokenizer, [m.model_dump(exclude_none=True)
+                                                                     for m in body.messages],
+                                                         [t.model_dump(exclude_none=True) for t in body.tools]
+                                                         if body.tools else None,
+                                                         add_generation_prompt=body.add_generation_prompt,
+                                                         sanitize=True).ids)
+            except TokenizerError as e:
+                raise APIError(400, f"invalid messages: {e}", param="messages") from None
+        elif body.prompt is not None:
+            ids = await off_loop(tokenizer.encode, body.prompt)
+        else:
+            raise APIError(400, "tokenize needs a prompt or messages", param="prompt")
+        return {"count": len(ids), "max_model_len": max_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        body = await off_loop(parse_request, DetokenizeRequest, await read_body(request))
+        return {"prompt": tokenizer.decode(token_ids(body.tokens, "tokens"))}
+
     @app.get("/v1/models")
     async def models(request: Request):
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
@@ -229,16 +313,23 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
         prompt = encoded.ids
         params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
+        constraint = await off_loop(constraint_for, req)
         release = admit(req.n)
         rid, created = new_id("chatcmpl"), int(time.time())
         streams = [ChatDeltaStream(req.parse_tools) for _ in range(req.n)]
-        events = _tracked(engine.stream(choices_for(req, prompt, params)), metrics, request.url.path, len(prompt),
-                          release)
+        requests = choices_for(req, prompt, params, constraint)
+        events = _tracked(engine.stream(requests), metrics, request.url.path, len(prompt), release)
+        logprobs = LogprobFormatter(tokenizer) if params.logprobs is not None else None
         if req.stream:
-            return _sse(request, _chat_chunks(events, streams, rid, created, req, len(prompt)))
-        deltas, reasons, tokens = await _collect(request, events, req.n, lambda i, text: streams[i].feed(text),
-                                                 lambda i: streams[i].finish())
-        choices = [{"index": i, "message": merge_deltas(deltas[i]), "logprobs": None,
+            return _sse(request, _chat_chunks(events, streams, rid, created, req, len(prompt), logprobs))
+        scored: list[list] = [[] for _ in range(req.n)]
+
+        def feed(i: int, event) -> list:
+            scored[i] += event.logprobs
+            return streams[i].feed(event.text)
+        deltas, reasons, tokens = await _collect(request, events, req.n, feed, lambda i: streams[i].finish())
+        choices = [{"index": i, "message": merge_deltas(deltas[i]),
+                    "logprobs": {"content": logprobs.chat(scored[i]), "refusal": None} if logprobs else None,
                     "finish_reason": finish_reason(reasons[i], streams[i].calls)} for i in range(req.n)]
         return envelope(rid, "chat.completion", req.model, created, choices=choices, usage=usage(len(prompt), tokens))
 
@@ -251,23 +342,37 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         count = len(req.prompt) if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else 1
         check_size(count * req.n)  # before tokenising thousands of prompts
         prompts = await off_loop(_completion_prompts, req.prompt, tokenizer)
-        requests, texts = [], []
+        constraint = await off_loop(constraint_for, req)
+        requests, texts, owners = [], [], []
         for prompt in prompts:
             # OpenAI's default max_tokens for completions is 16
-            params = sampling(req, len(prompt), req.max_tokens or 16, "prompt")
-            requests += choices_for(req, prompt, params)
+            params = sampling(req, len(prompt), 16 if req.max_tokens is None else req.max_tokens, "prompt")
+            requests += choices_for(req, prompt, params, constraint)
             texts += [tokenizer.decode(prompt) if req.echo else ""] * req.n
+            owners += [prompt] * req.n
         release = admit(len(requests))
         rid, created = new_id("cmpl"), int(time.time())
         prompt_tokens = sum(map(len, prompts))
         events = _tracked(engine.stream(requests), metrics, request.url.path, prompt_tokens, release)
+        scoring = req.max_tokens == 0  # echo of the prompt's log-probabilities only: the one token run is dropped
+        formatters = [LogprobFormatter(tokenizer) if req.logprobs is not None else None for _ in requests]
         if req.stream:
-            return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens))
-        pieces, reasons, tokens = await _collect(request, events, len(requests), lambda i, text: [text],
-                                                 lambda i: [])
-        choices = [{"index": i, "text": texts[i] + "".join(pieces[i]), "logprobs": None,
-                    "finish_reason": finish_reason(reasons[i], 0)} for i in range(len(requests))]
-        return envelope(rid, "text_completion", req.model, created, choices=choices, usage=usage(prompt_tokens, tokens))
+            return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens, formatters, owners))
+        parts: list[list] = [[] for _ in requests]
+
+        def feed(i: int, event) -> list:
+            entries = [] if scoring else event.logprobs
+            if event.prompt_logprobs is not None:
+                entries = list(zip(owners[i], event.prompt_logprobs)) + entries
+            if formatters[i] is not None and entries:
+                parts[i].append(formatters[i].completion(entries))
+            return [] if scoring else [event.text]
+        pieces, reasons, tokens = await _collect(request, events, len(requests), feed, lambda i: [])
+        choices = [{"index": i, "text": texts[i] + "".join(pieces[i]), "logprobs": merge_completion_logprobs(parts[i]),
+                    "finish_reason": "length" if scoring else finish_reason(reasons[i], 0)}
+                   for i in range(len(requests))]
+        return envelope(rid, "text_completion", req.model, created, choices=choices,
+                        usage=usage(prompt_tokens, 0 if scoring else tokens))
 
     return app
 
@@ -300,6 +405,13 @@ async def _send_error(send, error: APIError) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _token_or_none(tokenizer, name: str) -> str | None:
+    try:
+        return tokenizer.decode([getattr(tokenizer, name)])
+    except TokenizerError:
+        return None
 
 
 def _chat_stop_ids(tokenizer) -> set[int]:
@@ -365,7 +477,7 @@ async def _collect(request: Request, events, n: int, feed, finish):
 
     async def run():
         async for event in events:
-            parts[event.index] += feed(event.index, event.text)
+            parts[event.index] += feed(event.index, event)
             tokens[event.index] = event.tokens
             if event.finish_reason:
                 parts[event.index] += finish(event.index)
@@ -392,11 +504,14 @@ def _sse(request: Request, chunks) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req, prompt_tokens: int):
-    """Chat chunks: the role first, content/tool-call deltas, finish_reason last (per choice), then usage."""
-    def chunk(index: int, delta: dict, reason: str | None = None) -> dict:
+async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req, prompt_tokens: int,
+                       logprobs: LogprobFormatter | None = None):
+    """Chat chunks: the role first, content/tool-call deltas, finish_reason last (per choice), then usage. The
+    log-probabilities of the tokens behind an event ride on its first chunk."""
+    def chunk(index: int, delta: dict, reason: str | None = None, scored=None) -> dict:
+        entries = {"content": logprobs.chat(scored), "refusal": None} if scored else None
         return envelope(rid, "chat.completion.chunk", req.model, created,
-                        choices=[{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}])
+                        choices=[{"index": index, "delta": delta, "logprobs": entries, "finish_reason": reason}])
 
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""})
@@ -404,8 +519,13 @@ async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req
     try:
         async for event in events:
             tokens[event.index] = event.tokens
-            for delta in streams[event.index].feed(event.text):
-                yield chunk(event.index, delta)
+            scored = event.logprobs if logprobs else None
+            deltas = streams[event.index].feed(event.text)
+            if scored and not deltas:
+                deltas = [{}]
+            for delta in deltas:
+                yield chunk(event.index, delta, scored=scored)
+                scored = None
             if event.finish_reason:
                 for delta in streams[event.index].finish():
                     yield chunk(event.index, delta)
@@ -418,18 +538,23 @@ async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req
                        usage=usage(prompt_tokens, sum(tokens)))
 
 
-async def _completion_chunks(events, rid, created, req, prompt_tokens: int):
-    def chunk(index: int, text: str, reason: str | None = None) -> dict:
+async def _completion_chunks(events, rid, created, req, prompt_tokens: int, formatters: list, owners: list):
+    def chunk(index: int, text: str, reason: str | None = None, logprobs=None) -> dict:
         return envelope(rid, "text_completion", req.model, created,
-                        choices=[{"index": index, "text": text, "logprobs": None, "finish_reason": reason}])
+                        choices=[{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}])
 
     tokens: dict[int, int] = {}
     try:
         async for event in events:
             tokens[event.index] = event.tokens
-            if event.text or event.finish_reason:
+            entries = event.logprobs
+            if event.prompt_logprobs is not None:  # echo with logprobs is refused when streaming; kept general
+                entries = list(zip(owners[event.index], event.prompt_logprobs)) + entries
+            formatter = formatters[event.index]
+            logprobs = formatter.completion(entries) if formatter is not None and entries else None
+            if event.text or event.finish_reason or logprobs:
                 reason = finish_reason(event.finish_reason, 0) if event.finish_reason else None
-                yield chunk(event.index, event.text, reason)
+                yield chunk(event.index, event.text, reason, logprobs)
     except APIError as e:
         yield e.body()
         return
@@ -458,8 +583,18 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
                                  prefill_chunk=prefill_chunk), tokenizer, own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
-    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
+    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults,
+                          chat_template=_checkpoint_chat_template(model_dir), **limits)
     return create_app(engine, tokenizer, config), engine
+
+
+def _checkpoint_chat_template(model_dir) -> str | None:
+    """The chat template in a checkpoint's tokenizer_config.json (the "default" one of a named list)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def run_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):

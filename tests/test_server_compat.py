@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Literal
 
 import jsonschema
 import pytest
@@ -356,3 +357,90 @@ def test_lm_eval_local_completions_equals_hf_backend(tmp_path, monkeypatch):
                 assert vx == pytest.approx(vy, abs=1e-4), (task, rx, ry)
     assert math.isclose(hf["results"]["c_ppl"]["word_perplexity,none"],
                         ours["results"]["c_ppl"]["word_perplexity,none"], rel_tol=1e-4)
+
+
+# ---- the Responses API ---------------------------------------------------------------------------------------------
+def test_responses_api_with_the_openai_sdk(model_dir):
+    """client.responses.create, plain and streamed (the events add up to the final response), a forced function
+    call, and a second turn that sends the call and its output back as input items."""
+    openai = pytest.importorskip("openai")
+    app, _ = build_server(model_dir, max_batch=2, max_len=1024, model_name="tiny")
+    server, url = run_in_thread(app)
+    tools = [{"type": "function", "name": f["function"]["name"], "description": f["function"].get("description"),
+              "parameters": f["function"]["parameters"], "strict": True} for f in TOOLS]
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        plain = client.responses.create(model="tiny", input="Hello there", instructions="Be brief.",
+                                        max_output_tokens=6, temperature=0)
+        assert plain.status == "incomplete" and plain.usage.output_tokens == 6 and plain.output_text
+        events = list(client.responses.create(model="tiny", input="Hello there", instructions="Be brief.",
+                                              max_output_tokens=6, temperature=0, stream=True))
+        assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        final = events[-1].response  # response.incomplete: max_output_tokens ran out
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert events[-1].type == "response.incomplete" and "".join(deltas) == final.output_text == plain.output_text
+        called = client.responses.create(model="tiny", input="Weather in Paris?", tools=tools, max_output_tokens=80,
+                                         tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+        call = next(item for item in called.output if item.type == "function_call")
+        assert call.name == "get_weather" and called.status == "completed"
+        jsonschema.validate(json.loads(call.arguments), TOOLS[0]["function"]["parameters"])
+        follow = client.responses.create(model="tiny", tools=tools, max_output_tokens=5, temperature=0, input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+        assert follow.usage.input_tokens > called.usage.input_tokens
+        with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+            client.responses.create(model="tiny", input="x", previous_response_id=called.id)
+    finally:
+        server.should_exit = True
+        server.thread.join(timeout=30)
+
+
+def test_openai_agents_tool_loop(model_dir):
+    """openai-agents with its default (Responses) model and a structured final output: the first turn must call
+    the tool (tool_choice required), the agent runs it and sends its output back, and a later turn answers with
+    JSON of the output type (the grammar lets the model call a tool or answer in the schema)."""
+    agents = pytest.importorskip("agents", reason="pip install openai-agents")
+    openai = pytest.importorskip("openai")
+    pydantic = pytest.importorskip("pydantic")
+
+    class Answer(pydantic.BaseModel):
+        sunny: bool
+        summary: str = pydantic.Field(max_length=12)
+
+    app, _ = build_server(model_dir, max_batch=2, max_len=2048, model_name="tiny")
+    server, url = run_in_thread(app)
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:  # bounded: a random model fills a free string to the
+        """Weather in a city."""  # token limit
+        calls.append(city)
+        return "sunny"
+
+    # A random model prefers <tool_call> to an answer on every turn: once the tool has run, an opening brace (of
+    # the JSON answer) is made more likely (the first turn's grammar allows only a call, whatever the bias).
+    tokenizer = Tokenizer.from_dir(model_dir)
+    bias = {str(tokenizer.encode(text)[0]): 20 for text in ("{", '{"')}
+    try:
+        agents.set_tracing_disabled(True)
+        def make_agent():  # an async client belongs to one event loop
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+            settings = agents.ModelSettings(tool_choice="required", max_tokens=120, temperature=0,
+                                            extra_body={"logit_bias": bias})
+            return agents.Agent(name="weather", instructions="Answer briefly.", tools=[get_weather], output_type=Answer,
+                                model=agents.OpenAIResponsesModel(model="tiny", openai_client=client),
+                                model_settings=settings)
+        result = agents.Runner.run_sync(make_agent(), "Weather in Paris?", max_turns=8)
+        assert calls and isinstance(result.final_output, Answer)
+
+        async def streamed_run():
+            streamed = agents.Runner.run_streamed(make_agent(), "Weather in Rome?", max_turns=8)
+            return streamed, [event.type async for event in streamed.stream_events()]
+        import asyncio
+        streamed, kinds = asyncio.run(streamed_run())
+        assert "raw_response_event" in kinds and isinstance(streamed.final_output, Answer) and len(calls) >= 2
+    finally:
+        server.should_exit = True
+        server.thread.join(timeout=30)

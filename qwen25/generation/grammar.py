@@ -54,9 +54,10 @@ class Grammars:
             raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
         return self.lark(f"start: {_json_rule(schema)}")
 
-    def tool_calls(self, tools: list[dict], name: str | None = None) -> Grammar:
+    def tool_calls(self, tools: list[dict], name: str | None = None, or_schema: dict | None = None) -> Grammar:
         """Qwen's tool-call blocks, `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, with arguments
-        valid under the function's parameters: one call of `name`, or (name None) one or more calls of any tool."""
+        valid under the function's parameters: one call of `name`, or (name None) one or more calls of any tool;
+        or_schema: or else a JSON reply valid under that schema (structured output beside tools left to choose)."""
         functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
         if not functions:
             raise GrammarError(f"tool_choice names the function {name!r}, which is not in tools")
@@ -66,7 +67,8 @@ class Grammars:
         start, end = (f"<[{self.tokenizer.token_to_id(t)}]>" for t in ("<tool_call>", "</tool_call>"))
         rule = _json_rule(calls[0] if len(calls) == 1 else {"anyOf": calls})
         many = "" if name is not None else ' ("\\n" call)*'
-        return self.lark(f'start: call{many}\ncall: {start} "\\n" {rule} "\\n" {end}')
+        reply = f" | {_json_rule(or_schema)}" if or_schema is not None else ""
+        return self.lark(f'start: call{many}{reply}\ncall: {start} "\\n" {rule} "\\n" {end}')
 
     def lark(self, grammar: str) -> Grammar:
         """A grammar in llguidance's Lark dialect (`%json {...}` for a schema, `<[id]>` for a token)."""

@@ -214,8 +214,6 @@ class ChatCompletionRequest(SamplingFields):
                 t.function.name for t in self.tools}:
             raise APIError(400, f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
                                 f"in tools", param="tool_choice")
-        if self.forced_tool is not None and self.response_format and self.response_format.schema() is not None:
-            raise APIError(400, "response_format and a forced tool_choice cannot be combined", param="response_format")
         if self.parallel_tool_calls is False and self.parse_tools and self.tool_choice in (None, "auto"):
             raise APIError(400, 'parallel_tool_calls false is supported only with tool_choice "required" or a '
                                 'named function', param="parallel_tool_calls")

@@ -46,6 +46,7 @@ from .openai_protocol import (
     usage,
 )
 from .quant import prepare_for_decode
+from .responses import ResponseBuilder, ResponsesRequest, sse_event
 
 log = logging.getLogger("qwen25.serve")
 
@@ -137,8 +138,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException):  # unknown routes and methods
-        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
-                                                              f"{request.url.path}"}.get(error.status_code, error.detail)
+        message = {404: f"no route {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, error.detail)
         return await _api_error(request, APIError(error.status_code, message, code={404: "not_found"}.get(
             error.status_code)))
 
@@ -208,22 +209,29 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
             prompt_logprobs=top if getattr(req, "echo", False) and top is not None else None)
 
     def constraint_for(req):
-        """A function that makes each choice's grammar (response_format, a forced tool call), or None."""
+        """A function that makes each choice's grammar, or None: a forced tool call (tool_choice required or
+        named; response_format then has nothing to apply to), else the response_format schema, or either a tool
+        call or that schema when tools are offered."""
         forced = getattr(req, "forced_tool", None)
         schema = req.response_format.schema() if req.response_format else None
         if forced is None and schema is None:
             return None
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if forced else None
+        offered = getattr(req, "parse_tools", False)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if forced or offered else None
         if not grammars:
             grammars.append(Grammars(tokenizer, engine.vocab_size, stop_ids))
         grammar = grammars[0]
+        if forced is not None:
+            make = lambda: grammar.tool_calls(tools, None if forced == "*" else forced)  # noqa: E731
+        elif tools:
+            make = lambda: grammar.tool_calls(tools, or_schema=schema)  # noqa: E731
+        else:
+            make = lambda: grammar.json_schema(schema)  # noqa: E731
         try:
-            make = (lambda: grammar.json_schema(schema)) if forced is None else (
-                lambda: grammar.tool_calls(tools, None if forced == "*" else forced))
             make()  # compiles now: a schema llguidance refuses is a 400 before anything runs
         except GrammarError as e:
-            raise APIError(400, f"response_format: {e}" if forced is None else f"tools: {e}",
-                           param="response_format" if forced is None else "tools") from None
+            param = "tools" if forced is not None else "response_format"
+            raise APIError(400, f"{param}: {e}", param=param) from None
         return make
 
     def choices_for(req, prompt: list[int], params: SamplingParams, constraint=None) -> list[generation.Request]:
@@ -301,9 +309,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "qwen25", "max_model_len": max_len}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: ChatCompletionRequest = await off_loop(parse_request, ChatCompletionRequest, await read_body(request))
+    async def start_chat(req: ChatCompletionRequest, request: Request):
+        """Submit a chat request: (prompt, per-choice delta streams, the engine's events, log-prob formatter)."""
         check_model(req.model)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
@@ -315,11 +322,16 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
         constraint = await off_loop(constraint_for, req)
         release = admit(req.n)
-        rid, created = new_id("chatcmpl"), int(time.time())
         streams = [ChatDeltaStream(req.parse_tools) for _ in range(req.n)]
         requests = choices_for(req, prompt, params, constraint)
         events = _tracked(engine.stream(requests), metrics, request.url.path, len(prompt), release)
-        logprobs = LogprobFormatter(tokenizer) if params.logprobs is not None else None
+        return prompt, streams, events, LogprobFormatter(tokenizer) if params.logprobs is not None else None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await off_loop(parse_request, ChatCompletionRequest, await read_body(request))
+        prompt, streams, events, logprobs = await start_chat(req, request)
+        rid, created = new_id("chatcmpl"), int(time.time())
         if req.stream:
             return _sse(request, _chat_chunks(events, streams, rid, created, req, len(prompt), logprobs))
         scored: list[list] = [[] for _ in range(req.n)]
@@ -332,6 +344,44 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
                     "logprobs": {"content": logprobs.chat(scored[i]), "refusal": None} if logprobs else None,
                     "finish_reason": finish_reason(reasons[i], streams[i].calls)} for i in range(req.n)]
         return envelope(rid, "chat.completion", req.model, created, choices=choices, usage=usage(len(prompt), tokens))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        req: ResponsesRequest = await off_loop(parse_request, ResponsesRequest, await read_body(request))
+        chat = req.to_chat()
+        prompt, streams, events, logprobs = await start_chat(chat, request)
+        builder, stream = ResponseBuilder(req), streams[0]
+
+        async def build():
+            yield builder.start()
+            reason, tokens = "stop", 0
+            async for event in events:
+                scored = logprobs.chat(event.logprobs) if logprobs and event.logprobs else None
+                yield builder.feed(stream.feed(event.text), scored)
+                tokens = event.tokens
+                if event.finish_reason:
+                    reason = event.finish_reason
+                    yield builder.feed(stream.finish())
+            yield builder.finish(reason, len(prompt), tokens)
+
+        if req.stream:
+            async def body():
+                try:
+                    async for batch in build():
+                        for event in batch:
+                            yield sse_event(event)
+                except APIError as e:  # the headers are gone: an error event, as OpenAI sends
+                    yield sse_event(builder.event("error", code=e.code, message=e.message, param=e.param))
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        final = None
+
+        async def run():
+            nonlocal final
+            async for batch in build():
+                final = batch[-1]["response"] if batch and "response" in batch[-1] else final
+        await _collect_task(request, run())
+        return final
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -483,15 +533,20 @@ async def _collect(request: Request, events, n: int, feed, finish):
                 parts[event.index] += finish(event.index)
                 reasons[event.index] = event.finish_reason
 
-    task = asyncio.ensure_future(run())
+    await _collect_task(request, run())
+    return parts, reasons, sum(tokens)
+
+
+async def _collect_task(request: Request, work) -> None:
+    """Await `work` (a coroutine); cancel it if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
     while not task.done():
         await asyncio.wait({task}, timeout=0.5)
         if not task.done() and await request.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            return parts, reasons, sum(tokens)
+            return
     task.result()
-    return parts, reasons, sum(tokens)
 
 
 def _sse(request: Request, chunks) -> StreamingResponse:

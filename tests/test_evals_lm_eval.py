@@ -82,3 +82,49 @@ def test_adapter_cli_arguments():
 
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_adapter_equals_lm_eval_hf_backend(tmp_path, monkeypatch):
+    """Our adapter and lm-eval's own `hf` backend on one checkpoint: the same per-choice log-likelihoods and the
+    same perplexity, with texts longer than max_length (rolling windows) and the first token conditioned on the
+    same prefix token (the tokenizer's eos: Qwen has no bos)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from serve_fixtures import write_tiny_chat_checkpoint
+
+    from qwen25.evals.lm_eval_adapter import make_lm_eval_model
+    from qwen25.tokenizer import Tokenizer
+
+    model_dir = write_tiny_chat_checkpoint(tmp_path / "model", vocab_size=622)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))  # instruct's
+    texts = ["The weather in Paris is fine today, and tomorrow it will rain again over the hills.",
+             "Hello world, what is 2+2? " * 4]
+    (tmp_path / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"q": q, "answer": 0}) + "\n" for q in ("Hi", "Is it")))
+    data = lambda name: (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"  # noqa: E731
+                         "test_split: test\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "h_ppl.yaml").write_text(
+        "task: h_ppl\n" + data("ppl") + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
+        "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n")
+    (tmp_path / "tasks" / "h_mc.yaml").write_text(
+        "task: h_mc\n" + data("mc") + "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\n"
+        "doc_to_choice: [\" yes\", \" no\"]\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32,device=cpu,max_length=16",
+                         tasks=["h_ppl", "h_mc"], task_manager=manager, log_samples=True, batch_size=1)
+    lm = ModelLM(load_model(model_dir, dtype="fp32"), Tokenizer.from_dir(model_dir), batch_size=2, max_length=16)
+    assert len(lm.encode(texts[0])) > 16  # several windows
+    ours = simple_evaluate(model=make_lm_eval_model(lm), tasks=["h_ppl", "h_mc"], task_manager=manager,
+                           log_samples=True)
+    for task in ("h_ppl", "h_mc"):
+        theirs = {s["doc_id"]: s["resps"] for s in hf["samples"][task]}
+        for sample in ours["samples"][task]:
+            for a, b in zip(sample["resps"], theirs[sample["doc_id"]]):
+                assert (a[0][0] if task == "h_mc" else a[0]) == pytest.approx(
+                    b[0][0] if task == "h_mc" else b[0], abs=1e-4)
+    assert ours["results"]["h_ppl"]["word_perplexity,none"] == pytest.approx(
+        hf["results"]["h_ppl"]["word_perplexity,none"], rel=1e-5)

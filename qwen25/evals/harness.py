@@ -87,8 +87,10 @@ class ModelLM:
         return list(self.tokenizer.encode(text))
 
     def prefix_token(self) -> int:
-        """The token a text's first token is conditioned on in rolling log-likelihood (end of text)."""
-        for attr in ("endoftext_id", "eos_id"):
+        """The token a text's first token is conditioned on (rolling log-likelihood, an empty context): as lm-eval's
+        hf backend, the tokenizer's bos token, which Qwen has none of, else its eos token (tokenizer_config.json's:
+        <|endoftext|> for a base model, <|im_end|> for an instruct one); <|endoftext|> for a tokenizer without."""
+        for attr in ("eos_id", "endoftext_id"):
             try:
                 return int(getattr(self.tokenizer, attr))
             except (AttributeError, ValueError, TypeError):

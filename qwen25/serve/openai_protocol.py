@@ -101,14 +101,17 @@ MAX_STOP_STRINGS = 256  # OpenAI allows 4; vLLM sets no limit and lm-eval sends 
 MAX_TOP_LOGPROBS = 20
 
 # Fields OpenAI or vLLM document that this server does not implement: accepted at the value that changes nothing
-# (what a client sends as its default), refused with a 400 naming them otherwise.
+# (what a client sends as its default), refused with a 400 naming them otherwise. (Fields that change nothing here
+# at any value are accepted: user, metadata, service_tier, prompt_cache_key, priority, request_id, and
+# add_special_tokens, since Qwen's tokenizer adds none.)
 NOT_IMPLEMENTED = {
     "best_of": 1, "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
     "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
     "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "return_tokens_as_token_ids": False,
     "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
     "guided_decoding_backend": None, "guided_whitespace_pattern": None, "structured_outputs": None,
-    "structural_tag": None, "add_special_tokens": None, "chat_template": None, "chat_template_kwargs": None,
+    "structural_tag": None, "chat_template": None, "chat_template_kwargs": None, "store": False,
+    "return_token_ids": False, "logits_processors": None,
     "continue_final_message": False, "add_generation_prompt": True, "documents": None, "mm_processor_kwargs": None,
     "audio": None, "prediction": None, "web_search_options": None, "reasoning_effort": None, "verbosity": None,
     "functions": None, "function_call": None, "repetition_detection": None, "thinking_token_budget": None,

@@ -152,6 +152,21 @@ def test_completion_echo_logprobs_as_lm_eval_asks(client, model, tokenizer):
     assert scored["choices"][0]["text"] == tokenizer.decode(prompt) and scored["usage"]["completion_tokens"] == 0
 
 
+def test_streamed_completion_with_echo_and_logprobs_adds_up(client, tokenizer):
+    body = {"model": "tiny", "prompt": ["The weather in Paris", "Hello"], "echo": True, "logprobs": 2,
+            "max_tokens": 5, "temperature": 0, "n": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    for choice in whole:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]] == choice["logprobs"]["tokens"]
+        offsets = [t for c in mine if c["logprobs"] for t in c["logprobs"]["text_offset"]]
+        assert offsets == choice["logprobs"]["text_offset"] and mine[-1]["finish_reason"] == choice["finish_reason"]
+    assert whole[0]["text"].startswith("The weather in Paris") and whole[2]["text"].startswith("Hello")
+
+
 def test_chat_logprobs_streamed_and_not(client, model, tokenizer):
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True,
             "top_logprobs": 3}

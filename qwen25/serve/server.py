@@ -387,8 +387,6 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         req: CompletionRequest = await off_loop(parse_request, CompletionRequest, await read_body(request))
         check_model(req.model)
-        if req.echo and req.stream:
-            raise APIError(400, "echo is not supported with stream", param="echo")
         count = len(req.prompt) if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else 1
         check_size(count * req.n)  # before tokenising thousands of prompts
         prompts = await off_loop(_completion_prompts, req.prompt, tokenizer)
@@ -407,7 +405,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         scoring = req.max_tokens == 0  # echo of the prompt's log-probabilities only: the one token run is dropped
         formatters = [LogprobFormatter(tokenizer) if req.logprobs is not None else None for _ in requests]
         if req.stream:
-            return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens, formatters, owners))
+            return _sse(request, _completion_chunks(events, rid, created, req, prompt_tokens, formatters, owners,
+                                                    texts, scoring))
         parts: list[list] = [[] for _ in requests]
 
         def feed(i: int, event) -> list:
@@ -593,23 +592,31 @@ async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req
                        usage=usage(prompt_tokens, sum(tokens)))
 
 
-async def _completion_chunks(events, rid, created, req, prompt_tokens: int, formatters: list, owners: list):
+async def _completion_chunks(events, rid, created, req, prompt_tokens: int, formatters: list, owners: list,
+                             echoes: list[str], scoring: bool):
+    """Completion chunks: a choice's first chunk starts with its echoed prompt (and the prompt's log-probabilities);
+    with max_tokens 0 (scoring) the one token run is dropped."""
     def chunk(index: int, text: str, reason: str | None = None, logprobs=None) -> dict:
         return envelope(rid, "text_completion", req.model, created,
                         choices=[{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}])
 
     tokens: dict[int, int] = {}
+    started: set[int] = set()
     try:
         async for event in events:
-            tokens[event.index] = event.tokens
-            entries = event.logprobs
-            if event.prompt_logprobs is not None:  # echo with logprobs is refused when streaming; kept general
-                entries = list(zip(owners[event.index], event.prompt_logprobs)) + entries
-            formatter = formatters[event.index]
-            logprobs = formatter.completion(entries) if formatter is not None and entries else None
-            if event.text or event.finish_reason or logprobs:
-                reason = finish_reason(event.finish_reason, 0) if event.finish_reason else None
-                yield chunk(event.index, event.text, reason, logprobs)
+            i = event.index
+            tokens[i] = 0 if scoring else event.tokens
+            entries, text = ([], "") if scoring else (event.logprobs, event.text)
+            if event.prompt_logprobs is not None:
+                entries = list(zip(owners[i], event.prompt_logprobs)) + entries
+            if i not in started:
+                started.add(i)
+                text = echoes[i] + text
+            logprobs = formatters[i].completion(entries) if formatters[i] is not None and entries else None
+            if text or event.finish_reason or logprobs:
+                reason = ("length" if scoring else finish_reason(event.finish_reason, 0)) if event.finish_reason \
+                    else None
+                yield chunk(i, text, reason, logprobs)
     except APIError as e:
         yield e.body()
         return

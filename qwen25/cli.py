@@ -15,6 +15,7 @@ EPILOG = """examples:
   qwen25 info --preset 7b --context 131072           parameters, FLOPs/token, KV-cache memory
   qwen25 generate --model runs/tiny --prompt-ids 1,2,3 --max-new-tokens 16
   qwen25 tokenize --tokenizer DIR --text "Hello, Qwen"   token ids and counts
+  qwen25 export --model DIR --out OUT --gguf q8_0   HF directory with the chat template, and a GGUF for llama.cpp
 """
 
 
@@ -143,6 +144,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    apply_threads(args)
+    files = export_model(args.model, args.out, dtype=args.dtype, gguf_type=args.gguf, tokenizer_dir=args.tokenizer,
+                         chat_template=args.chat_template, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}: {', '.join(p.name for p in files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen25", description="Qwen2.5 end to end: model, data, training, post-training, evaluation, serving.",
@@ -188,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint as a complete HF directory (chat template included), "
+                                      "optionally with a GGUF file for llama.cpp",
+                       description="Write OUT as a directory transformers, vLLM and llama.cpp's converter load as it "
+                                   "is: config.json, generation_config.json, safetensors, and tokenizer files with the "
+                                   "chat template in tokenizer_config.json. --gguf TYPE also writes "
+                                   "OUT/model-TYPE.gguf (llama.cpp's qwen2 architecture, tokenizer and chat template "
+                                   "included).")
+    add_common_flags(p, model="checkpoint directory to export (HF layout)", dtype=True, threads=True)
+    p.add_argument("--out", required=True, type=Path, help="directory to write (not the model directory)")
+    p.add_argument("--gguf", choices=["bf16", "q8_0"],
+                   help="also write a GGUF file: bf16, or q8_0 (8-bit matrices; norms and biases stay f32)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="directory with the tokenizer files (default: the model directory)")
+    p.add_argument("--chat-template", default="qwen2.5", metavar="qwen2.5|keep|FILE",
+                   help="qwen2.5: Qwen2.5-Instruct's official template, the format qwen25 trains and serves with "
+                        "(default); keep: the tokenizer's own; or a Jinja file")
+    p.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
+    p.set_defaults(func=cmd_export)
 
     from .data.cli import add_data_command
     from .evals.cli import add_eval_command

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "qwen25"
 # Each package (or top-level module) may import those before it in this order, never one after it.
 ORDER = ["utils", "config", "model", "tokenizer", "verifiers", "generation", "data", "train", "tasks", "post",
-         "evals", "serve", "recipes", "cli", "__main__"]
+         "evals", "serve", "export", "recipes", "cli", "__main__"]
 
 
 def _modules() -> dict[str, Path]:

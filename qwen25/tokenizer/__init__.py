@@ -2,12 +2,13 @@
 
 from .bbpe import StreamDecoder, Tokenizer
 from .chat import DEFAULT_SYSTEM_PROMPT, ChatEncoding, Segment, chat_segments, encode_chat, render_chat
-from .files import QWEN_CONTROL_TOKENS, QWEN_PATTERN, AddedToken, TokenizerError, Vocabulary
+from .files import QWEN_CONTROL_TOKENS, QWEN_PATTERN, AddedToken, TokenizerError, Vocabulary, official_chat_template
 from .tool_calls import ParsedOutput, ToolCall, ToolCallError, ToolCallParser, parse_tool_calls
 from .train import train_tokenizer
 
 __all__ = [
     "AddedToken", "ChatEncoding", "DEFAULT_SYSTEM_PROMPT", "ParsedOutput", "QWEN_CONTROL_TOKENS", "QWEN_PATTERN",
     "Segment", "StreamDecoder", "Tokenizer", "TokenizerError", "ToolCall", "ToolCallError", "ToolCallParser",
-    "Vocabulary", "chat_segments", "encode_chat", "parse_tool_calls", "render_chat", "train_tokenizer",
+    "Vocabulary", "chat_segments", "encode_chat", "official_chat_template", "parse_tool_calls", "render_chat",
+    "train_tokenizer",
 ]

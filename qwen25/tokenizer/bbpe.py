@@ -57,7 +57,8 @@ class Tokenizer:
         return cls(vocab, engine=engine)
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write HF files (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json) to a directory."""
+        """Write HF files (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json) to a directory; the chat
+        template loaded with the files is kept, and a ChatML vocabulary without one gets Qwen2.5's official one."""
         return write_vocabulary(self.vocab, path)
 
     # ---- sizes and token names

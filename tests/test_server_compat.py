@@ -308,6 +308,9 @@ def test_tokenizer_routes_and_openai_shaped_errors(client, tokenizer):
     assert client.post("/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
     info = client.get("/tokenizer_info").json()
     assert info["eos_token"] == tokenizer.decode([tokenizer.eos_id]) and info["model_max_length"] == 1024
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # lm-eval renders chats with it (remote tokenizer)
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(info["chat_template"])
+    assert template.render(messages=MESSAGES, add_generation_prompt=True) == tokenizer.decode(chat_ids)
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
                                  ("DELETE", "/v1/models", 405)):
         r = client.request(method, path)

@@ -27,7 +27,7 @@ from .. import generation
 from ..generation import Engine, SamplingParams, TextTracker
 from ..generation.grammar import GrammarError, Grammars
 from ..model import load_model
-from ..tokenizer import Tokenizer, TokenizerError, encode_chat
+from ..tokenizer import Tokenizer, TokenizerError, encode_chat, official_chat_template
 from .async_engine import AsyncEngine
 from .openai_protocol import (
     APIError,
@@ -62,7 +62,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_concurrent: int = 64  # sequences (prompts x n) in flight, over all requests
     max_body_bytes: int = 16 * 2**20  # a longer body gets a 413 before it is read whole
-    chat_template: str | None = None  # what /tokenizer_info reports (the checkpoint's tokenizer_config.json)
+    chat_template: str | None = None  # what /tokenizer_info reports (None: Qwen2.5's official template)
 
 
 class Metrics:
@@ -126,7 +126,9 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
     stop_ids = sorted(set(config.defaults.eos_token_ids) | _chat_stop_ids(tokenizer))
     slots = {"used": 0}  # sequences admitted and not yet finished (changed on the event loop only)
     grammars: list[Grammars] = []  # made on the first constrained request
-    chat_template = config.chat_template
+    # the template of what the server renders (qwen25/tokenizer/chat.py: byte-identical to Qwen2.5's official one)
+    chatml = hasattr(tokenizer, "vocab") and tokenizer.vocab.is_chatml()
+    chat_template = config.chat_template or (official_chat_template() if chatml else None)
     # Tokenising a long prompt takes a while: done off the event loop (one thread: the tokenizer is shared).
     tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen25-tokenize")
 
@@ -645,18 +647,8 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
                                  prefill_chunk=prefill_chunk), tokenizer, own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
-    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults,
-                          chat_template=_checkpoint_chat_template(model_dir), **limits)
+    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
     return create_app(engine, tokenizer, config), engine
-
-
-def _checkpoint_chat_template(model_dir) -> str | None:
-    """The chat template in a checkpoint's tokenizer_config.json (the "default" one of a named list)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
-    if isinstance(template, list):
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
 
 
 def run_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):

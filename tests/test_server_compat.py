@@ -321,9 +321,13 @@ def test_tokenizer_routes_and_openai_shaped_errors(client, tokenizer):
 def test_lm_eval_local_completions_equals_hf_backend(tmp_path, monkeypatch):
     """A multiple-choice task, a perplexity task and a generate_until task with 6 stop strings, through
     `local-completions` against the server (lm-eval's remote tokenizer: /tokenizer_info, /tokenize) and through
-    lm-eval's own `hf` backend on the same checkpoint: the same log-likelihoods, perplexities and generations."""
+    lm-eval's own `hf` backend on the same exported checkpoint: the same log-likelihoods, perplexities and
+    generations."""
     pytest.importorskip("lm_eval")
-    model_dir = write_tiny_chat_checkpoint(tmp_path / "model", vocab_size=622)
+    from qwen25.export import export_model
+
+    model_dir = tmp_path / "exported"  # what `qwen25 export` writes is what both backends load
+    export_model(write_tiny_chat_checkpoint(tmp_path / "model", vocab_size=622), model_dir, dtype="fp32")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate

@@ -154,3 +154,53 @@ def test_bad_requests(model):
         engine.submit(Request([1], SamplingParams(max_new_tokens=0)))
     out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=100))[0]
     assert len(out) == 16 - 3  # stopped by the cache length, not by max_new_tokens
+
+
+# ---- prompt-lookup speculation -------------------------------------------------------------------------------------
+def test_prompt_lookup_speculation_equals_greedy_in_a_mixed_batch(model):
+    """Drafts from the prompt and the output so far, verified in one forward: token for token plain greedy, for
+    many prompts (some quoting themselves, so drafts are accepted), sharing a batch with requests that cannot
+    speculate (sampled, penalised) and with stop sequences and length limits cutting drafts short."""
+    prompts = []
+    for i, prompt in enumerate(_prompts(24, seed=4)):
+        prompts.append(prompt + prompt[:max(3, len(prompt) // 2)] if i % 2 else prompt)  # half quote themselves
+    params = []
+    for i, prompt in enumerate(prompts):
+        if i % 6 == 5:
+            params.append(SamplingParams(temperature=0.9, seed=i, max_new_tokens=12))  # never drafts
+        elif i % 6 == 4:
+            params.append(SamplingParams(repetition_penalty=1.3, max_new_tokens=15))  # never drafts
+        else:
+            params.append(SamplingParams(max_new_tokens=int(5 + 7 * (i % 4)), eos_token_ids=[7]))
+    plain = Engine(model, max_batch=5, max_len=160)
+    fast = Engine(model, max_batch=5, max_len=160, prompt_lookup=4)
+    expected, got = plain.generate(prompts, params), fast.generate(prompts, params)
+    assert got == expected
+    assert fast.stats["accepted_draft_tokens"] > 0 and fast.stats["draft_tokens"] > fast.stats["accepted_draft_tokens"]
+    assert fast.stats["decode_steps"] + fast.stats["speculative_steps"] > 0
+    # with a stop sequence and near the end of the cache
+    stop = [[int(expected[1][3]), int(expected[1][4])]] if len(expected[1]) > 4 else []
+    for engine in (plain, fast):
+        ids = [engine.submit(Request(prompts[1], SamplingParams(max_new_tokens=40), stop_sequences=stop))]
+        out = {i: [] for i in ids}
+        while engine.has_work():
+            for o in engine.step():
+                out[o.request_id].append(o.token)
+        engine.result = out[ids[0]]
+    assert fast.result == plain.result
+
+
+def test_ngram_lookup_drafts_what_followed_the_last_occurrence():
+    from qwen25.generation.engine import NgramLookup
+
+    lookup = NgramLookup([1, 2, 3, 4, 5, 9, 2, 3])
+    assert lookup.draft(3) == [4, 5, 9]  # "2 3" occurred before, followed by 4 5 9
+    lookup.extend([7])
+    assert lookup.draft(3) == []  # "3 7" and "7" never occurred before
+    lookup.result(drafted=3, accepted=0)
+    lookup.extend([1, 2, 3])
+    assert lookup.draft(2) == []  # backing off after a miss: one step without a draft
+    assert lookup.draft(2) == [4, 5]  # the longest n-gram first: "1 2 3" occurred at the start (the most recent
+    # earlier "2 3" is followed by 7 1)
+    loop = NgramLookup([5, 6, 8, 6, 8, 6, 8])
+    assert loop.draft(5) == [6, 8, 6, 8, 6]  # "6 8" two tokens back: the loop goes on

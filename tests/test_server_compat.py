@@ -466,3 +466,18 @@ def test_openai_agents_tool_loop(model_dir):
     finally:
         server.should_exit = True
         server.thread.join(timeout=30)
+
+
+def test_prompt_lookup_serving_gives_the_same_text(model_dir, client):
+    """`qwen25 serve --prompt-lookup 4`: greedy answers equal the plain server's; /metrics counts the drafts."""
+    app, _ = build_server(model_dir, max_batch=4, max_len=1024, model_name="tiny", prompt_lookup=4)
+    body = {"model": "tiny", "prompt": "the weather the weather the weather in Paris", "max_tokens": 40,
+            "temperature": 0, "n": 1, "logprobs": 1}
+    with TestClient(app) as fast:
+        got = fast.post("/v1/completions", json=body).json()["choices"][0]
+        metrics = fast.get("/metrics").text
+    expected = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert got["text"] == expected["text"] and got["logprobs"]["tokens"] == expected["logprobs"]["tokens"]
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(expected["logprobs"]["token_logprobs"], abs=1e-4)
+    drafted = [line for line in metrics.splitlines() if line.startswith("qwen25_spec_decode_draft_tokens_total")]
+    assert drafted and float(drafted[0].split()[-1]) > 0

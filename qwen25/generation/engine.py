@@ -8,6 +8,13 @@ a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefil
 prompts in one step go through one forward (rows right-padded), so the weights are read once for all of
 them. `generate` and `stream_generate` below run a batch of prompts to completion through it. Chat templates,
 stop strings and HTTP sit above this, in the server.
+
+Prompt-lookup speculation (`prompt_lookup=k`, for greedy requests without penalties or a grammar): when the last
+few tokens of a sequence occurred before in its prompt or output, the tokens that followed them then are a draft
+of up to k tokens; one forward over the last token and the draft gives the model's own choice at every draft
+position, and the draft is kept up to its first disagreement, so the output is token for token what plain greedy
+decoding gives, in fewer steps where text is quoted or edited. A request whose drafts keep failing waits longer
+before drafting again.
 """
 
 from __future__ import annotations
@@ -72,6 +79,56 @@ class _Running:
         self.generator = None
         if request.params.seed is not None and not request.params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+        self.lookup: NgramLookup | None = None  # prompt-lookup drafts (speculation), when the request may use them
+        self.drafted = self.accepted = 0
+
+
+class NgramLookup:
+    """Drafts for prompt-lookup speculation: the tokens that followed the most recent earlier occurrence of the
+    sequence's last n tokens (the longest n of `sizes` that occurred), kept in a dict of n-grams updated as
+    tokens arrive (no search over the history)."""
+
+    def __init__(self, tokens: list[int], sizes: tuple[int, ...] = (3, 2)):
+        self.tokens, self.sizes, self.seen = [], sizes, {}
+        self.follow: int | None = None  # where the draft starts in self.tokens
+        self.misses = self.wait = 0  # drafts rejected at their first token in a row; steps left before drafting
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end, self.follow = len(self.tokens), None
+            for n in self.sizes:
+                if end < n:
+                    continue
+                key = tuple(self.tokens[end - n:])
+                if self.follow is None and key in self.seen:
+                    self.follow = self.seen[key]
+                self.seen[key] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that may come next (none while backing off after misses). When the earlier occurrence
+        is less than k tokens back, what followed it is repeated: a loop of that period goes on."""
+        if self.wait:
+            self.wait -= 1
+            return []
+        if self.follow is None:
+            return []
+        period = len(self.tokens) - self.follow
+        return [self.tokens[self.follow + i % period] for i in range(k)]
+
+    def result(self, drafted: int, accepted: int) -> None:
+        """A draft's outcome: after a draft rejected at its first token, wait 1, 2, 4, ... (at most 16) steps."""
+        self.misses = 0 if accepted else self.misses + 1
+        self.wait = min(2 ** self.misses, 16) - 1 if self.misses else 0
+
+
+def _speculable(request: Request) -> bool:
+    """Whether prompt-lookup drafts can be verified for this request: greedy, and each token's choice depends on
+    its logits alone (no penalties over earlier tokens, no grammar, no sampling)."""
+    p = request.params
+    return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
+            and request.constraint is None)
 
 
 def check_prompt(prompt: list[int], vocab_size: int) -> None:
@@ -122,7 +179,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, max_batch: int = 16, max_len: int | None = None,
                  vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256,
-                 prefill_chunk: int | None = 512):
+                 prefill_chunk: int | None = 512, prompt_lookup: int = 0):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -135,8 +192,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request state
         self.cancelled: set[str] = set()
+        if prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be >= 0 (draft tokens; 0 = off), got {prompt_lookup}")
+        self.prompt_lookup = prompt_lookup if getattr(model, "dual_chunk", None) is None else 0
         self.stats = {"prefill_tokens": 0, "prefill_forwards": 0, "reused_tokens": 0, "decode_steps": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "draft_tokens": 0, "accepted_draft_tokens": 0, "speculative_steps": 0}
         self._ids = itertools.count()
 
     @property
@@ -206,13 +266,16 @@ class Engine:
                 if (last := self._prefill(slot, n)) is not None:
                     logits[slot] = last
         decode = [s for s, r in self.running.items() if s not in logits and r.prefilled == len(r.request.prompt)]
-        if decode:
-            logits.update(self._decode(decode))
+        drafts = self._drafts(decode)
+        if decode and len(drafts) < len(decode):
+            logits.update(self._decode([s for s in decode if s not in drafts]))
         for slot, row_logits in logits.items():
             try:
                 outputs.append(self._sample(self.running[slot], row_logits))
             except Exception as e:  # this request's sampling failed (its settings): it alone ends, with the reason
                 outputs.append(StepOutput(self.running[slot].request.id, None, "error", f"{type(e).__name__}: {e}"))
+        if drafts:  # after the decode forward: its throw-away rows for these slots are overwritten here
+            outputs += self._verify(drafts)
         finished = {out.request_id for out in outputs
                     if out.finish_reason and (out.token is not None or out.finish_reason == "error")}
         for slot in [s for s, r in self.running.items() if r.request.id in finished]:
@@ -300,6 +363,8 @@ class Engine:
             return None
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        if self.prompt_lookup and _speculable(state.request):
+            state.lookup = NgramLookup(prompt)
         if self.prefix:
             self.prefix.insert(prompt, self.cache, slot)
         return last_logits()
@@ -331,13 +396,71 @@ class Engine:
         allowed = constraint.allowed().to(self.device) if constraint is not None else None
         token = int(next_token(logits[None], params, self.seen[slot:slot + 1], state.generator, self.vocab_limit,
                                state.output, allowed))
+        if constraint is not None:
+            constraint.accept(token)
+        return self._emit(state, token, logits)
+
+    def _drafts(self, slots: list[int]) -> dict[int, list[int]]:
+        """This step's prompt-lookup drafts of the decoding slots that have one (the others decode plainly). The
+        verify forward pads every row to the longest draft: a row without room for that decodes plainly."""
+        drafts = {}
+        for slot in slots:
+            state = self.running[slot]
+            if state.lookup is None or len(state.output) < state.request.params.min_tokens:
+                continue
+            room = min(state.request.params.max_new_tokens - len(state.output) - 1,
+                       self.max_len - int(self.cache.lengths[slot]) - 2)
+            if room >= 1 and (draft := state.lookup.draft(min(self.prompt_lookup, room))):
+                drafts[slot] = draft
+        width = 1 + max(map(len, drafts.values()), default=0)
+        return {s: d for s, d in drafts.items() if int(self.cache.lengths[s]) + width <= self.max_len - 1}
+
+    def _verify(self, drafts: dict[int, list[int]]) -> list[StepOutput]:
+        """One forward over each slot's last token and its draft (rows right-padded); each slot keeps the model's
+        greedy tokens up to the first one that differs from the draft, so the output is plain greedy decoding's."""
+        slots = list(drafts)
+        width = 1 + max(map(len, drafts.values()))
+        ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)
+        for row, slot in enumerate(slots):
+            ids[row, :1 + len(drafts[slot])] = torch.tensor([self.running[slot].output[-1]] + drafts[slot])
+        starts = self.cache.lengths[slots].clone()
+        logits = self.model(ids, cache=self.cache.at(slots, starts, width))
+        self.stats["speculative_steps"] += 1
+        outputs = []
+        for row, slot in enumerate(slots):
+            state, draft = self.running[slot], drafts[slot]
+            emitted = 0
+            for i in range(len(draft) + 1):
+                try:
+                    token = int(next_token(logits[row, i][None], state.request.params, vocab_limit=self.vocab_limit))
+                    out = self._emit(state, token, logits[row, i], cache_length=int(starts[row]) + i + 1)
+                except Exception as e:  # as in step(): this request alone ends
+                    out = StepOutput(state.request.id, None, "error", f"{type(e).__name__}: {e}")
+                outputs.append(out)
+                emitted += out.token is not None
+                if out.finish_reason or i == len(draft) or token != draft[i]:
+                    break
+            self.cache.lengths[slot] = starts[row] + emitted  # the inputs whose keys hold: last token + accepted
+            accepted = max(emitted - 1, 0)
+            state.drafted, state.accepted = state.drafted + len(draft), state.accepted + accepted
+            self.stats["draft_tokens"] += len(draft)
+            self.stats["accepted_draft_tokens"] += accepted
+            if state.lookup is not None:
+                state.lookup.result(len(draft), accepted)
+            if outputs[-1].finish_reason:
+                self._free(slot)
+        return outputs
+
+    def _emit(self, state: _Running, token: int, logits: torch.Tensor, cache_length: int | None = None) -> StepOutput:
+        """Record a token picked for a request from `logits` (its row): log-probabilities, stop checks."""
+        params, slot = state.request.params, state.slot
         logprob = None
         if params.logprobs is not None:
             picked, ids, values = token_logprobs(logits[None], torch.tensor([token], device=self.device),
                                                  params.logprobs, self.vocab_limit)
             logprob = (float(picked[0]), list(zip(ids[0].tolist(), values[0].tolist())))
-        if constraint is not None:
-            constraint.accept(token)
+        if state.lookup is not None:
+            state.lookup.extend([token])
         state.output.append(token)
         self.seen[slot, token] = True
         self.stats["generated_tokens"] += 1
@@ -347,7 +470,8 @@ class Engine:
             reason = "stop"
         elif state.request.should_stop is not None and state.request.should_stop(out):
             reason = "stop"
-        elif len(out) >= params.max_new_tokens or int(self.cache.lengths[slot]) + 1 >= self.max_len:
+        elif len(out) >= params.max_new_tokens or (
+                cache_length if cache_length is not None else int(self.cache.lengths[slot])) + 1 >= self.max_len:
             reason = "length"
         prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
         return StepOutput(state.request.id, token, reason, logprob=logprob, prompt_logprobs=prompt_logprobs)

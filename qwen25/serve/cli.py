@@ -58,6 +58,10 @@ def _model_flags(p) -> None:
     add_common_flags(p, dtype=True, threads=True)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
+    p.add_argument("--prompt-lookup", type=int, metavar="K",
+                   help="prompt-lookup speculation for greedy requests: up to K draft tokens copied from the prompt "
+                        "and output, verified in one forward (same output; faster when text is quoted or edited; "
+                        "0 = off; default 4 for chat, 0 for serve, whose batches already share each forward)")
 
 
 def _cmd_serve(args) -> int:
@@ -75,7 +79,7 @@ def _cmd_serve(args) -> int:
                                model_name=args.served_model_name, prefill_chunk=args.prefill_chunk or None,
                                engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
                                max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
-                               max_body_bytes=int(args.max_body_mb * 2**20))
+                               max_body_bytes=int(args.max_body_mb * 2**20), prompt_lookup=args.prompt_lookup or 0)
     # uvicorn serves HTTP from a thread; the engine runs here, on the main thread that loaded the model (a decode
     # step from a second thread runs ~3x slower with OpenMP: see AsyncEngine). Ctrl-C or SIGTERM end both.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))

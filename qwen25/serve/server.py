@@ -99,6 +99,10 @@ class Metrics:
             ("engine_steps_total", "counter", "Engine steps (prefill and/or one decode for the batch).", c["steps"]),
             ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
              stats.get("reused_tokens", 0)),
+            ("spec_decode_draft_tokens_total", "counter", "Prompt-lookup draft tokens verified.",
+             stats.get("draft_tokens", 0)),
+            ("spec_decode_accepted_tokens_total", "counter", "Draft tokens accepted (each one decode step saved).",
+             stats.get("accepted_draft_tokens", 0)),
         ]
         for name, kind, text, value in values:
             lines += [f"# HELP qwen25_{name} {text}", f"# TYPE qwen25_{name} {kind}", f"qwen25_{name} {value}"]
@@ -631,6 +635,7 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int, form
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
                  w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
                  prefill_chunk: int | None = 512, kernels: bool = True, engine_thread: bool = True,
+                 prompt_lookup: int = 0,
                  **limits) -> tuple[FastAPI, AsyncEngine]:
     """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine.
 
@@ -645,7 +650,8 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     model = load_model(model_dir, dtype=dtype)
     log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, kernels=kernels))
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
-                                 prefill_chunk=prefill_chunk), tokenizer, own_thread=engine_thread)
+                                 prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup), tokenizer,
+                         own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)
     return create_app(engine, tokenizer, config), engine

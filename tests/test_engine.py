@@ -167,7 +167,7 @@ def test_prompt_lookup_speculation_equals_greedy_in_a_mixed_batch(model):
     params = []
     for i, prompt in enumerate(prompts):
         if i % 6 == 5:
-            params.append(SamplingParams(temperature=0.9, seed=i, max_new_tokens=12))  # never drafts
+            params.append(SamplingParams(temperature=0.9, seed=i, max_new_tokens=12))  # drafts, sampled
         elif i % 6 == 4:
             params.append(SamplingParams(repetition_penalty=1.3, max_new_tokens=15))  # never drafts
         else:
@@ -175,7 +175,9 @@ def test_prompt_lookup_speculation_equals_greedy_in_a_mixed_batch(model):
     plain = Engine(model, max_batch=5, max_len=160)
     fast = Engine(model, max_batch=5, max_len=160, prompt_lookup=4)
     expected, got = plain.generate(prompts, params), fast.generate(prompts, params)
-    assert got == expected
+    sampled = [i for i, p in enumerate(params) if not p.greedy]  # speculate too, drawing their own randomness
+    assert [g for i, g in enumerate(got) if i not in sampled] == [e for i, e in enumerate(expected) if i not in sampled]
+    assert all(len(got[i]) == params[i].max_new_tokens for i in sampled)
     assert fast.stats["accepted_draft_tokens"] > 0 and fast.stats["draft_tokens"] > fast.stats["accepted_draft_tokens"]
     assert fast.stats["decode_steps"] + fast.stats["speculative_steps"] > 0
     # with a stop sequence and near the end of the cache
@@ -204,3 +206,35 @@ def test_ngram_lookup_drafts_what_followed_the_last_occurrence():
     # earlier "2 3" is followed by 7 1)
     loop = NgramLookup([5, 6, 8, 6, 8, 6, 8])
     assert loop.draft(5) == [6, 8, 6, 8, 6]  # "6 8" two tokens back: the loop goes on
+
+
+def test_sampling_with_speculation_keeps_the_distribution(tmp_path):
+    """Sampled requests verify lookup drafts too: over 4,000 requests of 3 tokens the joint frequencies of the
+    tokens match the model's exact distribution (chi-square), with drafts both accepted and rejected."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from conftest import random_hf_model
+
+    random_hf_model(seed=3, vocab_size=12, hidden_size=32, num_attention_heads=4,
+                    num_key_value_heads=2).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="fp32")
+    # the first token t follows "1": "1 t" occurred before for t in 2..10, so the second token has a draft ("1")
+    prompt = [1, 2, 1, 3, 1, 4, 1, 5, 1, 6, 1, 7, 1, 8, 1, 9, 1, 10, 1]
+    engine = Engine(model, max_batch=64, max_len=24, prompt_lookup=2)
+    torch.manual_seed(0)
+    triples = engine.generate([prompt] * 4000, SamplingParams(temperature=1.0, max_new_tokens=3))
+    assert 0 < engine.stats["accepted_draft_tokens"] < engine.stats["draft_tokens"]
+    with torch.no_grad():  # the exact joint distribution of the three tokens
+        p1 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p2 = model(torch.tensor([prompt + [a] for a in range(12)]))[:, -1].softmax(-1)
+        p3 = model(torch.tensor([prompt + [a, b] for a in range(12) for b in range(12)]))[:, -1].softmax(-1)
+    joint = p1[:, None, None] * p2[:, :, None] * p3.view(12, 12, 12)
+    observed = torch.zeros(12, 12, 12)
+    for a, b, c in triples:
+        observed[a, b, c] += 1
+    # (first, second) and (second, third): each cell's expected count is large enough for the chi-square test
+    for exact, seen in ((joint.sum(2), observed.sum(2)), (joint.sum(0), observed.sum(0))):
+        expected, seen = (exact * len(triples)).flatten().double(), seen.flatten().double()
+        common = expected >= 5  # pool the rare cells
+        obs = torch.cat([seen[common], seen[~common].sum()[None]])
+        exp = torch.cat([expected[common], expected[~common].sum()[None]])
+        assert scipy_stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3

@@ -9,12 +9,13 @@ prompts in one step go through one forward (rows right-padded), so the weights a
 them. `generate` and `stream_generate` below run a batch of prompts to completion through it. Chat templates,
 stop strings and HTTP sit above this, in the server.
 
-Prompt-lookup speculation (`prompt_lookup=k`, for greedy requests without penalties or a grammar): when the last
-few tokens of a sequence occurred before in its prompt or output, the tokens that followed them then are a draft
-of up to k tokens; one forward over the last token and the draft gives the model's own choice at every draft
-position, and the draft is kept up to its first disagreement, so the output is token for token what plain greedy
-decoding gives, in fewer steps where text is quoted or edited. A request whose drafts keep failing waits longer
-before drafting again.
+Prompt-lookup speculation (`prompt_lookup=k`, for requests without penalties or a grammar): when the last few
+tokens of a sequence occurred before in its prompt or output, the tokens that followed them then are a draft of up
+to k tokens; one forward over the last token and the draft gives the model's distribution at every draft position.
+Greedy requests keep the draft up to its first disagreement with the model's choice, so the output is token for
+token what plain greedy decoding gives; sampled ones keep each draft token with its probability (the standard
+accept/reject rule), so every token keeps its distribution. Fewer steps where text is quoted or edited; a request
+whose drafts keep failing waits longer before drafting again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from ..model.attention import KVCache
 from ..model.transformer import CausalLM
-from .sampling import SamplingParams, next_token, token_logprobs
+from .sampling import SamplingParams, next_token, process_logits, token_logprobs
 
 
 class Constraint(Protocol):
@@ -124,10 +125,10 @@ class NgramLookup:
 
 
 def _speculable(request: Request) -> bool:
-    """Whether prompt-lookup drafts can be verified for this request: greedy, and each token's choice depends on
-    its logits alone (no penalties over earlier tokens, no grammar, no sampling)."""
+    """Whether prompt-lookup drafts can be verified for this request: each token's distribution depends on its
+    logits alone (no penalties over earlier tokens, no grammar), greedy or sampled."""
     p = request.params
-    return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
+    return (p.repetition_penalty == 1.0 and p.presence_penalty == 0 and p.frequency_penalty == 0
             and request.constraint is None)
 
 
@@ -416,8 +417,11 @@ class Engine:
         return {s: d for s, d in drafts.items() if int(self.cache.lengths[s]) + width <= self.max_len - 1}
 
     def _verify(self, drafts: dict[int, list[int]]) -> list[StepOutput]:
-        """One forward over each slot's last token and its draft (rows right-padded); each slot keeps the model's
-        greedy tokens up to the first one that differs from the draft, so the output is plain greedy decoding's."""
+        """One forward over each slot's last token and its draft (rows right-padded). Greedy: each slot keeps the
+        model's tokens up to the first that differs from the draft (plain greedy decoding's output). Sampling: the
+        standard accept/reject rule for a draft that is certain (a lookup draft: q = 1 on its token): draft token d
+        is kept with probability p(d); the first rejected one is replaced by a sample of p without d, renormalised;
+        after a whole draft, one more token from p. Each token then has exactly the distribution p."""
         slots = list(drafts)
         width = 1 + max(map(len, drafts.values()))
         ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)
@@ -432,7 +436,7 @@ class Engine:
             emitted = 0
             for i in range(len(draft) + 1):
                 try:
-                    token = int(next_token(logits[row, i][None], state.request.params, vocab_limit=self.vocab_limit))
+                    token = self._speculative_token(state, logits[row, i], draft[i] if i < len(draft) else None)
                     out = self._emit(state, token, logits[row, i], cache_length=int(starts[row]) + i + 1)
                 except Exception as e:  # as in step(): this request alone ends
                     out = StepOutput(state.request.id, None, "error", f"{type(e).__name__}: {e}")
@@ -450,6 +454,22 @@ class Engine:
             if outputs[-1].finish_reason:
                 self._free(slot)
         return outputs
+
+    def _speculative_token(self, state: _Running, logits: torch.Tensor, drafted: int | None) -> int:
+        """The token at a verified position: the draft's (drafted) if kept, else the model's own pick."""
+        params = state.request.params
+        if params.greedy:
+            return int(next_token(logits[None], params, vocab_limit=self.vocab_limit))
+        probs = process_logits(logits[None], params, vocab_limit=self.vocab_limit).softmax(-1)[0]
+        if drafted is not None:
+            keep = torch.rand((), generator=state.generator, device=self.device) < probs[drafted]
+            if keep:
+                return drafted
+            probs = probs.clone()
+            probs[drafted] = 0  # the residual max(p - q, 0) of a certain draft, renormalised by multinomial
+            if not probs.sum() > 0:
+                return drafted  # p was all on the draft token (then it is never rejected; float safety)
+        return int(torch.multinomial(probs, 1, generator=state.generator))
 
     def _emit(self, state: _Running, token: int, logits: torch.Tensor, cache_length: int | None = None) -> StepOutput:
         """Record a token picked for a request from `logits` (its row): log-probabilities, stop checks."""

@@ -59,8 +59,9 @@ def _model_flags(p) -> None:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
     p.add_argument("--prompt-lookup", type=int, metavar="K",
-                   help="prompt-lookup speculation for greedy requests: up to K draft tokens copied from the prompt "
-                        "and output, verified in one forward (same output; faster when text is quoted or edited; "
+                   help="prompt-lookup speculation: up to K draft tokens copied from the prompt and output, verified "
+                        "in one forward (greedy: the same output; sampled: the same distribution; faster when text "
+                        "is quoted or edited; "
                         "0 = off; default 4 for chat, 0 for serve, whose batches already share each forward)")
 
 

@@ -231,3 +231,18 @@ def test_model_with_dca_within_one_chunk_equals_plain_model():
         torch.testing.assert_close(model(ids), plain.eval()(ids), atol=0, rtol=0)
         longer = torch.randint(0, 512, (2, 20))
         assert not torch.allclose(model(longer)[:, 8:], plain(longer)[:, 8:], atol=1e-3)
+
+
+def test_engine_batch_mixing_yarn_tables_with_dca_equals_each_request_alone():
+    """YaRN with apply_only_beyond_original and DCA: one engine batch holds a short request (plain RoPE table) and
+    a long one (the YaRN table), each with its own tables per row; before, the step raised ValueError."""
+    from qwen25.generation import Engine, SamplingParams
+
+    model = dca_model("c8", original=0, seed=6, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 24,
+                                                             "apply_only_beyond_original": True})
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (10, 30)]
+    params = [SamplingParams(max_new_tokens=n) for n in (6, 12)]  # extents 16 (<= 24: plain) and 42 (YaRN)
+    together = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
+    alone = [Engine(model, max_batch=1, max_len=64).generate([p], q)[0] for p, q in zip(prompts, params)]
+    assert together == alone

@@ -22,7 +22,7 @@ value for the last prompt token, and a rule under which prefill + cached decodin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -226,6 +226,12 @@ class DualChunkRope:
     positions: torch.Tensor
     cached: bool
     key_valid: torch.Tensor | None = None
+
+    def where(self, rows: torch.Tensor, other: "DualChunkRope") -> "DualChunkRope":
+        """Per row, these tables (rows True: (B, 1, 1) bool) or other's (the same positions, another RoPE table)."""
+        pick = lambda a, b: (torch.where(rows, a[0], b[0]), torch.where(rows, a[1], b[1]))  # noqa: E731
+        return replace(self, key=pick(self.key, other.key),
+                                   queries=tuple(pick(a, b) for a, b in zip(self.queries, other.queries)))
 
     def key_positions(self, num_keys: int) -> torch.Tensor:
         """Token positions (B or 1, S) of the first `num_keys` key slots."""

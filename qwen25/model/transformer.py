@@ -157,13 +157,15 @@ class CausalLM(nn.Module):
             if not any(scaled):
                 inv_freq, factor = self.inv_freq_unscaled, 1.0
             scaled = None if all(scaled) or not any(scaled) else scaled
+        if scaled is not None:
+            pick = torch.tensor(scaled, device=position_ids.device)[:, None, None]  # (rows, 1, 1)
         if self.dual_chunk is not None and dual_chunk_needed(self.dual_chunk, position_ids):
-            if scaled is not None:
-                raise ValueError("DCA with rows of one batch on different YaRN tables: run them one at a time")
-            return dual_chunk_rope(self.dual_chunk, inv_freq, factor, position_ids, cache)
+            if scaled is None:
+                return dual_chunk_rope(self.dual_chunk, inv_freq, factor, position_ids, cache)
+            on = dual_chunk_rope(self.dual_chunk, self.inv_freq, self.attention_factor, position_ids, cache)
+            return on.where(pick, dual_chunk_rope(self.dual_chunk, self.inv_freq_unscaled, 1.0, position_ids, cache))
         if scaled is None:
             return rope_cos_sin(inv_freq, position_ids, factor)
-        pick = torch.tensor(scaled, device=position_ids.device)[:, None, None]  # (rows, 1, 1)
         on = rope_cos_sin(self.inv_freq, position_ids, self.attention_factor)
         off = rope_cos_sin(self.inv_freq_unscaled, position_ids, 1.0)
         return torch.where(pick, on[0], off[0]), torch.where(pick, on[1], off[1])

@@ -142,3 +142,31 @@ def test_repetition_penalty_on_seen_tokens_equals_the_whole_vocabulary_formula()
     seen = torch.rand(3, 1000, generator=gen) < 0.05
     dense = torch.where(seen, torch.where(logits < 0, logits * 1.2, logits / 1.2), logits)
     assert torch.equal(apply_repetition_penalty(logits, seen, 1.2), dense)
+
+
+def test_text_tracker_without_decode_stream_releases_the_same_text():
+    """A tokenizer with only `decode` (the windowed re-decoder) gives the stop-string tracker the same text and the
+    same stop as our decode_stream, multi-byte characters split across tokens included (text next to an incomplete
+    character may come one token later)."""
+    from tokenizer_fixtures import qwen_tokenizer
+
+    from qwen25.generation import TextTracker
+
+    tok = qwen_tokenizer()
+
+    class DecodeOnly:
+        def decode(self, ids, skip_special_tokens=True):
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    text = "Grüße aus Köln 🌧️ — 東京は雨です. <|im_end|> done 😀😀 end"
+    ids = tok.encode(text)
+    for stops in ([], ["雨で"], ["😀 end"]):
+        ours, plain = TextTracker(tok, stops), TextTracker(DecodeOnly(), stops)
+        runs = []
+        for tracker in (ours, plain):
+            stopped, pieces = [], []
+            for n in range(1, len(ids) + 1):
+                stopped.append(tracker(ids[:n]))
+                pieces.append(tracker.release())
+            runs.append((stopped.index(True) if True in stopped else None, "".join(pieces) + tracker.release(True)))
+        assert runs[0] == runs[1]

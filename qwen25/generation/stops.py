@@ -68,21 +68,25 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class _Redecoder:
-    """decode_stream for a tokenizer with only `decode`: decodes everything so far and returns the new tail once
-    it no longer ends in an incomplete character."""
+    """decode_stream for a tokenizer with only `decode`: decodes a short window of the last tokens (from the token
+    before the last emitted text on, as HF's streamers and vLLM do) and returns its new tail once it no longer ends
+    in an incomplete character. Linear in the output: each call decodes a few tokens, not everything so far."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.done = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already returned (context for the next)
 
     def step(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.done = text[len(self.done):], text
-        return new
+        return self._new(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new, self.done = text[len(self.done):], text
-        return new
+        return self._new(final=True)
+
+    def _new(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]

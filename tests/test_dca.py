@@ -246,3 +246,26 @@ def test_engine_batch_mixing_yarn_tables_with_dca_equals_each_request_alone():
     together = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
     alone = [Engine(model, max_batch=1, max_len=64).generate([p], q)[0] for p, q in zip(prompts, params)]
     assert together == alone
+
+
+def test_engine_chunked_prefill_with_dca_equals_one_forward():
+    """A DCA model's prompts prefilled 5 tokens per engine step (chunks crossing DCA's chunk boundaries), beside a
+    request that keeps decoding: the first token's logits and the greedy tokens equal a one-shot prefill's."""
+    from qwen25.generation import Engine, Request, SamplingParams
+
+    model = dca_model("c8", original=16, seed=7)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (37, 23, 9)]
+    params = SamplingParams(max_new_tokens=8)
+    chunked = Engine(model, max_batch=3, max_len=64, prefill_chunk=5, prefix_capacity_blocks=0)
+    whole = Engine(model, max_batch=1, max_len=64, prefill_chunk=None, prefix_capacity_blocks=0)
+    assert chunked.generate(prompts, params) == [whole.generate([p], params)[0] for p in prompts]
+    assert chunked.stats["prefill_forwards"] > len(prompts)  # the prompts really were read in pieces
+    for prompt in prompts:  # the logits a prompt ends with, prefilled in chunks vs in one forward
+        ids = {e: e.submit(Request(prompt, SamplingParams(max_new_tokens=1, logprobs=5))) for e in (chunked, whole)}
+        tops = {}
+        for engine, rid in ids.items():
+            while engine.has_work():
+                for out in engine.step():
+                    tops[engine] = out.logprob
+        assert tops[chunked][0] == pytest.approx(tops[whole][0], abs=1e-5)
+        assert [v for _, v in tops[chunked][1]] == pytest.approx([v for _, v in tops[whole][1]], abs=1e-5)

@@ -426,8 +426,10 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
-    """KV-cache bytes per token with GQA: 2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * dtype_bytes(dtype)
+    """KV-cache bytes per token with GQA: 2 (K and V) x layers x kv_heads x head_dim x bytes per element (int8:
+    plus the fp32 scale per head that the 8-bit cache keeps for every token)."""
+    scales = 4 if str(dtype).removeprefix("torch.") == "int8" else 0
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.head_size * dtype_bytes(dtype) + scales)
 
 
 def human_bytes(n: float) -> str:

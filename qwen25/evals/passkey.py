@@ -23,15 +23,17 @@ class PasskeyResult:
 
 
 def evaluate_passkey(model, tokenizer: TextTokenizer, lengths: Sequence[int], depths: Sequence[float],
-                     trials: int = 1, seed: int = 0, batch_size: int = 1) -> list[PasskeyResult]:
-    """Greedy-decode every sample of the grid; a trial is correct when the continuation starts with K."""
+                     trials: int = 1, seed: int = 0, batch_size: int = 1, kv_int8: bool = False) -> list[PasskeyResult]:
+    """Greedy-decode every sample of the grid; a trial is correct when the continuation starts with K. kv_int8: with
+    the 8-bit KV cache."""
     samples = passkey_samples(tokenizer, lengths, depths, trials, seed)
     results = []
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
         # The answer's own tokens plus two: a model that goes on with more digits is wrong.
         new = max(len(tokenizer.encode(f" {s.passkey}")) for s in batch) + 2
-        outputs = generation.generate(model, [s.ids for s in batch], generation.SamplingParams(max_new_tokens=new))
+        outputs = generation.generate(model, [s.ids for s in batch], generation.SamplingParams(max_new_tokens=new),
+                                      kv_int8=kv_int8)
         for sample, out in zip(batch, outputs):
             text = tokenizer.decode(out)
             results.append(PasskeyResult(sample.length, sample.depth, sample.passkey, len(sample.ids), text,

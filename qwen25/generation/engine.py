@@ -146,7 +146,7 @@ class PrefixCache:
 
     def __init__(self, block: int = 16, capacity_blocks: int = 256):
         self.block, self.capacity = block, capacity_blocks
-        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, ...]] = OrderedDict()  # KVCache.blocks of a span
 
     def _keys(self, tokens: list[int]):
         h = hashlib.blake2b(digest_size=16)
@@ -154,7 +154,7 @@ class PrefixCache:
             h.update(torch.tensor(tokens[i * self.block:(i + 1) * self.block], dtype=torch.int64).numpy().tobytes())
             yield h.copy().digest()
 
-    def lookup(self, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def lookup(self, tokens: list[int]) -> list[tuple[torch.Tensor, ...]]:
         """KV blocks for the longest cached prefix of tokens (whole blocks)."""
         found = []
         for key in self._keys(tokens):
@@ -170,7 +170,7 @@ class PrefixCache:
                 self.blocks.move_to_end(key)
                 continue
             span = slice(i * self.block, (i + 1) * self.block)
-            self.blocks[key] = (cache.k[:, slot, :, span].clone(), cache.v[:, slot, :, span].clone())
+            self.blocks[key] = cache.blocks(slot, span)
             while len(self.blocks) > self.capacity:
                 self.blocks.popitem(last=False)
 
@@ -180,14 +180,14 @@ class Engine:
 
     def __init__(self, model: CausalLM, max_batch: int = 16, max_len: int | None = None,
                  vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256,
-                 prefill_chunk: int | None = 512, prompt_lookup: int = 0):
+                 prefill_chunk: int | None = 512, prompt_lookup: int = 0, kv_int8: bool = False):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
-        self.cache = KVCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
+        self.cache = KVCache(model.config, max_batch, self.max_len, weight.dtype, self.device, int8=kv_int8)
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.prefix = PrefixCache(prefix_block, prefix_capacity_blocks) if prefix_capacity_blocks else None
         self.waiting: deque[Request] = deque()
@@ -304,9 +304,8 @@ class Engine:
             self.cache.lengths[slot] = 0
             return
         reused = self.prefix.lookup(state.request.prompt[:-1]) if self.prefix else []
-        for i, (k, v) in enumerate(reused):
-            span = slice(i * self.prefix.block, (i + 1) * self.prefix.block)
-            self.cache.k[:, slot, :, span], self.cache.v[:, slot, :, span] = k, v
+        for i, block in enumerate(reused):
+            self.cache.put_blocks(slot, slice(i * self.prefix.block, (i + 1) * self.prefix.block), block)
         state.prefilled = len(reused) * (self.prefix.block if self.prefix else 0)
         self.cache.lengths[slot] = state.prefilled
         self.stats["reused_tokens"] += state.prefilled
@@ -523,8 +522,8 @@ class Engine:
 
 @torch.inference_mode()
 def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
-                    vocab_limit: int | None = None,
-                    should_stop: list[Callable[[list[int]], bool]] | None = None) -> Iterator[list[int | None]]:
+                    vocab_limit: int | None = None, should_stop: list[Callable[[list[int]], bool]] | None = None,
+                    kv_int8: bool = False) -> Iterator[list[int | None]]:
     """Yield, at every engine step, the new token of each prompt (None where it has none: it has finished).
 
     A prompt finishes after yielding one of params.eos_token_ids, after params.max_new_tokens tokens, or once its
@@ -538,7 +537,7 @@ def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingP
     if params.max_new_tokens == 0:
         return
     engine = Engine(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + params.max_new_tokens,
-                    vocab_limit=vocab_limit, prefix_capacity_blocks=0, prefill_chunk=None)
+                    vocab_limit=vocab_limit, prefix_capacity_blocks=0, prefill_chunk=None, kv_int8=kv_int8)
     row = {}
     for i, prompt in enumerate(prompts):
         seeded = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**64)
@@ -553,10 +552,11 @@ def stream_generate(model: CausalLM, prompts: list[list[int]], params: SamplingP
 
 
 def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
-             vocab_limit: int | None = None) -> list[list[int]]:
-    """New tokens for each prompt (an eos token that ended a sequence is included, as in transformers)."""
+             vocab_limit: int | None = None, kv_int8: bool = False) -> list[list[int]]:
+    """New tokens for each prompt (an eos token that ended a sequence is included, as in transformers); kv_int8:
+    the 8-bit KV cache."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in stream_generate(model, prompts, params, vocab_limit):
+    for step in stream_generate(model, prompts, params, vocab_limit, kv_int8=kv_int8):
         for tokens, token in zip(out, step):
             if token is not None:
                 tokens.append(token)

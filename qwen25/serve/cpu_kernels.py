@@ -7,10 +7,15 @@ RMSNorm and RoPE take one pass over the rows of a decode step or a prompt. On CP
 block runs its experts in two kernel calls (KernelMoeBlock): a mini-moe forward ~2x transformers', its MoE blocks
 2.6-3x, one Qwen1.5-MoE-A2.7B layer 1.6x (benchmarks/moe.py).
 
-The C source is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a per-user cache
+An fp32 model's decode steps take `cpu_kernels_avx2.c` on any x86 CPU with AVX2 and FMA (fp32 is the fast dtype
+where there is no AVX-512: torch has no quick bf16 matmul there): its few-row products run 1.3-4x faster than
+torch's (each weight read once per step; benchmarks/decode.py).
+
+The C sources are compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a per-user cache
 (`$XDG_CACHE_HOME/qwen25` or `~/.cache/qwen25`), keyed by the source, the flags and the CPU's feature flags,
 and loaded with ctypes. Without an x86 CPU with AVX-512, without a compiler, or with `QWEN25_CPU_KERNELS=0`,
-`available()` is False and every caller keeps torch's kernels. Only inference uses them (no autograd).
+`available()` is False and every caller keeps torch's kernels (`f32_available()` likewise for AVX2). Only
+inference uses them (no autograd).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ from ..model.transformer import Attention
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE_AVX2 = Path(__file__).with_name("cpu_kernels_avx2.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 MAX_ROWS = 2  # more activation rows than this (prefill, batches): torch's matmuls are as fast or faster
 AMX_MAX_ROWS = 16  # ... except that the bf16 kernel with AMX tiles stays at memory speed up to 16 rows
 Q8_MAX_ROWS = 16  # the int8-activation kernel beats torch's int8 kernel at any size, dequantized weights from ~16 on
+F32_MAX_ROWS = 16  # the AVX2 fp32 kernel: 1.3-4x torch's up to 16 rows (a decode batch), prompts stay with torch
 
 
 def _cpu_flags() -> set[str]:
@@ -59,36 +66,59 @@ def _cache_dir() -> Path:
     return Path(base) / "qwen25"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with the reason logged) where they cannot be used here."""
+def _build(source: Path, needs: set[str], what: str) -> ctypes.CDLL | None:
+    """Compile `source` for this CPU (cached) and load it; None, with the reason logged, where it cannot be used."""
     if os.environ.get("QWEN25_CPU_KERNELS", "1") == "0":
         return None
     flags = _cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        log.info("cpu kernels: no AVX-512 on this CPU; using torch's kernels")
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= flags:
+        log.info("cpu kernels: no %s on this CPU; using torch's kernels", what)
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         log.warning("cpu kernels: no C compiler found (set CC); using torch's kernels")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + " ".join(sorted(flags)).encode())
-    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + " ".join(sorted(flags)).encode())
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
                                       text=True)
                 if proc.returncode != 0:
-                    log.warning("cpu kernels: compiling %s failed; using torch's kernels:\n%s", SOURCE,
+                    log.warning("cpu kernels: compiling %s failed; using torch's kernels:\n%s", source,
                                 proc.stderr[-2000:])
                     return None
                 os.replace(built, target)  # atomic: a concurrent process sees the old file or the whole new one
-        lib = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target))
     except OSError as e:  # unwritable cache, a noexec mount, ...: serving goes on with torch's kernels
         log.warning("cpu kernels: cannot build or load %s (%s); using torch's kernels", target, e)
+        return None
+
+
+@functools.cache
+def _library_avx2() -> ctypes.CDLL | None:
+    """The AVX2 fp32 kernel (cpu_kernels_avx2.c), or None."""
+    lib = _build(SOURCE_AVX2, {"avx2", "fma"}, "AVX2/FMA")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.qwen25_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.qwen25_linear_f32.restype = None
+    return lib
+
+
+def f32_available() -> bool:
+    """Whether the AVX2 fp32 decode kernel can be used on this machine."""
+    return _library_avx2() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with the reason logged) where they cannot be used here."""
+    lib = _build(SOURCE, {"avx512f", "avx512bw", "avx512vl"}, "AVX-512")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qwen25_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
@@ -139,6 +169,18 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     _library().qwen25_linear_bf16(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
                                   weight.shape[0], weight.shape[1], torch.get_num_threads())
+    return out
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for fp32 x (..., K), weight (N, K) and bias, by the AVX2 kernel."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_f32 takes fp32 CPU activations with {weight.shape[1]} features; got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    _library_avx2().qwen25_linear_f32(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
+                                      weight.shape[0], weight.shape[1], torch.get_num_threads())
     return out
 
 
@@ -209,7 +251,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecodeLinear(nn.Module):
-    """An inference-only nn.Linear (bf16 weight) that takes the compiled kernel for a few rows, F.linear else."""
+    """An inference-only nn.Linear (bf16 or fp32 weight) that takes the compiled kernel for a few rows (bf16:
+    AVX-512; fp32: AVX2), F.linear else."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -220,10 +263,15 @@ class DecodeLinear(nn.Module):
         self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
                              persistent=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_rows = bf16_max_rows(linear.in_features)
+        self.f32 = weight.dtype == torch.float32
+        self.max_rows = F32_MAX_ROWS if self.f32 else bf16_max_rows(linear.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernel(x, self.max_rows):
+        if self.f32:
+            if (x.dtype == torch.float32 and x.numel() <= self.max_rows * x.shape[-1] and not x.requires_grad
+                    and x.device.type == "cpu"):
+                return linear_f32(x, self.weight, self.bias_f32)
+        elif use_kernel(x, self.max_rows):
             return linear_bf16(x, self.weight, self.bias_f32)
         return F.linear(x, self.weight, self.bias)
 
@@ -346,15 +394,19 @@ def use_cpu_kernels(model: nn.Module) -> int:
 
     Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
-    pick the int8 kernel by themselves.
+    pick the int8 kernel by themselves. fp32 linear layers become DecodeLinear where the AVX2 kernel is available.
     """
+    swapped = 0
+    if f32_available():
+        swapped = replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.float32
+                                  and m.weight.device.type == "cpu", DecodeLinear)
     if not available():
-        return 0
+        return swapped
     replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)
     replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.bfloat16
                     and m.weight.device.type == "cpu", KernelRMSNorm)
     for module in model.modules():
         if isinstance(module, Attention):
             module.apply_rope = apply_rope
-    return replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
-                           and m.weight.device.type == "cpu", DecodeLinear)
+    return swapped + replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
+                                     and m.weight.device.type == "cpu", DecodeLinear)

@@ -95,7 +95,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
 
     Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
     (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8), and swaps in the
-    compiled kernels where available (bf16).
+    compiled kernels where available (bf16: AVX-512; fp32: AVX2).
     """
     compute = next(model.parameters()).dtype
     compiled = kernels and cpu_kernels.available() and compute == torch.bfloat16
@@ -111,5 +111,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
         cpu_kernels.use_cpu_kernels(model)
     amx = ", AMX experts" if compiled and cpu_kernels.amx() else ""
     uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
+    if kernels and compute == torch.float32 and any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules()):
+        uses = "the compiled AVX2 kernel (fp32 decode matmuls)"
     quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
     return f"{compute}{quant}, fused projections, {uses}"

@@ -555,3 +555,32 @@ def test_fp32_decode_with_the_avx2_kernel_tracks_torch():
             torch.testing.assert_close(model(rows), plain(rows), rtol=1e-4, atol=1e-4)
     params = SamplingParams(max_new_tokens=16)
     assert generate(model, ids.tolist(), params) == generate(plain, ids.tolist(), params)
+
+
+@needs_f32
+@pytest.mark.parametrize("m,n,k", [(1, 13, 7), (3, 9, 33), (16, 37, 896)])
+def test_int8_f32_kernel_is_the_scaled_product(m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x, b = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 50
+    ref = (x.double() @ q.double().T * scale.double() + b.double()).float()
+    torch.testing.assert_close(cpu_kernels.linear_int8_f32(x, q, scale, b), ref, rtol=1e-5, atol=1e-6 * k)
+
+
+@needs_f32
+def test_fp32_int8_decode_with_the_avx2_kernel_tracks_torch():
+    """`--int8` on an fp32 model: decode rows take the AVX2 int8 kernel, prompts the dequantized matmul; both give the
+    same logits as the same int8 weights through torch."""
+    model = tiny_model(tie_word_embeddings=False)
+    reference = quantize_int8(copy.deepcopy(model), dtype=torch.float32)  # torch's paths only
+    summary = quant.prepare_for_decode(model, int8=True)
+    assert "AVX2" in summary and "int8 weights" in summary
+    ids = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):
+            got = model(rows)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_kernels, "use_f32_kernel", lambda x: False)
+                want = reference(rows)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

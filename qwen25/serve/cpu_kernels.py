@@ -105,7 +105,8 @@ def _library_avx2() -> ctypes.CDLL | None:
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.qwen25_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        lib.qwen25_linear_f32.restype = None
+        lib.qwen25_linear_int8_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.qwen25_linear_f32.restype = lib.qwen25_linear_int8_f32.restype = None
     return lib
 
 
@@ -174,14 +175,35 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for fp32 x (..., K), weight (N, K) and bias, by the AVX2 kernel."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_f32 takes fp32 CPU activations with {weight.shape[1]} features; got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    x = x.contiguous()
+    x = _check_f32(x, weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     _library_avx2().qwen25_linear_f32(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
                                       weight.shape[0], weight.shape[1], torch.get_num_threads())
     return out
+
+
+def linear_int8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + (x @ qweight.T) * scale for fp32 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias (AVX2)."""
+    x = _check_f32(x, qweight.shape[1])
+    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
+    _library_avx2().qwen25_linear_int8_f32(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
+                                           x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
+                                           torch.get_num_threads())
+    return out
+
+
+def _check_f32(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != k:
+        raise ValueError(f"the AVX2 kernels take fp32 CPU activations with {k} features; got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    return x.contiguous()
+
+
+def use_f32_kernel(x: torch.Tensor) -> bool:
+    """Whether fp32 activations x should take an AVX2 kernel (a decode step: at most F32_MAX_ROWS rows)."""
+    return (x.dtype == torch.float32 and x.numel() <= F32_MAX_ROWS * x.shape[-1] and x.device.type == "cpu"
+            and not x.requires_grad and f32_available())
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -268,8 +290,7 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.f32:
-            if (x.dtype == torch.float32 and x.numel() <= self.max_rows * x.shape[-1] and not x.requires_grad
-                    and x.device.type == "cpu"):
+            if use_f32_kernel(x):
                 return linear_f32(x, self.weight, self.bias_f32)
         elif use_kernel(x, self.max_rows):
             return linear_bf16(x, self.weight, self.bias_f32)

@@ -6,6 +6,8 @@ AVX-512; otherwise the matmul uses torch's packed int8-weight kernel (`aten._wei
 gpt-fast uses), which dequantizes on the fly.
 
 Weight-only int8 widens every weight to fp32 on the fly, which costs more than streaming it on this project's CPU.
+On CPUs with AVX2 but no AVX-512, an fp32 model's `--int8` decode steps take cpu_kernels_avx2.c's int8 kernel
+(a quarter of fp32's bytes; ~2x its fp32 kernel for one row).
 With `act_int8` (`--w8a8`), decode steps (up to 16 rows) also quantize the activations, per block of 32 as
 llama.cpp's Q8_0 does, and multiply bytes by bytes (AVX-512 VNNI, 64 products per instruction): ~1.4x faster
 decode for a second rounding of each activation to ~2.5 significant digits. Prefill (more rows) keeps bf16
@@ -65,6 +67,8 @@ class Int8Linear(nn.Module):
             return cpu_kernels.linear_q8(x, self.weight_u8, self.scales_f32, self.bias_f32)
         if not self.act_int8 and cpu_kernels.use_kernel(x):
             return cpu_kernels.linear_int8(x, self.weight_int8, self.scales_f32, self.bias_f32)
+        if not self.act_int8 and cpu_kernels.use_f32_kernel(x):  # fp32 activations, AVX2
+            return cpu_kernels.linear_int8_f32(x, self.weight_int8, self.scales_f32, self.bias_f32)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous()
         # torch 2.13's int8 kernel returns garbage or crashes on AVX-512 when K is not a multiple of 16 (K=200)
@@ -103,15 +107,15 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
         log.warning("--w8a8 needs the compiled kernels and --dtype bf16; using weight-only int8")
     model.fuse_projections()
     if int8 or w8a8:
-        if compute == torch.float32:
+        if compute == torch.float32 and not (kernels and cpu_kernels.f32_available()):
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
-                        "--dtype bf16 --int8 is the fast combination")
+                        "--dtype bf16 --int8 is the fast combination (or the AVX2 kernels, where available)")
         quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
     if kernels:
         cpu_kernels.use_cpu_kernels(model)
     amx = ", AMX experts" if compiled and cpu_kernels.amx() else ""
     uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
-    if kernels and compute == torch.float32 and any(isinstance(m, cpu_kernels.DecodeLinear) for m in model.modules()):
-        uses = "the compiled AVX2 kernel (fp32 decode matmuls)"
+    if kernels and compute == torch.float32 and cpu_kernels.f32_available():
+        uses = "the compiled AVX2 kernels (fp32 decode matmuls)"
     quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
     return f"{compute}{quant}, fused projections, {uses}"

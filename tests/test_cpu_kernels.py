@@ -584,3 +584,41 @@ def test_fp32_int8_decode_with_the_avx2_kernel_tracks_torch():
                 mp.setattr(cpu_kernels, "use_f32_kernel", lambda x: False)
                 want = reference(rows)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_f32
+@pytest.mark.parametrize("m,n,k", [(1, 7, 64), (3, 9, 96), (16, 37, 896)])
+def test_q8_f32_kernel_is_the_product_of_block_quantized_activations(m, n, k):
+    """`--w8a8` on AVX2: activations quantized per block of 32 as Q8_0 (ties to even), bytes times bytes; equal to
+    that arithmetic done in fp64, and NaN where a block holds a NaN or infinity."""
+    g = torch.Generator().manual_seed(m * k + n)
+    x, b = torch.randn(m, k, generator=g) * 3, torch.randn(n, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 50
+    blocks = x.view(m, k // 32, 32)
+    d = blocks.abs().amax(-1) / 127
+    xq = torch.round(blocks * torch.where(d > 0, 1 / d, 0)[..., None]).clamp(-127, 127)
+    per_block = torch.einsum("mbk,nbk->mnb", xq.double(), q.view(n, k // 32, 32).double())
+    ref = ((per_block * d.double()[:, None]).sum(-1) * scale.double() + b.double()).float()
+    torch.testing.assert_close(cpu_kernels.linear_q8_f32(x, q, scale, b), ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    x[0, 5] = float("inf")
+    assert torch.isnan(cpu_kernels.linear_q8_f32(x, q, scale, b)[0]).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.linear_q8_f32(x[:, :20], q[:, :20], scale, b)
+
+
+@needs_f32
+def test_fp32_w8a8_decode_with_the_avx2_kernel():
+    """`--dtype fp32 --w8a8` on AVX2: decode rows take the int8 x int8 kernel (a layer with a number of input
+    features not divisible by 32 keeps int8 x fp32); the logits stay close to the int8-weight model's."""
+    model = tiny_model(tie_word_embeddings=False)
+    weights_only = copy.deepcopy(model)
+    summary = quant.prepare_for_decode(model, w8a8=True)
+    quant.prepare_for_decode(weights_only, int8=True)
+    assert "int8 weights and activations" in summary and "AVX2" in summary
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert all(m.act_int8_avx2 == (m.in_features % 32 == 0) for m in layers) and any(m.act_int8_avx2 for m in layers)
+    ids = torch.randint(0, 256, (4, 12))
+    with torch.no_grad():
+        got, want = model(ids[:, :1]), weights_only(ids[:, :1])
+    assert (got - want).abs().max() < 0.05 * want.abs().max()

@@ -106,7 +106,8 @@ def _library_avx2() -> ctypes.CDLL | None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.qwen25_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.qwen25_linear_int8_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        lib.qwen25_linear_f32.restype = lib.qwen25_linear_int8_f32.restype = None
+        lib.qwen25_linear_q8_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
+        lib.qwen25_linear_f32.restype = lib.qwen25_linear_int8_f32.restype = lib.qwen25_linear_q8_f32.restype = None
     return lib
 
 
@@ -190,6 +191,20 @@ def linear_int8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     _library_avx2().qwen25_linear_int8_f32(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
                                            x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
                                            torch.get_num_threads())
+    return out
+
+
+def linear_q8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + (xq @ qweight.T) * scale, xq being fp32 x (..., K) quantized per block of 32 as llama.cpp's Q8_0 does
+    (d = max|x| / 127, xq = d * round(x / d)); int8 qweight (N, K), K a multiple of 32 (AVX2, `--w8a8`)."""
+    if qweight.shape[1] % 32:
+        raise ValueError(f"linear_q8_f32 needs a multiple of 32 input features, got {qweight.shape[1]}")
+    x = _check_f32(x, qweight.shape[1])
+    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
+    _library_avx2().qwen25_linear_q8_f32(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
+                                         x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
+                                         torch.get_num_threads())
     return out
 
 

@@ -122,3 +122,81 @@ void qwen25_linear_int8_f32(const int8_t* Q, const float* scale, const float* x,
         }
     }
 }
+
+// ---- int8 weights x int8 activations (--w8a8 on AVX2) -------------------------------------------------------------
+//
+// The activations of a decode step quantized per block of 32, as llama.cpp's Q8_0 does (d = max|x| / 127 per
+// block, xq = round(x / d), ties to even; a block with a NaN or infinity gets d = NaN, so its row's outputs are NaN
+// as the exact product's would be), then bytes multiplied by bytes: _mm256_maddubs_epi16 multiplies unsigned by
+// signed bytes, so each pair is taken as (|w|, x with w's sign) (llama.cpp's trick; |w| <= 127 fits).
+//
+//   y[m, n] = bias[n] + scale[n] * sum_b d[m, b] * sum_{k in b} Q[n, k] * xq[m, k]
+//
+// K must be a multiple of 32 (the caller checks).
+
+#include <math.h>
+#include <stdlib.h>
+
+static void quantize_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* d) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float* v = x + m * K + b * 32;
+            float amax = 0.0f, nonfinite = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                amax = fmaxf(amax, fabsf(v[i]));
+                nonfinite += v[i] * 0.0f;  // NaN exactly when some value is NaN or infinite
+            }
+            float dm = nonfinite == 0.0f ? amax / 127.0f : nonfinite, inv = dm > 0.0f ? 1.0f / dm : 0.0f;
+            d[m * (K / 32) + b] = dm;
+            for (int i = 0; i < 32; i++) {
+                float q = nearbyintf(v[i] * inv);
+                xq[m * K + b * 32 + i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+            }
+        }
+}
+
+INLINE __m256 dot32(__m256i w, __m256i x, __m256i ones) {  // the 32 products of a block, as 8 fp32 partial sums
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+    return _mm256_cvtepi32_ps(p);
+}
+
+INLINE void block_q8(const int8_t* Q, const float* scale, const int8_t* xq, const float* d, const float* bias,
+                     float* y, int64_t N, int64_t K, int64_t n0, int64_t m0, int NR, int MR) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][2];
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256i w[2];
+        for (int r = 0; r < NR; r++) w[r] = _mm256_loadu_si256((const __m256i*)(Q + (n0 + r) * K + b * 32));
+        for (int i = 0; i < MR; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (m0 + i) * K + b * 32));
+            __m256 dv = _mm256_set1_ps(d[(m0 + i) * (K / 32) + b]);
+            for (int r = 0; r < NR; r++) acc[r][i] = _mm256_fmadd_ps(dot32(w[r], xv, ones), dv, acc[r][i]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MR; i++)
+            y[(m0 + i) * N + n0 + r] = hsum(acc[r][i]) * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+}
+
+void qwen25_linear_q8_f32(const int8_t* Q, const float* scale, const float* x, const float* bias, float* y,
+                          int64_t M, int64_t N, int64_t K, int threads) {
+    int8_t* xq = (int8_t*)malloc(M * K);
+    float* d = (float*)malloc(sizeof(float) * (M * K / 32 + 1));
+    quantize_blocks(x, M, K, xq, d);
+    int64_t blocks = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * 2;
+        int nr = N - n0 < 2 ? 1 : 2;
+        for (int64_t m0 = 0; m0 < M; m0 += 2) {
+            int mr = M - m0 < 2 ? 1 : 2;
+            if (nr == 2 && mr == 2) block_q8(Q, scale, xq, d, bias, y, N, K, n0, m0, 2, 2);
+            else if (nr == 2) block_q8(Q, scale, xq, d, bias, y, N, K, n0, m0, 2, 1);
+            else block_q8(Q, scale, xq, d, bias, y, N, K, n0, m0, 1, mr);
+        }
+    }
+    free(d);
+    free(xq);
+}

@@ -44,8 +44,11 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, act_int8: bool = False):
         super().__init__()
         q, scales = quantize_per_channel(linear.weight)
-        # int8 activations need the compiled kernel, which takes the weights as uint8 = int8 + 128 (one copy only)
-        self.act_int8 = act_int8 and cpu_kernels.available()
+        # int8 activations need the compiled kernel, which takes the weights as uint8 = int8 + 128 (one copy only);
+        # an fp32 model on an AVX2 CPU takes them as int8 (the AVX2 kernel, for a multiple of 32 input features)
+        self.act_int8 = act_int8 and cpu_kernels.available() and dtype == torch.bfloat16
+        self.act_int8_avx2 = (act_int8 and not self.act_int8 and dtype == torch.float32
+                              and linear.in_features % 32 == 0 and cpu_kernels.f32_available())
         if self.act_int8:
             self.register_buffer("weight_u8", (q.to(torch.int16) + 128).to(torch.uint8))
         else:
@@ -68,7 +71,8 @@ class Int8Linear(nn.Module):
         if not self.act_int8 and cpu_kernels.use_kernel(x):
             return cpu_kernels.linear_int8(x, self.weight_int8, self.scales_f32, self.bias_f32)
         if not self.act_int8 and cpu_kernels.use_f32_kernel(x):  # fp32 activations, AVX2
-            return cpu_kernels.linear_int8_f32(x, self.weight_int8, self.scales_f32, self.bias_f32)
+            kernel = cpu_kernels.linear_q8_f32 if self.act_int8_avx2 else cpu_kernels.linear_int8_f32
+            return kernel(x, self.weight_int8, self.scales_f32, self.bias_f32)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous()
         # torch 2.13's int8 kernel returns garbage or crashes on AVX-512 when K is not a multiple of 16 (K=200)
@@ -103,19 +107,22 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
     """
     compute = next(model.parameters()).dtype
     compiled = kernels and cpu_kernels.available() and compute == torch.bfloat16
-    if w8a8 and not compiled:
-        log.warning("--w8a8 needs the compiled kernels and --dtype bf16; using weight-only int8")
+    avx2 = kernels and compute == torch.float32 and cpu_kernels.f32_available()
+    if w8a8 and not (compiled or avx2):
+        log.warning("--w8a8 needs the compiled kernels and --dtype bf16 (AVX-512) or fp32 (AVX2); using weight-only "
+                    "int8")
     model.fuse_projections()
     if int8 or w8a8:
         if compute == torch.float32 and not (kernels and cpu_kernels.f32_available()):
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
                         "--dtype bf16 --int8 is the fast combination (or the AVX2 kernels, where available)")
-        quantize_int8(model, dtype=compute, act_int8=w8a8 and compiled)
+        quantize_int8(model, dtype=compute, act_int8=w8a8 and (compiled or avx2))
     if kernels:
         cpu_kernels.use_cpu_kernels(model)
     amx = ", AMX experts" if compiled and cpu_kernels.amx() else ""
     uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
     if kernels and compute == torch.float32 and cpu_kernels.f32_available():
         uses = "the compiled AVX2 kernels (fp32 decode matmuls)"
-    quant = " int8 weights and activations (decode)" if w8a8 and compiled else " int8 weights" if int8 or w8a8 else ""
+    quant = (" int8 weights and activations (decode)" if w8a8 and (compiled or avx2)
+             else " int8 weights" if int8 or w8a8 else "")
     return f"{compute}{quant}, fused projections, {uses}"

@@ -1,5 +1,6 @@
 """What serving's precisions cost in accuracy: a trained checkpoint's next-token loss and greedy choices when it
-decodes held-out text token by token, as `qwen25 serve` runs it in fp32, bf16, --int8 and --w8a8.
+decodes held-out text token by token, as `qwen25 serve` runs it in fp32, bf16, --int8 and --w8a8 (with bf16, and with
+fp32 as an AVX2 CPU serves them).
 
     python experiments/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200]
 
@@ -12,7 +13,6 @@ a JSON line last. FILE.jsonl holds {"text": ...} lines (the recipe writes stages
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -27,7 +27,10 @@ from qwen25.model import KVCache, load_model  # noqa: E402
 from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 from qwen25.tokenizer import Tokenizer  # noqa: E402
 
-VARIANTS = {"fp32": {}, "bf16": {}, "int8": {"int8": True}, "w8a8": {"w8a8": True}}
+# name: (dtype, prepare_for_decode flags); the fp32 int8 variants are the AVX2 CPU's paths (cpu_kernels_avx2.c)
+VARIANTS = {"fp32": ("fp32", {}), "bf16": ("bf16", {}), "int8": ("bf16", {"int8": True}),
+            "w8a8": ("bf16", {"w8a8": True}), "fp32+int8": ("fp32", {"int8": True}),
+            "fp32+w8a8": ("fp32", {"w8a8": True})}
 
 
 def decode_logits(model, ids: list[int]) -> torch.Tensor:
@@ -56,10 +59,9 @@ def main():
     if not ids:
         raise SystemExit(f"{args.text}: no document with two or more tokens")
     targets = torch.tensor([t for d in ids for t in d[1:]])
-    bf16 = load_model(args.model, dtype="bf16")
     logits = {}
-    for name, flags in VARIANTS.items():
-        model = load_model(args.model, dtype="fp32") if name == "fp32" else copy.deepcopy(bf16)
+    for name, (dtype, flags) in VARIANTS.items():
+        model = load_model(args.model, dtype=dtype)
         print(f"[{name}] {prepare_for_decode(model, **flags)}")
         logits[name] = torch.cat([decode_logits(model, d) for d in ids])
         del model
@@ -68,7 +70,7 @@ def main():
         nll = F.cross_entropy(lg, targets).item()
         agree = (lg.argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item()
         results[name] = dict(nll=round(nll, 4), top1_agreement_with_fp32=round(agree, 4))
-        print(f"{name:5s} nll/token {nll:.4f}   greedy choice equal to fp32's {agree:.2%}")
+        print(f"{name:9s} nll/token {nll:.4f}   greedy choice equal to fp32's {agree:.2%}")
     print(f"{len(targets)} predicted tokens in {len(ids)} documents")
     print(result_line("quant_accuracy", model=str(args.model), tokens=len(targets), results=results))
 

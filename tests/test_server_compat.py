@@ -481,3 +481,18 @@ def test_prompt_lookup_serving_gives_the_same_text(model_dir, client):
     assert got["logprobs"]["token_logprobs"] == pytest.approx(expected["logprobs"]["token_logprobs"], abs=1e-4)
     drafted = [line for line in metrics.splitlines() if line.startswith("qwen25_spec_decode_draft_tokens_total")]
     assert drafted and float(drafted[0].split()[-1]) > 0
+
+
+def test_completion_suffix_is_fill_in_the_middle(client, tokenizer):
+    """suffix: the prompt becomes Qwen's <|fim_prefix|>PROMPT<|fim_suffix|>SUFFIX<|fim_middle|> and the model writes
+    the middle: the same answer as sending that layout as token ids."""
+    body = {"model": "tiny", "prompt": "def add(a, b):\n    return", "suffix": "\n\nprint(add(1, 2))\n",
+            "max_tokens": 8, "temperature": 0}
+    fim = client.post("/v1/completions", json=body).json()
+    ids = ([tokenizer.token_to_id("<|fim_prefix|>")] + tokenizer.encode(body["prompt"]) +
+           [tokenizer.token_to_id("<|fim_suffix|>")] + tokenizer.encode(body["suffix"]) +
+           [tokenizer.token_to_id("<|fim_middle|>")])
+    plain = client.post("/v1/completions", json={**body, "prompt": ids, "suffix": None}).json()
+    assert fim["usage"]["prompt_tokens"] == len(ids) and fim["choices"][0]["text"] == plain["choices"][0]["text"]
+    refused = client.post("/v1/completions", json={**body, "echo": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "suffix"

@@ -267,8 +267,9 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.suffix:
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.suffix is not None and self.echo:
+            raise APIError(400, "echo with suffix is not supported (fill-in-the-middle returns the middle only)",
+                           param="suffix")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens 0 generates nothing: it needs echo (to score the prompt)",
                            param="max_tokens")

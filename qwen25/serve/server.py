@@ -396,6 +396,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         count = len(req.prompt) if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else 1
         check_size(count * req.n)  # before tokenising thousands of prompts
         prompts = await off_loop(_completion_prompts, req.prompt, tokenizer)
+        if req.suffix is not None:
+            prompts = await off_loop(_fill_in_the_middle, prompts, req.suffix, tokenizer)
         constraint = await off_loop(constraint_for, req)
         requests, texts, owners = [], [], []
         for prompt in prompts:
@@ -486,6 +488,18 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _fill_in_the_middle(prompts: list[list[int]], suffix: str, tokenizer) -> list[list[int]]:
+    """Qwen2.5(-Coder)'s fill-in-the-middle prompt: <|fim_prefix|>PROMPT<|fim_suffix|>SUFFIX<|fim_middle|>; the model
+    writes the middle (`suffix` of /v1/completions)."""
+    try:
+        ids = [tokenizer.token_to_id(t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")]
+    except (TokenizerError, KeyError, ValueError):
+        raise APIError(400, "suffix (fill-in-the-middle) needs Qwen's <|fim_*|> tokens, which this tokenizer lacks",
+                       param="suffix") from None
+    tail = [ids[1]] + tokenizer.encode(suffix) + [ids[2]]
+    return [[ids[0]] + p + tail for p in prompts]
 
 
 def _tracked(events, metrics: Metrics, endpoint: str, prompt_tokens: int, release):

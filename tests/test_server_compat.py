@@ -293,6 +293,9 @@ def test_openai_sdk_parse_and_logit_bias(model_dir, tokenizer):
         assert banned.choices[0].logprobs.content[0].token != token.token
         with pytest.raises(openai.NotFoundError):
             client.get("/no/such/route", cast_to=object)
+        assert client.models.retrieve("tiny").id == "tiny"
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.models.retrieve("gpt-4")
     finally:
         server.should_exit = True
         server.thread.join(timeout=30)

@@ -310,10 +310,17 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         body = await off_loop(parse_request, DetokenizeRequest, await read_body(request))
         return {"prompt": tokenizer.decode(token_ids(body.tokens, "tokens"))}
 
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "qwen25", "max_model_len": max_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "qwen25", "max_model_len": max_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):  # the openai SDK's client.models.retrieve
+        check_model(name)
+        return model_card()
 
     async def start_chat(req: ChatCompletionRequest, request: Request):
         """Submit a chat request: (prompt, per-choice delta streams, the engine's events, log-prob formatter)."""

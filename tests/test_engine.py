@@ -253,3 +253,36 @@ def test_int8_kv_cache_in_the_engine_with_prefix_reuse(model):
     full = Engine(model, max_batch=2, max_len=256).generate(prompts, params)
     agree = sum(a == b for x, y in zip(got, full) for a, b in zip(x, y)) / sum(map(len, full))
     assert agree >= 0.8, agree
+
+
+def test_small_prefill_chunks_carry_the_decode_rows_in_one_forward(model):
+    """With a prefill chunk of 4 tokens, each step beside a running request is one forward (the decode row rides in
+    the prefill's, padded to its width), and every token equals one-at-a-time generation."""
+    calls = []
+    original = model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    prompts = [_prompts(1, seed=21)[0][:5], _prompts(1, seed=22)[0] * 2]
+    params = [SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=6)]
+    engine = Engine(model, max_batch=2, max_len=256, prefill_chunk=4, prefix_capacity_blocks=0)
+    first = engine.submit(Request(prompts[0], params[0]))
+    engine.step()
+    second = engine.submit(Request(prompts[1], params[1]))
+    out = {first: [], second: []}
+    model.forward = counted
+    try:
+        steps = 0
+        while engine.has_work():
+            before = len(calls)
+            for o in engine.step():
+                out[o.request_id].append(o.token)
+            steps += 1
+            if engine.running and len(engine.running) == 2:
+                assert len(calls) - before == 1
+    finally:
+        del model.forward
+    assert out[first] == generate(model, [prompts[0]], params[0])[0]  # (5 prompt tokens: no token in the first step)
+    assert out[second] == generate(model, [prompts[1]], params[1])[0]

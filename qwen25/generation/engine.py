@@ -44,6 +44,9 @@ class Constraint(Protocol):
         """Advance past a sampled token (one `allowed` said may come)."""
 
 
+FUSE_MAX_TOKENS = 16  # a step's padded tokens up to which decode rows join the prefill forward (memory-bound size)
+
+
 @dataclass
 class Request:
     """One generation request. `should_stop(tokens)`, asked after every token but an eos, stops it on text (a
@@ -258,18 +261,26 @@ class Engine:
                 n = n if budget is None else min(n, budget)
                 chunks.append((slot, n))
                 budget = None if budget is None else budget - n
-        together = len(chunks) > 1 and getattr(self.model, "dual_chunk", None) is None and max(
-            self.running[s].prefilled for s, _ in chunks) + max(n for _, n in chunks) <= self.max_len
-        if together:  # several prompts (plain RoPE): one forward reads the weights once for all
-            logits.update(self._prefill_together(chunks))
+        # the requests that decode this step: prompts in the cache before this step's prefill
+        decode = [s for s, r in self.running.items() if r.prefilled == len(r.request.prompt)]
+        drafts = self._drafts(decode)
+        plain = [s for s in decode if s not in drafts]
+        width = max((n for _, n in chunks), default=0)
+        fits = getattr(self.model, "dual_chunk", None) is None and max(
+            [self.running[s].prefilled for s, _ in chunks] + [int(self.cache.lengths[s]) for s in plain],
+            default=0) + width <= self.max_len
+        # small steps (a few chunk tokens, memory-bound): the decode rows ride in the prefill's forward, padded to
+        # its width, so the step reads the weights once (a stream beside a long prompt keeps more of its speed)
+        fuse = bool(chunks and plain) and fits and width * (len(chunks) + len(plain)) <= FUSE_MAX_TOKENS
+        if fuse or (len(chunks) > 1 and fits):  # several rows (plain RoPE): one forward reads the weights once
+            logits.update(self._prefill_together(chunks, plain if fuse else []))
+            plain = [] if fuse else plain
         else:
             for slot, n in chunks:
                 if (last := self._prefill(slot, n)) is not None:
                     logits[slot] = last
-        decode = [s for s, r in self.running.items() if s not in logits and r.prefilled == len(r.request.prompt)]
-        drafts = self._drafts(decode)
-        if decode and len(drafts) < len(decode):
-            logits.update(self._decode([s for s in decode if s not in drafts]))
+        if plain:
+            logits.update(self._decode(plain))
         for slot, row_logits in logits.items():
             try:
                 outputs.append(self._sample(self.running[slot], row_logits))
@@ -325,30 +336,40 @@ class Engine:
         self._score_prompt(state, start, hidden[0, :n])
         return self._prefilled(slot, n, lambda: self.model.lm_head(hidden[0, n - 1]))
 
-    def _prefill_together(self, chunks: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
-        """_prefill for several slots in one forward (rows right-padded to the longest chunk); the last position's
-        logits of each slot whose prompt is now complete."""
-        slots, sizes = [s for s, _ in chunks], [n for _, n in chunks]
-        starts, width = [self.running[s].prefilled for s in slots], max(sizes)
+    def _prefill_together(self, chunks: list[tuple[int, int]], decode: list[int] = ()) -> dict[int, torch.Tensor]:
+        """_prefill for several slots in one forward (rows right-padded to the longest chunk), and the decode step of
+        the `decode` slots as one-token rows of the same forward; the last position's logits of each slot whose
+        prompt is now complete, and of each decode slot."""
+        slots, sizes = [s for s, _ in chunks] + list(decode), [n for _, n in chunks] + [1] * len(decode)
+        starts = [self.running[s].prefilled for s, _ in chunks] + [int(self.cache.lengths[s]) for s in decode]
+        width = max(sizes)
         ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)
         for row, (slot, n) in enumerate(chunks):
             prompt = self.running[slot].request.prompt
             ids[row, :n] = torch.tensor(prompt[starts[row]:starts[row] + n], device=self.device)
+        for row, slot in enumerate(decode, start=len(chunks)):
+            ids[row, 0] = self.running[slot].output[-1]
         hidden = self.model(ids, cache=self.cache.at(slots, starts, width), return_hidden=True)
         self.stats["prefill_forwards"] += 1
         last = hidden[torch.arange(len(slots), device=self.device), torch.tensor(sizes, device=self.device) - 1]
         complete = [row for row, (slot, n) in enumerate(chunks)
                     if starts[row] + n == len(self.running[slot].request.prompt)]
+        complete += list(range(len(chunks), len(slots)))
         head = self.model.lm_head(last[complete]) if complete else None
+        out_logits = {}
+        for row, slot in enumerate(decode, start=len(chunks)):
+            self.cache.lengths[slot] += 1
+            out_logits[slot] = head[complete.index(row)]
+        if decode:
+            self.stats["decode_steps"] += 1
         for row, (slot, n) in enumerate(chunks):
             if self.running[slot].prompt_logprobs is not None:
                 self._score_prompt(self.running[slot], starts[row], hidden[row, :n])
-        logits = {}
         for row, (slot, n) in enumerate(chunks):
             out = self._prefilled(slot, n, lambda row=row: head[complete.index(row)])
             if out is not None:
-                logits[slot] = out
-        return logits
+                out_logits[slot] = out
+        return out_logits
 
     def _prefilled(self, slot: int, n: int, last_logits) -> torch.Tensor | None:
         """Bookkeeping after n more prompt tokens of a slot went into the cache; last_logits() once it is whole."""

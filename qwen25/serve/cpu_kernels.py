@@ -157,41 +157,42 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x, contiguous, if the kernels can take it (bf16 on the CPU, k features); a ValueError otherwise."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
-        raise ValueError(f"cpu kernels take bf16 CPU activations with {k} features; got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _check(x: torch.Tensor, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x, contiguous, if the kernels can take it (`dtype` on the CPU, k features); a ValueError otherwise."""
+    if x.dtype != dtype or x.device.type != "cpu" or x.shape[-1] != k:
+        raise ValueError(f"cpu kernels take {_NAMES[dtype]} CPU activations with {k} features; got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
     return x.contiguous()
+
+
+def _call(kernel, x: torch.Tensor, weight: torch.Tensor, scale, bias, dtype: torch.dtype) -> torch.Tensor:
+    """out (..., N) = kernel(weight (N, K), [scale,] x (..., K), bias): the arguments every linear kernel takes
+    (scale None: a kernel without one)."""
+    x = _check(x, weight.shape[1], dtype)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    scales = () if scale is None else (_ptr(scale),)
+    kernel(_ptr(weight), *scales, _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1], weight.shape[0],
+           weight.shape[1], torch.get_num_threads())
+    return out
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 x (..., K) and weight (N, K); bias fp32 or None."""
-    x = _check(x, weight.shape[1])
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    _library().qwen25_linear_bf16(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
-                                  weight.shape[0], weight.shape[1], torch.get_num_threads())
-    return out
+    return _call(_library().qwen25_linear_bf16, x, weight, None, bias, torch.bfloat16)
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for fp32 x (..., K), weight (N, K) and bias, by the AVX2 kernel."""
-    x = _check_f32(x, weight.shape[1])
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    _library_avx2().qwen25_linear_f32(_ptr(weight), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1],
-                                      weight.shape[0], weight.shape[1], torch.get_num_threads())
-    return out
+    return _call(_library_avx2().qwen25_linear_f32, x, weight, None, bias, torch.float32)
 
 
 def linear_int8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """bias + (x @ qweight.T) * scale for fp32 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias (AVX2)."""
-    x = _check_f32(x, qweight.shape[1])
-    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
-    _library_avx2().qwen25_linear_int8_f32(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
-                                           x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
-                                           torch.get_num_threads())
-    return out
+    return _call(_library_avx2().qwen25_linear_int8_f32, x, qweight, scale, bias, torch.float32)
 
 
 def linear_q8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -200,19 +201,7 @@ def linear_q8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     (d = max|x| / 127, xq = d * round(x / d)); int8 qweight (N, K), K a multiple of 32 (AVX2, `--w8a8`)."""
     if qweight.shape[1] % 32:
         raise ValueError(f"linear_q8_f32 needs a multiple of 32 input features, got {qweight.shape[1]}")
-    x = _check_f32(x, qweight.shape[1])
-    out = x.new_empty(*x.shape[:-1], qweight.shape[0])
-    _library_avx2().qwen25_linear_q8_f32(_ptr(qweight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out),
-                                         x.numel() // qweight.shape[1], qweight.shape[0], qweight.shape[1],
-                                         torch.get_num_threads())
-    return out
-
-
-def _check_f32(x: torch.Tensor, k: int) -> torch.Tensor:
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != k:
-        raise ValueError(f"the AVX2 kernels take fp32 CPU activations with {k} features; got {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")
-    return x.contiguous()
+    return _call(_library_avx2().qwen25_linear_q8_f32, x, qweight, scale, bias, torch.float32)
 
 
 def use_f32_kernel(x: torch.Tensor) -> bool:
@@ -224,15 +213,7 @@ def use_f32_kernel(x: torch.Tensor) -> bool:
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """bias + (x @ qweight.T) * scale for bf16 x (..., K), int8 qweight (N, K), fp32 scale (N,) and bias."""
-    return _scaled_linear(_library().qwen25_linear_int8, x, qweight, scale, bias)
-
-
-def _scaled_linear(kernel, x, weight, scale, bias) -> torch.Tensor:
-    x = _check(x, weight.shape[1])
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    kernel(_ptr(weight), _ptr(scale), _ptr(x), _ptr(bias), _ptr(out), x.numel() // weight.shape[1], weight.shape[0],
-           weight.shape[1], torch.get_num_threads())
-    return out
+    return _call(_library().qwen25_linear_int8, x, qweight, scale, bias, torch.bfloat16)
 
 
 def linear_q8(x: torch.Tensor, weight_u8: torch.Tensor, scale: torch.Tensor,
@@ -240,7 +221,7 @@ def linear_q8(x: torch.Tensor, weight_u8: torch.Tensor, scale: torch.Tensor,
     """bias + (xq @ (weight_u8 - 128).T) * scale, where xq is x (bf16, (..., K)) quantized per block of 32 as
     llama.cpp's Q8_0 does (d = max|x| / 127 per block, xq = d * round(x / d)); weight_u8 (N, K) uint8 holds the int8
     weights plus 128 (vpdpbusd multiplies unsigned by signed bytes); scale and bias are fp32 (N,)."""
-    return _scaled_linear(_library().qwen25_linear_q8, x, weight_u8, scale, bias)
+    return _call(_library().qwen25_linear_q8, x, weight_u8, scale, bias, torch.bfloat16)
 
 
 def use_kernel(x: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:

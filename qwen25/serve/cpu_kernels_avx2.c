@@ -9,7 +9,9 @@
 // then the lanes, then the tail), whatever the thread count.
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -20,73 +22,29 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// NR x MR outputs: weight rows n0.., activation rows m0..; NR <= 4 and MR <= 2 constants where inlined
-INLINE void block(const float* W, const float* x, const float* bias, float* y, int64_t N, int64_t K, int64_t n0,
-                  int64_t m0, int NR, int MR) {
-    __m256 acc[4][2];
-    for (int r = 0; r < NR; r++)
-        for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 w[4];
-        for (int r = 0; r < NR; r++) w[r] = _mm256_loadu_ps(W + (n0 + r) * K + k);
-        for (int i = 0; i < MR; i++) {
-            __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
-            for (int r = 0; r < NR; r++) acc[r][i] = _mm256_fmadd_ps(w[r], xv, acc[r][i]);
-        }
-    }
-    for (int r = 0; r < NR; r++)
-        for (int i = 0; i < MR; i++) {
-            float s = hsum(acc[r][i]);
-            for (int64_t t = k; t < K; t++) s += W[(n0 + r) * K + t] * x[(m0 + i) * K + t];
-            y[(m0 + i) * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.0f);
-        }
-}
-
-static void block_any(const float* W, const float* x, const float* bias, float* y, int64_t N, int64_t K, int64_t n0,
-                      int64_t m0, int nr, int mr) {
-    // the edges (fewer than 4 weight rows or 2 activation rows left): the same sums
-    if (nr == 4 && mr == 1) block(W, x, bias, y, N, K, n0, m0, 4, 1);
-    else block(W, x, bias, y, N, K, n0, m0, nr, mr);
-}
-
-void qwen25_linear_f32(const float* W, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                       int threads) {
-    int64_t blocks = (N + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * 4;
-        int nr = N - n0 < 4 ? (int)(N - n0) : 4;
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            int mr = M - m0 < 2 ? (int)(M - m0) : 2;
-            if (nr == 4 && mr == 2)
-                block(W, x, bias, y, N, K, n0, m0, 4, 2);
-            else
-                block_any(W, x, bias, y, N, K, n0, m0, nr, mr);
-        }
-    }
-}
-
-// ---- int8 weights (one fp32 scale per output row), fp32 activations --------------------------------------------
+// ---- fp32 weights, or int8 weights with one fp32 scale per output row; fp32 activations --------------------------
 //
-//   y[m, n] = bias[n] + scale[n] * sum_k x[m, k] * Q[n, k]        Q (N, K) int8
+//   y[m, n] = bias[n] + sum_k x[m, k] * W[n, k]                    W (N, K) fp32   (Q and scale NULL)
+//   y[m, n] = bias[n] + scale[n] * sum_k x[m, k] * Q[n, k]         Q (N, K) int8   (W NULL)
 //
-// A decode step reads a quarter of fp32's bytes. Each 8 weights are widened to fp32 once (two conversions) and
-// used for both activation rows of the block; the same order of sums as qwen25_linear_f32.
+// int8 weights: a decode step reads a quarter of fp32's bytes; each 8 weights are widened to fp32 once (two
+// conversions) and used for both activation rows of the block. The same order of sums either way. Every caller
+// passes W or Q as a constant NULL, so the always-inlined code below is compiled once per kind, branch-free.
 
 INLINE __m256 widen8(const int8_t* q) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
 }
 
-INLINE void block_q(const int8_t* Q, const float* scale, const float* x, const float* bias, float* y, int64_t N,
-                    int64_t K, int64_t n0, int64_t m0, int NR, int MR) {
+// NR x MR outputs: weight rows n0.., activation rows m0..; NR <= 4 and MR <= 2 constants where inlined
+INLINE void block(const float* W, const int8_t* Q, const float* scale, const float* x, const float* bias, float* y,
+                  int64_t N, int64_t K, int64_t n0, int64_t m0, int NR, int MR) {
     __m256 acc[4][2];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 w[4];
-        for (int r = 0; r < NR; r++) w[r] = widen8(Q + (n0 + r) * K + k);
+        for (int r = 0; r < NR; r++) w[r] = Q ? widen8(Q + (n0 + r) * K + k) : _mm256_loadu_ps(W + (n0 + r) * K + k);
         for (int i = 0; i < MR; i++) {
             __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
             for (int r = 0; r < NR; r++) acc[r][i] = _mm256_fmadd_ps(w[r], xv, acc[r][i]);
@@ -95,19 +53,14 @@ INLINE void block_q(const int8_t* Q, const float* scale, const float* x, const f
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < MR; i++) {
             float s = hsum(acc[r][i]);
-            for (int64_t t = k; t < K; t++) s += (float)Q[(n0 + r) * K + t] * x[(m0 + i) * K + t];
-            y[(m0 + i) * N + n0 + r] = s * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+            for (int64_t t = k; t < K; t++)
+                s += (Q ? (float)Q[(n0 + r) * K + t] : W[(n0 + r) * K + t]) * x[(m0 + i) * K + t];
+            y[(m0 + i) * N + n0 + r] = (Q ? s * scale[n0 + r] : s) + (bias ? bias[n0 + r] : 0.0f);
         }
 }
 
-static void block_q_any(const int8_t* Q, const float* scale, const float* x, const float* bias, float* y, int64_t N,
-                        int64_t K, int64_t n0, int64_t m0, int nr, int mr) {
-    if (nr == 4 && mr == 1) block_q(Q, scale, x, bias, y, N, K, n0, m0, 4, 1);
-    else block_q(Q, scale, x, bias, y, N, K, n0, m0, nr, mr);
-}
-
-void qwen25_linear_int8_f32(const int8_t* Q, const float* scale, const float* x, const float* bias, float* y,
-                            int64_t M, int64_t N, int64_t K, int threads) {
+INLINE void linear(const float* W, const int8_t* Q, const float* scale, const float* x, const float* bias, float* y,
+                   int64_t M, int64_t N, int64_t K, int threads) {
     int64_t blocks = (N + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -115,12 +68,24 @@ void qwen25_linear_int8_f32(const int8_t* Q, const float* scale, const float* x,
         int nr = N - n0 < 4 ? (int)(N - n0) : 4;
         for (int64_t m0 = 0; m0 < M; m0 += 2) {
             int mr = M - m0 < 2 ? (int)(M - m0) : 2;
-            if (nr == 4 && mr == 2)
-                block_q(Q, scale, x, bias, y, N, K, n0, m0, 4, 2);
+            if (nr == 4 && mr == 2)  // the unrolled common case; the edges with the same sums
+                block(W, Q, scale, x, bias, y, N, K, n0, m0, 4, 2);
+            else if (nr == 4)
+                block(W, Q, scale, x, bias, y, N, K, n0, m0, 4, 1);
             else
-                block_q_any(Q, scale, x, bias, y, N, K, n0, m0, nr, mr);
+                block(W, Q, scale, x, bias, y, N, K, n0, m0, nr, mr);
         }
     }
+}
+
+void qwen25_linear_f32(const float* W, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                       int threads) {
+    linear(W, NULL, NULL, x, bias, y, M, N, K, threads);
+}
+
+void qwen25_linear_int8_f32(const int8_t* Q, const float* scale, const float* x, const float* bias, float* y,
+                            int64_t M, int64_t N, int64_t K, int threads) {
+    linear(NULL, Q, scale, x, bias, y, M, N, K, threads);
 }
 
 // ---- int8 weights x int8 activations (--w8a8 on AVX2) -------------------------------------------------------------
@@ -134,8 +99,6 @@ void qwen25_linear_int8_f32(const int8_t* Q, const float* scale, const float* x,
 //
 // K must be a multiple of 32 (the caller checks).
 
-#include <math.h>
-#include <stdlib.h>
 
 static void quantize_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* d) {
     for (int64_t m = 0; m < M; m++)

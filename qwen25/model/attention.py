@@ -56,15 +56,18 @@ class KVCache:
         scales = 2 * self.k_scale.numel() * 4 if self.int8 else 0
         return self.k.numel() * self.k.element_size() * 2 + scales
 
+    @property
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor indexed (layer, row, head, slot, ...): keys and values, and their scales when int8."""
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.int8 else ())
+
     def blocks(self, row: int, span: slice) -> tuple[torch.Tensor, ...]:
         """Copies of slots `span` of one row, every layer (as stored: with their scales when int8)."""
-        parts = (self.k, self.v) + ((self.k_scale, self.v_scale) if self.int8 else ())
-        return tuple(t[:, row, :, span].clone() for t in parts)
+        return tuple(t[:, row, :, span].clone() for t in self.stored)
 
     def put_blocks(self, row: int, span: slice, blocks: tuple[torch.Tensor, ...]) -> None:
         """Write what `blocks` returned into slots `span` of a row."""
-        parts = (self.k, self.v) + ((self.k_scale, self.v_scale) if self.int8 else ())
-        for t, b in zip(parts, blocks):
+        for t, b in zip(self.stored, blocks):
             t[:, row, :, span] = b
 
     def append(self, n: int, valid: torch.Tensor | None = None) -> CacheWrite:

@@ -425,12 +425,10 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig) -> FastAPI:
         parts: list[list] = [[] for _ in requests]
 
         def feed(i: int, event) -> list:
-            entries = [] if scoring else event.logprobs
-            if event.prompt_logprobs is not None:
-                entries = list(zip(owners[i], event.prompt_logprobs)) + entries
-            if formatters[i] is not None and entries:
-                parts[i].append(formatters[i].completion(entries))
-            return [] if scoring else [event.text]
+            text, logprobs = _completion_piece(event, owners[i], formatters[i], scoring)
+            if logprobs:
+                parts[i].append(logprobs)
+            return [text]
         pieces, reasons, tokens = await _collect(request, events, len(requests), feed, lambda i: [])
         choices = [{"index": i, "text": texts[i] + "".join(pieces[i]), "logprobs": merge_completion_logprobs(parts[i]),
                     "finish_reason": "length" if scoring else finish_reason(reasons[i], 0)}
@@ -619,6 +617,16 @@ async def _chat_chunks(events, streams: list[ChatDeltaStream], rid, created, req
                        usage=usage(prompt_tokens, sum(tokens)))
 
 
+def _completion_piece(event, prompt: list[int], formatter, scoring: bool) -> tuple[str, dict | None]:
+    """The text and the logprobs object (None: none asked for, or none yet) one engine event adds to a completion
+    choice: the prompt's log-probabilities on its first event, then the generated tokens' (scoring, max_tokens 0:
+    the prompt's only, the one token run dropped)."""
+    entries, text = ([], "") if scoring else (event.logprobs, event.text)
+    if event.prompt_logprobs is not None:
+        entries = list(zip(prompt, event.prompt_logprobs)) + entries
+    return text, formatter.completion(entries) if formatter is not None and entries else None
+
+
 async def _completion_chunks(events, rid, created, req, prompt_tokens: int, formatters: list, owners: list,
                              echoes: list[str], scoring: bool):
     """Completion chunks: a choice's first chunk starts with its echoed prompt (and the prompt's log-probabilities);
@@ -633,13 +641,10 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int, form
         async for event in events:
             i = event.index
             tokens[i] = 0 if scoring else event.tokens
-            entries, text = ([], "") if scoring else (event.logprobs, event.text)
-            if event.prompt_logprobs is not None:
-                entries = list(zip(owners[i], event.prompt_logprobs)) + entries
+            text, logprobs = _completion_piece(event, owners[i], formatters[i], scoring)
             if i not in started:
                 started.add(i)
                 text = echoes[i] + text
-            logprobs = formatters[i].completion(entries) if formatters[i] is not None and entries else None
             if text or event.finish_reason or logprobs:
                 reason = ("length" if scoring else finish_reason(event.finish_reason, 0)) if event.finish_reason \
                     else None

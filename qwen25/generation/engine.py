@@ -265,14 +265,17 @@ class Engine:
         decode = [s for s, r in self.running.items() if r.prefilled == len(r.request.prompt)]
         drafts = self._drafts(decode)
         plain = [s for s in decode if s not in drafts]
-        width = max((n for _, n in chunks), default=0)
-        fits = getattr(self.model, "dual_chunk", None) is None and max(
-            [self.running[s].prefilled for s, _ in chunks] + [int(self.cache.lengths[s]) for s in plain],
-            default=0) + width <= self.max_len
-        # small steps (a few chunk tokens, memory-bound): the decode rows ride in the prefill's forward, padded to
-        # its width, so the step reads the weights once (a stream beside a long prompt keeps more of its speed)
-        fuse = bool(chunks and plain) and fits and width * (len(chunks) + len(plain)) <= FUSE_MAX_TOKENS
-        if fuse or (len(chunks) > 1 and fits):  # several rows (plain RoPE): one forward reads the weights once
+        fuse = together = False
+        if chunks:  # (a decode-only step skips this)
+            width = max(n for _, n in chunks)
+            fits = getattr(self.model, "dual_chunk", None) is None and max(
+                self.running[s].prefilled for s, _ in chunks) + width <= self.max_len
+            # small steps (a few chunk tokens, memory-bound): the decode rows ride in the prefill's forward, padded
+            # to its width, so the step reads the weights once (a stream beside a long prompt keeps more of its speed)
+            fuse = (bool(plain) and fits and width * (len(chunks) + len(plain)) <= FUSE_MAX_TOKENS
+                    and max(int(self.cache.lengths[s]) for s in plain) + width <= self.max_len)
+            together = fuse or (len(chunks) > 1 and fits)
+        if together:  # several rows (plain RoPE): one forward reads the weights once
             logits.update(self._prefill_together(chunks, plain if fuse else []))
             plain = [] if fuse else plain
         else:

@@ -137,28 +137,33 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
     phase1 = {"base": ("base", 1.0), "no_quality_dedup": ("no_quality_dedup", 1.0),
               "no_mixture": ("no_mixture", 1.0), "lr_x3": ("base", 3.0), "lr_div3": ("base", 1 / 3)}
     assert tuple(phase1) == PHASE1_ARMS
+    # Every seed's base phase 1 and phase-2 arms first (the retrieval claims take the longest to tell apart), then
+    # the other phase-1 arms: a run stopped early has whole claims, not a bit of each (stage names are the same).
+    base_finals = {}
+
+    def phase1_arm(seed: int, arm: str) -> Path:
+        data_name, lr_scale = phase1[arm]
+        if seed == cfg["seed"] and arm == "base":  # the main run is this seed's "with" arm
+            final = Path(pre.outputs["phase1"])
+        else:
+            stage = f"s{seed}_phase1_{arm}"
+            phases = pretraining_phases(cfg, shards[data_name], lr * lr_scale, names=("phase1",))
+            abl.stage(stage, lambda d: train_phases(cfg, model_dir, phases, d, seed, progress=False) or {})
+            final = _with_tokenizer(out / "ablations" / "stages" / stage / "phase1" / "final", tok)
+        abl.stage(f"s{seed}_eval_phase1_{arm}", lambda d: {"metrics": {
+            **heldout_by_domain(final, heldout, domains), "final_train_loss": final_train_loss(final.parent)}})
+        return final
+
     for seed in range(seeds):
-        reuse = seed == cfg["seed"]  # the main run is this seed's "with" arm
-        finals = {}
-        for arm, (data_name, lr_scale) in phase1.items():
-            if reuse and arm == "base":
-                finals[arm] = Path(pre.outputs["phase1"])
-            else:
-                stage = f"s{seed}_phase1_{arm}"
-                phases = pretraining_phases(cfg, shards[data_name], lr * lr_scale, names=("phase1",))
-                abl.stage(stage, lambda d, phases=phases: train_phases(cfg, model_dir, phases, d, seed, progress=False)
-                          or {})
-                finals[arm] = _with_tokenizer(out / "ablations" / "stages" / stage / "phase1" / "final", tok)
-            abl.stage(f"s{seed}_eval_phase1_{arm}", lambda d, m=finals[arm]: {"metrics": {
-                **heldout_by_domain(m, heldout, domains), "final_train_loss": final_train_loss(m.parent)}})
+        base_finals[seed] = phase1_arm(seed, "base")
         for arm, abf in (("abf", True), ("no_abf", False)):
-            if reuse and abf:
+            if seed == cfg["seed"] and abf:
                 final = Path(pre.outputs["final"])
             else:
                 stage = f"s{seed}_phase2_{arm}"
                 phases = pretraining_phases(cfg, data, lr, abf=abf, names=("phase2a", "phase2"))
                 abl.stage(stage, lambda d, phases=phases: train_phases(cfg, model_dir, phases, d, seed,
-                                                                        init=finals["base"], progress=False) or {})
+                                                                        init=base_finals[seed], progress=False) or {})
                 final = _with_tokenizer(out / "ablations" / "stages" / stage / phases[-1]["name"] / "final", tok)
             multiples = cfg["passkey"]["multiples"][:2]
             grid = variants if abf else {"rope": None}
@@ -166,6 +171,10 @@ def run_ablations(out: str | Path, fast: bool = False, moe: bool = False, seeds:
                 **passkey_grid(m, cfg, multiples, {"rope": None}, d),
                 **(passkey_grid(m, cfg, settings["long_multiples"], g, d / "long",
                                 settings["long_trials"]) if abf else {})}})
+    for seed in range(seeds):
+        for arm in phase1:
+            if arm != "base":
+                phase1_arm(seed, arm)
     # the loss law on a larger grid than the demo's (more tokens per run, three model sizes)
 
     abl.stage("loss_law", lambda d: run_loss_law(cfg, model_dir, Path(main.record("data").outputs["stats"]).parent,

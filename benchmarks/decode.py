@@ -2,7 +2,7 @@
 weights, same process.
 
     python benchmarks/decode.py [--preset 0.5b] [--prompt 128] [--new 128] [--threads 2] [--dtypes bf16,fp32] [--no-int8]
-        [--no-kernels] [--rounds 3]
+        [--no-int4] [--no-kernels] [--rounds 3]
 
 Random weights (speed does not depend on their values), batch 1, greedy decoding of exactly --new tokens;
 the median of --rounds measurements (ours and transformers interleaved).
@@ -39,6 +39,18 @@ def run_ours(model, prompt, new_tokens):
     count = 1 + sum(1 for _ in stream)
     end = time.perf_counter()
     return first - start, (count - 1) / (end - first)
+
+
+def decode_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the input embedding (one row per token), counting a
+    tensor shared by two modules once."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t.data_ptr() in seen or name.startswith("model.embed_tokens"):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
 
 
 def median_round(results):
@@ -80,7 +92,9 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--rounds", type=int, default=3, help="measurements per model (medians are printed)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure int8 weights, with bf16 and with int8 activations (after the bf16 run)")
+                    help="also measure --int8 and --w8a8 after each dtype's run")
+    ap.add_argument("--int4", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure --int4 (4-bit weights, int8 decode activations) with fp32 (AVX2 kernels)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="qwen25 with its compiled AVX-512 decode kernels where the CPU has them (serve's default)")
     args = ap.parse_args()
@@ -120,20 +134,23 @@ def main():
               f"ratio {o_decode / h_decode:.2f}x   ({weight_bytes * o_decode / 1e9:.1f} GB/s, {share:.0%} of measured)")
         print(f"[{name}] prefill qwen25 {args.prompt / o_prefill:7.1f} tok/s   transformers "
               f"{args.prompt / h_prefill:7.1f} tok/s   ratio {h_prefill / o_prefill:.2f}x")
-        if dtype == torch.bfloat16 and args.int8:
-            from qwen25.serve.quant import quantize_int8
-
-            for variant, act_int8 in (("int8", False), ("w8a8", True)):
-                quantized = quantize_int8(copy.deepcopy(ours), torch.bfloat16, act_int8=act_int8 and args.kernels)
-                run_ours(quantized, prompt[:16], 4)
-                q_prefill, q_decode = median_round([run_ours(quantized, prompt, args.new) for _ in range(args.rounds)])
-                what = "int8 weights, " + ("int8 activations per block of 32" if act_int8 else "bf16 activations")
-                print(f"[{variant}] decode  qwen25 {q_decode:7.2f} tok/s   ({what})   ratio {q_decode / h_decode:.2f}x "
-                      f"vs transformers bf16;  prefill {args.prompt / q_prefill:.1f} tok/s")
-                results[variant] = dict(decode_tok_s=round(q_decode, 2),
-                                        decode_ratio_vs_hf_bf16=round(q_decode / h_decode, 2),
-                                        prefill_tok_s=round(args.prompt / q_prefill, 1))
-                del quantized
+        variants = [("int8", {"int8": True}), ("w8a8", {"w8a8": True})] if args.int8 else []
+        if args.int4 and dtype == torch.float32:
+            variants.append(("int4", {"int4": True}))
+        for variant, flags in variants:  # quantized copies of the prepared model, as `serve --int8|--w8a8|--int4`
+            quantized = copy.deepcopy(ours)
+            what = prepare_for_decode(quantized, kernels=args.kernels, **flags)
+            run_ours(quantized, prompt[:16], 4)
+            q_prefill, q_decode = median_round([run_ours(quantized, prompt, args.new) for _ in range(args.rounds)])
+            q_bytes = decode_bytes(quantized)
+            print(f"[{name} {variant}] decode  qwen25 {q_decode:7.2f} tok/s   ratio {q_decode / h_decode:.2f}x vs "
+                  f"transformers {name};  prefill {args.prompt / q_prefill:.1f} tok/s   ({q_bytes * q_decode / 1e9:.1f} "
+                  f"GB/s, {q_bytes * q_decode / bandwidth:.0%} of measured; {what})")
+            results[f"{name}_{variant}" if dtype == torch.float32 else variant] = dict(
+                decode_tok_s=round(q_decode, 2), decode_ratio_vs_hf=round(q_decode / h_decode, 2),
+                prefill_tok_s=round(args.prompt / q_prefill, 1),
+                bandwidth_share=round(q_bytes * q_decode / bandwidth, 3))
+            del quantized
         results[name] = dict(decode_tok_s=round(o_decode, 2), hf_decode_tok_s=round(h_decode, 2),
                              decode_ratio=round(o_decode / h_decode, 2), prefill_tok_s=round(args.prompt / o_prefill, 1),
                              hf_prefill_tok_s=round(args.prompt / h_prefill, 1),

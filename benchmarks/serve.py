@@ -2,7 +2,7 @@
 transformers `generate` serving the same requests one after another, same weights, same process.
 
     python benchmarks/serve.py [--preset 0.5b] [--requests 16] [--max-tokens 32] [--threads 2] [--dtype bf16]
-                               [--max-batch 16] [--int8 | --w8a8] [--skip-transformers] [--grammar-rounds N]
+                               [--max-batch 16] [--int8 | --w8a8 | --int4] [--skip-transformers] [--grammar-rounds N]
                                [--llama-server BIN [--gguf-types q8_0,bf16]]
 
 Random weights (speed does not depend on their values); the tokenizer is Qwen's real vocabulary when the
@@ -289,6 +289,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--int8", action="store_true", help="serve with weight-only int8 (transformers stays bf16/fp32)")
     ap.add_argument("--w8a8", action="store_true", help="serve with int8 weights and int8 decode activations")
+    ap.add_argument("--int4", action="store_true", help="serve with 4-bit weights (Q4_0) and int8 decode activations")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: serve the same requests with it too")
     ap.add_argument("--gguf-types", default="q8_0,bf16", help="GGUF types for --llama-server")
@@ -304,11 +305,11 @@ def main():
         tokenizer = Tokenizer.from_dir(directory)
         requests = [chat_messages(i, args.words) for i in range(args.requests)]
         prompts = [encode_chat(tokenizer, m, add_generation_prompt=True, sanitize=True).ids for m in requests]
-        print(f"preset {args.preset}: {param_count(cfg) / 1e6:.0f}M parameters, {args.dtype}{' + int8' if args.int8 else ' + w8a8' if args.w8a8 else ''}, "
+        print(f"preset {args.preset}: {param_count(cfg) / 1e6:.0f}M parameters, {args.dtype}{' + int8' if args.int8 else ' + w8a8' if args.w8a8 else ' + int4' if args.int4 else ''}, "
               f"{args.threads} threads; {args.requests} requests, prompts {min(map(len, prompts))}-"
               f"{max(map(len, prompts))} tokens, {args.max_tokens} new tokens each, max batch {args.max_batch}")
         app, engine = build_server(directory, max_batch=args.max_batch, max_len=max(map(len, prompts)) + args.max_tokens + 8,
-                                   int8=args.int8, w8a8=args.w8a8, dtype=args.dtype, threads=args.threads,
+                                   int8=args.int8, w8a8=args.w8a8, int4=args.int4, dtype=args.dtype, threads=args.threads,
                                    model_name="bench", engine_thread=False)  # this thread drives it, as serve does
         server, url = run_in_thread(app)
         try:
@@ -344,7 +345,7 @@ def main():
             results["throughput_ratio"] = round(ratio, 2)
             print(f"throughput ratio {ratio:.2f}x (goal: 5x);  latency p50 {theirs['latency_p50'] / ours['latency_p50']:.2f}x "
                   f"lower;  time to first token p50 {theirs['ttft_p50'] / max(ours['ttft_p50'], 1e-9):.2f}x lower")
-    print(result_line("serve", preset=args.preset, dtype=args.dtype, int8=args.int8, w8a8=args.w8a8, threads=args.threads,
+    print(result_line("serve", preset=args.preset, dtype=args.dtype, int8=args.int8, w8a8=args.w8a8, int4=args.int4, threads=args.threads,
                       requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch, results=results))
 
 

@@ -1,8 +1,8 @@
 """What serving's precisions cost in accuracy: a trained checkpoint's next-token loss and greedy choices when it
 decodes held-out text token by token, as `qwen25 serve` runs it in fp32, bf16, --int8 and --w8a8 (with bf16, and with
-fp32 as an AVX2 CPU serves them).
+fp32 as an AVX2 CPU serves them), and --int4 (fp32; the output layer 8-bit, or 4-bit too).
 
-    python experiments/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200]
+    python experiments/quant_accuracy.py --model DIR --text FILE.jsonl [--docs 6] [--tokens 200] [--variants a,b]
 
 Each model is prepared as `qwen25 serve` prepares it (prepare_for_decode) and fed the text one token at a time
 through its KV cache, so every matmul takes the decode path (for --w8a8: int8 activations). Prints the mean
@@ -30,7 +30,8 @@ from qwen25.tokenizer import Tokenizer  # noqa: E402
 # name: (dtype, prepare_for_decode flags); the fp32 int8 variants are the AVX2 CPU's paths (cpu_kernels_avx2.c)
 VARIANTS = {"fp32": ("fp32", {}), "bf16": ("bf16", {}), "int8": ("bf16", {"int8": True}),
             "w8a8": ("bf16", {"w8a8": True}), "fp32+int8": ("fp32", {"int8": True}),
-            "fp32+w8a8": ("fp32", {"w8a8": True})}
+            "fp32+w8a8": ("fp32", {"w8a8": True}), "fp32+int4": ("fp32", {"int4": True}),
+            "fp32+int4/4": ("fp32", {"int4": True, "head_bits": 4})}  # int4/4: the output layer 4-bit too
 
 
 def decode_logits(model, ids: list[int]) -> torch.Tensor:
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--docs", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=200, help="tokens per document (at most)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} "
+                                                                   "(fp32 is always run: the others are compared with it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
@@ -60,7 +63,12 @@ def main():
         raise SystemExit(f"{args.text}: no document with two or more tokens")
     targets = torch.tensor([t for d in ids for t in d[1:]])
     logits = {}
-    for name, (dtype, flags) in VARIANTS.items():
+    names = ["fp32"] + [v for v in args.variants.split(",") if v and v != "fp32"]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    for name in names:
+        dtype, flags = VARIANTS[name]
         model = load_model(args.model, dtype=dtype)
         print(f"[{name}] {prepare_for_decode(model, **flags)}")
         logits[name] = torch.cat([decode_logits(model, d) for d in ids])
@@ -70,7 +78,7 @@ def main():
         nll = F.cross_entropy(lg, targets).item()
         agree = (lg.argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item()
         results[name] = dict(nll=round(nll, 4), top1_agreement_with_fp32=round(agree, 4))
-        print(f"{name:9s} nll/token {nll:.4f}   greedy choice equal to fp32's {agree:.2%}")
+        print(f"{name:11s} nll/token {nll:.4f}   greedy choice equal to fp32's {agree:.2%}")
     print(f"{len(targets)} predicted tokens in {len(ids)} documents")
     print(result_line("quant_accuracy", model=str(args.model), tokens=len(targets), results=results))
 

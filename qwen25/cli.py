@@ -121,6 +121,10 @@ def cmd_generate(args) -> int:
             raise SystemExit(f"--prompt-ids must be comma-separated integers ({e})") from e
     apply_threads(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.int8 or args.w8a8 or args.int4:
+        from .serve.quant import prepare_for_decode
+
+        print(f"model: {prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, int4=args.int4)}", file=sys.stderr)
     params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     vocab_limit = len(tokenizer) if tokenizer is not None else tokenizer_vocab_size(args.model)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -198,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    from .serve.cli import add_quant_flags
+
+    add_quant_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a checkpoint as a complete HF directory (chat template included), "
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "included).")
     add_common_flags(p, model="checkpoint directory to export (HF layout)", dtype=True, threads=True)
     p.add_argument("--out", required=True, type=Path, help="directory to write (not the model directory)")
-    p.add_argument("--gguf", choices=["bf16", "q8_0"],
+    p.add_argument("--gguf", choices=["bf16", "q8_0", "q4_0"],
                    help="also write a GGUF file: bf16, or q8_0 (8-bit matrices; norms and biases stay f32)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="directory with the tokenizer files (default: the model directory)")

@@ -24,8 +24,13 @@ from .tokenizer import Tokenizer, TokenizerError, official_chat_template
 from .tokenizer.bpe import bytes_to_tokens
 from .tokenizer.files import QWEN_PATTERN
 
-GGUF_TYPES = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-_FILE_TYPES = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+GGUF_TYPES = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+              "q4_0": gguf.GGMLQuantizationType.Q4_0}
+_FILE_TYPES = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+# q4_0: the output matrix (token_embd where tied) stays 8-bit, as `qwen25 serve --int4` keeps it (llama-quantize
+# keeps it at 6 bits, Q6_K, which gguf's Python quantizer does not write)
+_OUTPUT_NAMES = ("output.weight", "token_embd.weight")
 
 # HF tensor names -> the names of llama.cpp's qwen2 architecture (gguf.MODEL_TENSORS[MODEL_ARCH.QWEN2]).
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -109,12 +114,13 @@ def _generation_config(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer) 
 
 
 # ---- GGUF --------------------------------------------------------------------------------------------------------
-def _tensor_type(tensor: torch.Tensor, gguf_type: str) -> gguf.GGMLQuantizationType:
-    """F32 for norms and biases (as llama.cpp's converter), the chosen type for matrices; Q8_0 needs rows that
-    are whole blocks of 32 values, else the matrix is written in BF16."""
+def _tensor_type(tensor: torch.Tensor, gguf_type: str, name: str = "") -> gguf.GGMLQuantizationType:
+    """F32 for norms and biases (as llama.cpp's converter), the chosen type for matrices (q4_0: Q8_0 for the output
+    matrix, `name` in GGUF's naming); Q8_0 and Q4_0 need rows that are whole blocks of 32 values, else the matrix is
+    written in BF16."""
     if tensor.ndim == 1:
         return gguf.GGMLQuantizationType.F32
-    qtype = GGUF_TYPES[gguf_type]
+    qtype = GGUF_TYPES["q8_0" if gguf_type == "q4_0" and name in _OUTPUT_NAMES else gguf_type]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if tensor.shape[-1] % block == 0 else gguf.GGMLQuantizationType.BF16
 
@@ -232,14 +238,14 @@ def _write_gguf(model: CausalLM, tokenizer: Tokenizer, path: Path, gguf_type: st
     tensors = [(gguf_tensor_name(n), t) for n, t in model.state_dict().items()
                if not (cfg.tie_word_embeddings and n == "lm_head.weight")]  # tied: llama.cpp reuses token_embd
     for gguf_name, tensor in tensors:
-        qtype = _tensor_type(tensor, gguf_type)
+        qtype = _tensor_type(tensor, gguf_type, gguf_name)
         writer.add_tensor_info(gguf_name, tuple(tensor.shape), np.dtype(np.float32), _nbytes(tensor, qtype), qtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, tensor in tensors:
+        for gguf_name, tensor in tensors:
             data = tensor.detach().to("cpu", torch.float32).numpy()
-            writer.write_tensor_data(gguf.quants.quantize(data, _tensor_type(tensor, gguf_type)))
+            writer.write_tensor_data(gguf.quants.quantize(data, _tensor_type(tensor, gguf_type, gguf_name)))
     finally:
         writer.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+import numpy as np
 import torch
 from tokenizer_fixtures import read_template, require_qwen_vocab
 
@@ -217,6 +218,32 @@ def test_gguf_q8_0_of_a_tied_model_with_a_custom_template(tok, tmp_path, capsys)
             assert torch.equal(got, want if want.ndim == 1 else want.to(torch.bfloat16).float()), tensor.name
 
 
+def test_gguf_q4_0_holds_the_weights_of_serve_int4(tok, tmp_path):
+    """--gguf q4_0: every matrix with whole blocks of 32 in Q4_0, byte for byte the weights `qwen25 serve --int4`
+    multiplies (quant.quantize_q4), the tied output/embedding matrix in Q8_0 (8-bit, as --int4 keeps the output
+    layer), the rest as for q8_0."""
+    from qwen25.serve.quant import quantize_q4
+
+    model_dir = tiny_checkpoint(tmp_path / "model", tok, seed=2)
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--gguf", "q4_0"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "out" / "model-q4_0.gguf")
+    weights = {gguf_tensor_name(n): t for n, t in load_model(model_dir, dtype="fp32").state_dict().items()
+               if n != "lm_head.weight"}
+    kinds = set()
+    for tensor in reader.tensors:
+        want = weights[tensor.name]
+        if tensor.name == "token_embd.weight":
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        elif want.ndim == 2 and want.shape[1] % 32 == 0:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0, tensor.name
+            qweight, scales = quantize_q4(want)
+            raw = torch.from_numpy(np.asarray(tensor.data).reshape(-1, 18).copy())
+            assert torch.equal(raw[:, :2].contiguous().view(torch.float16).view(-1), scales.view(-1)), tensor.name
+            assert torch.equal(raw[:, 2:], qweight.view(-1, 16)), tensor.name
+        kinds.add(tensor.tensor_type.name)
+    assert {"Q4_0", "Q8_0", "F32", "BF16"} <= kinds  # BF16: ffn_down's rows of 176
+
+
 def test_gguf_vocabulary_of_qwen_is_the_converters():
     """Qwen2.5's own vocabulary as llama.cpp's converter writes it: transformers' tokens, CONTROL for special and
     <|...|> tokens, USER_DEFINED for <tool_call>, [PADn] up to the embedding's 151,936 rows."""
@@ -249,7 +276,7 @@ def test_export_errors_name_the_problem(tok, tmp_path, capsys):
     tok.save(tmp_path / "moe")
     assert main(["export", "--model", str(tmp_path / "moe"), "--out", str(tmp_path / "y"), "--gguf", "bf16"]) == 2
     assert "qwen2_moe" in capsys.readouterr().err and not (tmp_path / "y").exists()
-    assert set(GGUF_TYPES) == {"bf16", "q8_0"}
+    assert set(GGUF_TYPES) == {"bf16", "q8_0", "q4_0"}
 
 
 # ---- llama.cpp itself, when a build is at hand -------------------------------------------------------------------

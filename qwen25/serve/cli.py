@@ -50,11 +50,22 @@ def add_chat_command(subparsers) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
+def add_quant_flags(p) -> None:
+    """--int8, --w8a8 and --int4 (one of them), for serve, chat and generate."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--int8", action="store_true", help="weight-only int8 quantization of the linear layers")
+    group.add_argument("--w8a8", action="store_true",
+                       help="int8 weights, and int8 activations per block of 32 when decoding (llama.cpp's Q8_0 "
+                            "scheme; needs --dtype bf16 with AVX-512 or fp32 with AVX2): faster than --int8, a little "
+                            "less exact")
+    group.add_argument("--int4", action="store_true",
+                       help="4-bit weights (llama.cpp's Q4_0: blocks of 32 with an fp16 scale; the output layer "
+                            "8-bit) and int8 decode activations: the fastest decode, with --dtype fp32 on AVX2 CPUs; "
+                            "the least exact (docs/serving.md)")
+
+
 def _model_flags(p) -> None:
-    p.add_argument("--int8", action="store_true", help="weight-only int8 quantization of the linear layers")
-    p.add_argument("--w8a8", action="store_true",
-                   help="int8 weights, and int8 activations per block of 32 when decoding (llama.cpp's Q8_0 scheme; "
-                        "needs --dtype bf16 and the kernels): faster than --int8, a little less exact")
+    add_quant_flags(p)
     add_common_flags(p, dtype=True, threads=True)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
@@ -79,7 +90,7 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = api_key_from(args)
     app, engine = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
-                               w8a8=args.w8a8, dtype=args.dtype, threads=args.threads, kernels=args.kernels,
+                               w8a8=args.w8a8, int4=args.int4, dtype=args.dtype, threads=args.threads, kernels=args.kernels,
                                model_name=args.served_model_name, prefill_chunk=args.prefill_chunk or None,
                                engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
                                max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,

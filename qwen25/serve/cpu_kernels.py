@@ -101,13 +101,17 @@ def _build(source: Path, needs: set[str], what: str) -> ctypes.CDLL | None:
 @functools.cache
 def _library_avx2() -> ctypes.CDLL | None:
     """The AVX2 fp32 kernel (cpu_kernels_avx2.c), or None."""
-    lib = _build(SOURCE_AVX2, {"avx2", "fma"}, "AVX2/FMA")
+    lib = _build(SOURCE_AVX2, {"avx2", "fma", "f16c"}, "AVX2/FMA")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.qwen25_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.qwen25_linear_int8_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.qwen25_linear_q8_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
-        lib.qwen25_linear_f32.restype = lib.qwen25_linear_int8_f32.restype = lib.qwen25_linear_q8_f32.restype = None
+        lib.qwen25_linear_q4_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
+        lib.qwen25_dequant_q4_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        lib.qwen25_dequant_q4_f32.restype = None
+        for kernel in ("f32", "int8_f32", "q8_f32", "q4_f32"):
+            getattr(lib, f"qwen25_linear_{kernel}").restype = None
     return lib
 
 
@@ -202,6 +206,36 @@ def linear_q8_f32(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if qweight.shape[1] % 32:
         raise ValueError(f"linear_q8_f32 needs a multiple of 32 input features, got {qweight.shape[1]}")
     return _call(_library_avx2().qwen25_linear_q8_f32, x, qweight, scale, bias, torch.float32)
+
+
+def linear_q4_f32(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias + sum over blocks of 32 inputs of scales[n, b] * d[m, b] * (xq @ (q - 8).T) for fp32 x (..., K): 4-bit
+    weights in llama.cpp's Q4_0 layout (quant.quantize_q4: qweight (N, K / 2) uint8, scales (N, K / 32) fp16), the
+    activations quantized per block of 32 as linear_q8_f32 does (`--int4`, AVX2). K a multiple of 32."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % 32 or qweight.dtype != torch.uint8 or scales.dtype != torch.float16 or scales.shape != (n, k // 32):
+        raise ValueError(f"linear_q4_f32 takes uint8 (N, K / 2) weights and fp16 (N, K / 32) scales, K a multiple of "
+                         f"32; got {qweight.dtype} {tuple(qweight.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    x = _check(x, k, torch.float32)
+    out = x.new_empty(*x.shape[:-1], n)
+    _library_avx2().qwen25_linear_q4_f32(_ptr(qweight), _ptr(scales), _ptr(x), _ptr(bias), _ptr(out),
+                                         x.numel() // k, n, k, torch.get_num_threads())
+    return out
+
+
+def dequant_q4_f32(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight (N, K) of linear_q4_f32's 4-bit one (quant.dequantize_q4, by the AVX2 kernel), written into
+    `out` (fp32, N * K elements or more, contiguous) if given: a reused buffer spares the page faults of a fresh one."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if out is None:
+        out = torch.empty(n, k)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n * k:
+        raise ValueError(f"dequant_q4_f32: out must be a contiguous fp32 tensor of at least {n * k} elements")
+    out = out.view(-1)[:n * k].view(n, k)
+    _library_avx2().qwen25_dequant_q4_f32(_ptr(qweight.contiguous()), _ptr(scales.contiguous()), _ptr(out), n, k,
+                                          torch.get_num_threads())
+    return out
 
 
 def use_f32_kernel(x: torch.Tensor) -> bool:

@@ -163,3 +163,95 @@ void qwen25_linear_q8_f32(const int8_t* Q, const float* scale, const float* x, c
     free(d);
     free(xq);
 }
+
+// ---- 4-bit weights x int8 activations (--int4) ---------------------------------------------------------------------
+//
+// The weights in llama.cpp's Q4_0 layout: per block of 32 inputs one fp16 scale dw and 16 bytes, byte j holding
+// q[j] in its low nibble and q[j + 16] in its high one, q in 0..15 standing for dw * (q - 8). A decode step reads
+// 4.5 bits per weight. The activations are quantized per block of 32 as for --w8a8 (quantize_blocks), and each
+// block's 32 products summed exactly in integers:
+//
+//   y[m, n] = bias[n] + sum_b dw[n, b] * d[m, b] * sum_{k in b} (q[n, k] - 8) * xq[m, k]
+//
+// q is unsigned, so _mm256_maddubs_epi16 takes it as it is; the 8 * sum(xq) it adds too is subtracted per lane
+// (computed once per activation block). 2 weight rows at a time, unpacked once and used for up to 4 activation
+// rows. K must be a multiple of 32.
+
+INLINE __m256i unpack_q4(const uint8_t* qs) {  // 16 bytes -> the block's 32 weights q (0..15) as bytes, in order
+    __m128i b = _mm_loadu_si128((const __m128i*)qs), low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+}
+
+INLINE void block_q4(const uint8_t* Q, const uint16_t* S, const int8_t* xq, const __m256i* eight, const float* d,
+                     const float* bias, float* y, int64_t N, int64_t K, int64_t n0, int64_t m0, int NR, int MR) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = K / 32;
+    __m256 acc[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i w[2];
+        __m256 dw[2];
+        for (int r = 0; r < NR; r++) {
+            w[r] = unpack_q4(Q + ((n0 + r) * nb + b) * 16);
+            dw[r] = _mm256_set1_ps(_cvtsh_ss(S[(n0 + r) * nb + b]));
+        }
+        for (int i = 0; i < MR; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (m0 + i) * K + b * 32));
+            __m256i off = _mm256_loadu_si256(eight + (m0 + i) * nb + b);
+            __m256 dx = _mm256_set1_ps(d[(m0 + i) * nb + b]);
+            for (int r = 0; r < NR; r++) {
+                __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones), off);
+                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][i]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MR; i++)
+            y[(m0 + i) * N + n0 + r] = hsum(acc[r][i]) + (bias ? bias[n0 + r] : 0.0f);
+}
+
+void qwen25_linear_q4_f32(const uint8_t* Q, const uint16_t* S, const float* x, const float* bias, float* y,
+                          int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t nb = K / 32;
+    int8_t* xq = (int8_t*)malloc(M * K);
+    float* d = (float*)malloc(sizeof(float) * (M * nb + 1));
+    __m256i* eight = (__m256i*)malloc(sizeof(__m256i) * (M * nb + 1));  // per block: 8 * xq summed per lane
+    quantize_blocks(x, M, K, xq, d);
+    for (int64_t j = 0; j < M * nb; j++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + j * 32));
+        _mm256_storeu_si256(eight + j, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), xv),
+                                                         _mm256_set1_epi16(1)));
+    }
+    int64_t blocks = (N + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * 2;
+        int nr = N - n0 < 2 ? 1 : 2;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
+            if (nr == 2 && mr == 4) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, 2, 4);
+            else if (nr == 2 && mr == 1) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, 2, 1);
+            else block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, nr, mr);
+        }
+    }
+    free(eight);
+    free(d);
+    free(xq);
+}
+
+// The fp32 weight (N, K) of a 4-bit one, for prompts (many rows: a dense matmul on it beats the kernel above).
+void qwen25_dequant_q4_f32(const uint8_t* Q, const uint16_t* S, float* W, int64_t N, int64_t K, int threads) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < N * nb; j++) {
+        __m256i q = unpack_q4(Q + j * 16);
+        __m256 dw = _mm256_set1_ps(_cvtsh_ss(S[j])), eight = _mm256_set1_ps(8.0f);
+        for (int h = 0; h < 4; h++) {  // 8 weights at a time: bytes -> int32 -> fp32, (q - 8) * dw
+            __m128i part = h < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
+            if (h & 1) part = _mm_srli_si128(part, 8);
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+            _mm256_storeu_ps(W + j * 32 + h * 8, _mm256_mul_ps(_mm256_sub_ps(v, eight), dw));
+        }
+    }
+}

@@ -17,6 +17,7 @@ activations and dequantized weights.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ from . import cpu_kernels
 
 log = logging.getLogger(__name__)
 
+Q4_MAX_ROWS = 16  # the 4-bit kernel up to this many rows (decode); prompts dequantize into a buffer + dense matmul
+SCRATCH_MAX = 1 << 26  # weights; a larger 4-bit layer (a 4-bit lm_head) takes the kernel for prompts too
 DEQUANT_ROWS = 32  # from this many activation rows on, dequantized weights + dense matmul beat the int8 kernel
 
 
@@ -85,6 +88,84 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit weights in llama.cpp's Q4_0 layout: (qweight (N, K / 2) uint8, scales (N, K / 32) fp16), K a multiple
+    of 32. Per block of 32 inputs, d = (the value of largest magnitude, signed) / -8 and q = min(15, trunc(w / d +
+    8.5)), so w ~= d * (q - 8) and the extreme value is exact; byte j of a block holds q[j] (low nibble) and
+    q[j + 16] (high nibble). The arithmetic of gguf's Q4_0 quantizer (the product in fp64), byte for byte."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % 32:
+        raise ValueError(f"4-bit blocks need a multiple of 32 input features, got {k}")
+    blocks = w.view(n, k // 32, 32)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = extreme / -8
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    q = torch.trunc(blocks.double() * inv.double() + 8.5).float().clamp(0, 15).to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight (N, K) that quantize_q4's (qweight, scales) stand for."""
+    n, nb = scales.shape
+    packed = qweight.view(n, nb, 16)
+    q = torch.cat([packed & 15, packed >> 4], dim=-1)
+    return ((q.float() - 8) * scales.float()[..., None]).view(n, nb * 32)
+
+
+_scratch = threading.local()  # one fp32 weight buffer per thread, reused by every Int4Linear's prompt matmuls
+
+
+class Int4Linear(nn.Module):
+    """A Linear layer whose weight is stored in 4 bits (quantize_q4: blocks of 32 with an fp16 scale, 4.5 bits per
+    weight). An fp32 model on an AVX2 CPU multiplies them with int8 activations in cpu_kernels_avx2.c (decode and
+    prompts alike, as llama.cpp does); elsewhere the weight is dequantized for each call."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        qweight, scales = quantize_q4(linear.weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
+                             persistent=False)
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        self.kernel = dtype == torch.float32 and cpu_kernels.f32_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+                and x.numel() <= Q4_MAX_ROWS * self.in_features):
+            return cpu_kernels.linear_q4_f32(x, self.qweight, self.scales, self.bias_f32)
+        if (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.qweight.numel() * 2 > SCRATCH_MAX):  # a big output layer: no buffer of its size
+            return cpu_kernels.linear_q4_f32(x, self.qweight, self.scales, self.bias_f32)
+        if self.kernel and x.dtype == torch.float32 and x.device.type == "cpu":  # a prompt: dequantize, dense matmul
+            scratch = getattr(_scratch, "weight", None)
+            if scratch is None or scratch.numel() < self.qweight.numel() * 2:
+                scratch = _scratch.weight = torch.empty(self.qweight.numel() * 2)
+            return F.linear(x, cpu_kernels.dequant_q4_f32(self.qweight, self.scales, scratch), self.bias)
+        return F.linear(x, dequantize_q4(self.qweight, self.scales).to(x.dtype), self.bias)
+
+
+def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, head_bits: int = 8) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by an Int4Linear computing in `dtype`; returns the model.
+
+    The output layer (lm_head, a tied one gets its own copy) takes `head_bits` 8 (an Int8Linear with int8 decode
+    activations, as --w8a8) or 4; a layer whose input features are not a multiple of 32 stays int8 as well.
+    Embeddings stay as they are (a lookup reads one row per token)."""
+    if head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8, got {head_bits}")
+    head = getattr(model, "lm_head", None)
+
+    def make(linear: nn.Module) -> nn.Module:
+        if linear.in_features % 32 or (linear is head and head_bits == 8):
+            return Int8Linear(linear, dtype, act_int8=True)
+        return Int4Linear(linear, dtype)
+
+    replace_modules(model, lambda name, m: isinstance(m, (nn.Linear, cpu_kernels.DecodeLinear)), make)
+    return model
+
+
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = (),
                   act_int8: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by an Int8Linear computing in `dtype`; returns the model.
@@ -98,21 +179,30 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: t
     return model
 
 
-def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = False, kernels: bool = True) -> str:
+def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = False, int4: bool = False,
+                       head_bits: int = 8, kernels: bool = True) -> str:
     """What `qwen25 serve` and `qwen25 chat` do to a loaded model; returns a line for the log.
 
     Fuses q/k/v and gate/up into one matmul each, quantizes the linear layers to int8 weights if asked
-    (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8), and swaps in the
-    compiled kernels where available (bf16: AVX-512; fp32: AVX2).
+    (computing in the model's dtype; w8a8: int8 activations too when decoding, implies int8) or to 4-bit weights
+    (int4: quantize_int4, the output layer at `head_bits`), and swaps in the compiled kernels where available
+    (bf16: AVX-512; fp32: AVX2).
     """
+    if sum((int8, w8a8, int4)) > 1:
+        raise ValueError("choose one of --int8, --w8a8 and --int4")
     compute = next(model.parameters()).dtype
     compiled = kernels and cpu_kernels.available() and compute == torch.bfloat16
     avx2 = kernels and compute == torch.float32 and cpu_kernels.f32_available()
     if w8a8 and not (compiled or avx2):
         log.warning("--w8a8 needs the compiled kernels and --dtype bf16 (AVX-512) or fp32 (AVX2); using weight-only "
                     "int8")
+    if int4 and not avx2:
+        log.warning("--int4 has a fast kernel for --dtype fp32 on AVX2 CPUs only; elsewhere every matmul dequantizes "
+                    "its weight first (slow)")
     model.fuse_projections()
-    if int8 or w8a8:
+    if int4:
+        quantize_int4(model, dtype=compute, head_bits=head_bits)
+    elif int8 or w8a8:
         if compute == torch.float32 and not (kernels and cpu_kernels.f32_available()):
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
                         "--dtype bf16 --int8 is the fast combination (or the AVX2 kernels, where available)")
@@ -123,6 +213,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
     uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
     if kernels and compute == torch.float32 and cpu_kernels.f32_available():
         uses = "the compiled AVX2 kernels (fp32 decode matmuls)"
-    quant = (" int8 weights and activations (decode)" if w8a8 and (compiled or avx2)
+    quant = (f" 4-bit weights (Q4_0 blocks of 32, output layer {head_bits}-bit), int8 decode activations" if int4
+             else " int8 weights and activations (decode)" if w8a8 and (compiled or avx2)
              else " int8 weights" if int8 or w8a8 else "")
     return f"{compute}{quant}, fused projections, {uses}"

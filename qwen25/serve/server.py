@@ -658,7 +658,7 @@ async def _completion_chunks(events, rid, created, req, prompt_tokens: int, form
 
 
 # ---- building and running --------------------------------------------------------------------------------------
-def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False,
+def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False, int4: bool = False,
                  w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
                  prefill_chunk: int | None = 512, kernels: bool = True, engine_thread: bool = True,
                  prompt_lookup: int = 0, kv_int8: bool = False,
@@ -674,7 +674,7 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
         torch.set_num_threads(threads)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, dtype=dtype)
-    log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, kernels=kernels))
+    log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, int4=int4, kernels=kernels))
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
                                  prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup, kv_int8=kv_int8), tokenizer,
                          own_thread=engine_thread)

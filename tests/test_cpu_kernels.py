@@ -13,6 +13,7 @@ from torch import nn
 from qwen25.config import ModelConfig
 from qwen25.generation import SamplingParams, generate
 from qwen25.model import CausalLM, KVCache
+from qwen25.model.layers import RMSNorm
 from qwen25.serve import cpu_kernels, quant
 from qwen25.serve.quant import DEQUANT_ROWS, Int8Linear, quantize_int8
 
@@ -746,3 +747,37 @@ def test_int4_keeps_the_loss_of_a_trained_model():
         loss, choice = decode(q)
         assert loss < exact_loss * (1 + bar), (head_bits, loss, exact_loss)
         assert (choice == exact_choice).float().mean() > 0.85
+
+
+@needs_f32
+@pytest.mark.parametrize("rows,k", [(1, 896), (3, 33), (700, 64), (2, 1)])
+def test_f32_rms_norm_and_rope_kernels_equal_the_model(rows, k):
+    """The AVX2 fp32 RMSNorm (a few ulps: its sum of squares runs in another order) and RoPE (bit for bit, on the
+    strided q/k views the attention layer makes), and an fp32 model's logits through both (prepare_for_decode)."""
+    from qwen25.model.rope import apply_rope, rope_cos_sin
+
+    gen = torch.Generator().manual_seed(rows + k)
+    norm = RMSNorm(k, 1e-6).requires_grad_(False)
+    norm.weight.normal_(generator=gen)
+    kernel_norm = cpu_kernels.KernelRMSNorm(norm)
+    for scale in (1e-3, 1.0, 300.0):
+        x = torch.randn(1, rows, k, generator=gen) * scale
+        torch.testing.assert_close(kernel_norm(x), norm(x), rtol=4e-7, atol=0)
+    assert torch.equal(kernel_norm(x[:, :1]), kernel_norm(x)[:, :1])  # a row's result: alone or in a batch
+    heads, kv_heads, d = 14, 2, 64
+    qkv = torch.randn(2, 5, (heads + 2 * kv_heads) * d, generator=gen) * 4
+    q, key, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, key = q.view(2, 5, heads, d).transpose(1, 2), key.view(2, 5, kv_heads, d).transpose(1, 2)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    for tables in (1, 2):
+        cos, sin = rope_cos_sin(inv_freq, torch.randint(0, 30000, (tables, 5), generator=gen), 1.1)
+        for x in (q, key):
+            assert torch.equal(cpu_kernels.rope_f32(x, cos, sin), apply_rope(x, cos, sin))
+            assert torch.equal(cpu_kernels.apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = model(ids)
+        quant.prepare_for_decode(model)
+        assert any(isinstance(m, cpu_kernels.KernelRMSNorm) for m in model.modules())
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)

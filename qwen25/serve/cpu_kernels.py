@@ -110,6 +110,9 @@ def _library_avx2() -> ctypes.CDLL | None:
         lib.qwen25_linear_q4_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
         lib.qwen25_dequant_q4_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
         lib.qwen25_dequant_q4_f32.restype = None
+        lib.qwen25_rms_norm_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+        lib.qwen25_rope_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.qwen25_rms_norm_f32.restype = lib.qwen25_rope_f32.restype = None
         for kernel in ("f32", "int8_f32", "q8_f32", "q4_f32"):
             getattr(lib, f"qwen25_linear_{kernel}").restype = None
     return lib
@@ -274,17 +277,35 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return out
 
 
+def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x) (RMSNorm.forward) for fp32 x (..., K) and weight (K,), by the AVX2 kernel."""
+    x = _check(x, weight.shape[0], torch.float32)
+    out = torch.empty_like(x)
+    _library_avx2().qwen25_rms_norm_f32(_ptr(x), _ptr(weight.contiguous()), _ptr(out), x.numel() // x.shape[-1],
+                                        x.shape[-1], eps, torch.get_num_threads())
+    return out
+
+
 def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """model.rope.apply_rope for bf16 x (B, H, T, D) with unit stride in D (any other strides) and contiguous
     fp32 tables (B or 1, T, D); returns a contiguous tensor."""
+    return _rope(_library().qwen25_rope_bf16, x, cos, sin, torch.bfloat16)
+
+
+def rope_f32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """model.rope.apply_rope for fp32 x (B, H, T, D) as rope_bf16 takes it (AVX2); the same products and sums."""
+    return _rope(_library_avx2().qwen25_rope_f32, x, cos, sin, torch.float32)
+
+
+def _rope(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     b, h, t, d = x.shape
-    _check(x, d)  # x keeps its strides: the kernel takes them
+    _check(x, d, dtype)  # x keeps its strides: the kernel takes them
     if not _rope_layout(x, cos, sin):
         raise ValueError(f"rope kernel: unsupported layout x {tuple(x.shape)} {x.stride()}, tables {cos.dtype} "
                          f"{tuple(cos.shape)}")
     out = x.new_empty(b, h, t, d)
-    _library().qwen25_rope_bf16(_ptr(x), x.stride(0), x.stride(1), x.stride(2), _ptr(cos), _ptr(sin),
-                                0 if cos.shape[0] == 1 else t * d, _ptr(out), b, h, t, d, torch.get_num_threads())
+    kernel(_ptr(x), x.stride(0), x.stride(1), x.stride(2), _ptr(cos), _ptr(sin), 0 if cos.shape[0] == 1 else t * d,
+           _ptr(out), b, h, t, d, torch.get_num_threads())
     return out
 
 
@@ -296,10 +317,18 @@ def _rope_layout(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The model's apply_rope, through the kernel for bf16 activations when the layout allows."""
+    """The model's apply_rope, through a kernel for bf16 (AVX-512) or fp32 (AVX2) activations when the layout
+    allows."""
     if use_kernel(x, None) and _rope_layout(x, cos, sin):
         return rope_bf16(x, cos, sin)
+    if _f32_elementwise(x) and _rope_layout(x, cos, sin) and x.shape[-1] % 2 == 0:
+        return rope_f32(x, cos, sin)
     return rope.apply_rope(x, cos, sin)
+
+
+def _f32_elementwise(x: torch.Tensor) -> bool:
+    """Whether fp32 activations x should take the AVX2 RMSNorm/RoPE kernels (CPU, no autograd)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad and f32_available()
 
 
 class DecodeLinear(nn.Module):
@@ -328,17 +357,19 @@ class DecodeLinear(nn.Module):
 
 
 class KernelRMSNorm(RMSNorm):
-    """An inference-only RMSNorm (bf16 weight) that takes the compiled kernel for bf16 activations (one pass over
-    a prompt's rows instead of torch's ~9), torch's ops else. The same result but for the order of the fp32 sum of
-    squares, which moves about one output in 10^5 by one bf16 step."""
+    """An inference-only RMSNorm that takes a compiled kernel (bf16 weight and activations: AVX-512; fp32: AVX2):
+    one pass over the rows instead of torch's ~9 ops, torch's ops else. The same result but for the order of the
+    fp32 sum of squares, which moves about one bf16 output in 10^5 by one step (fp32: a few ulps)."""
 
     def __init__(self, norm: RMSNorm):
         nn.Module.__init__(self)
         self.weight, self.eps = norm.weight.requires_grad_(False), norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernel(x, None):
+        if use_kernel(x, None) and self.weight.dtype == torch.bfloat16:
             return rms_norm_bf16(x, self.weight, self.eps)
+        if _f32_elementwise(x) and self.weight.dtype == torch.float32:
+            return rms_norm_f32(x, self.weight, self.eps)
         return super().forward(x)
 
 
@@ -445,12 +476,18 @@ def use_cpu_kernels(model: nn.Module) -> int:
 
     Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
-    pick the int8 kernel by themselves. fp32 linear layers become DecodeLinear where the AVX2 kernel is available.
+    pick the int8 kernel by themselves. fp32 linear layers become DecodeLinear, fp32 RMSNorms KernelRMSNorm and the
+    RoPE the AVX2 kernel's where cpu_kernels_avx2.c is available.
     """
     swapped = 0
     if f32_available():
         swapped = replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.float32
                                   and m.weight.device.type == "cpu", DecodeLinear)
+        replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.float32
+                        and m.weight.device.type == "cpu", KernelRMSNorm)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.apply_rope = apply_rope
     if not available():
         return swapped
     replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)

@@ -186,12 +186,17 @@ INLINE void block_q4(const uint8_t* Q, const uint16_t* S, const int8_t* xq, cons
                      const float* bias, float* y, int64_t N, int64_t K, int64_t n0, int64_t m0, int NR, int MR) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t nb = K / 32;
-    __m256 acc[2][4];
+    __m256 acc[4][4];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
+    // the next weight rows, a cache line per block step (4 rows of K / 2 bytes are K / 128 lines = nb / 4 ... nb):
+    // the hardware prefetcher alone streamed these at half the memory bandwidth
+    const uint8_t* next = Q + (n0 + NR) * nb * 16;
+    const uint8_t* end = Q + N * nb * 16;
     for (int64_t b = 0; b < nb; b++) {
-        __m256i w[2];
-        __m256 dw[2];
+        if (next + b * 64 < end) _mm_prefetch((const char*)(next + b * 64), _MM_HINT_T0);
+        __m256i w[4];
+        __m256 dw[4];
         for (int r = 0; r < NR; r++) {
             w[r] = unpack_q4(Q + ((n0 + r) * nb + b) * 16);
             dw[r] = _mm256_set1_ps(_cvtsh_ss(S[(n0 + r) * nb + b]));
@@ -211,6 +216,10 @@ INLINE void block_q4(const uint8_t* Q, const uint16_t* S, const int8_t* xq, cons
             y[(m0 + i) * N + n0 + r] = hsum(acc[r][i]) + (bias ? bias[n0 + r] : 0.0f);
 }
 
+#ifndef QMR
+#define QMR 4
+#endif
+
 void qwen25_linear_q4_f32(const uint8_t* Q, const uint16_t* S, const float* x, const float* bias, float* y,
                           int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t nb = K / 32;
@@ -223,15 +232,22 @@ void qwen25_linear_q4_f32(const uint8_t* Q, const uint16_t* S, const float* x, c
         _mm256_storeu_si256(eight + j, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), xv),
                                                          _mm256_set1_epi16(1)));
     }
-    int64_t blocks = (N + 1) / 2;
+    // one activation row (a single stream's decode step): 4 weight rows at a time, more independent sums;
+    // more rows: 2 weight rows x QMR activation rows, each unpacked weight used QMR times
+    const int NRB = M == 1 ? 4 : 2;
+    int64_t blocks = (N + NRB - 1) / NRB;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * 2;
-        int nr = N - n0 < 2 ? 1 : 2;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
-            if (nr == 2 && mr == 4) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, 2, 4);
-            else if (nr == 2 && mr == 1) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, 2, 1);
+        int64_t n0 = b * NRB;
+        int nr = N - n0 < NRB ? (int)(N - n0) : NRB;
+        if (M == 1) {
+            if (nr == 4) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, 0, 4, 1);
+            else block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, 0, nr, 1);
+            continue;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += QMR) {
+            int mr = M - m0 < QMR ? (int)(M - m0) : QMR;
+            if (nr == 2 && mr == QMR) block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, 2, QMR);
             else block_q4(Q, S, xq, eight, d, bias, y, N, K, n0, m0, nr, mr);
         }
     }
@@ -254,4 +270,58 @@ void qwen25_dequant_q4_f32(const uint8_t* Q, const uint16_t* S, float* W, int64_
             _mm256_storeu_ps(W + j * 32 + h * 8, _mm256_mul_ps(_mm256_sub_ps(v, eight), dw));
         }
     }
+}
+
+// ---- fp32 RMSNorm and RoPE (a decode step's elementwise work in one call each instead of torch's ~8 ops) --------
+#define PARALLEL_MIN (1 << 15)  // elementwise kernels use threads from this many elements on
+
+// y[m, :] = w * (x[m, :] * (1 / sqrt(mean(x[m, :]^2) + eps))), as RMSNorm.forward for fp32 (the sum of squares in
+// another order than torch's: outputs within a few ulps)
+void qwen25_rms_norm_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= PARALLEL_MIN)
+    for (int64_t m = 0; m < M; m++) {
+        const float* xm = x + m * K;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(xm + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum(acc);
+        for (; k < K; k++) ss += xm[k] * xm[k];
+        float r = 1.0f / sqrtf(ss / (float)K + eps);
+        __m256 rv = _mm256_set1_ps(r);
+        for (k = 0; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(y + m * K + k, _mm256_mul_ps(_mm256_loadu_ps(w + k),
+                                                          _mm256_mul_ps(_mm256_loadu_ps(xm + k), rv)));
+        for (; k < K; k++) y[m * K + k] = w[k] * (xm[k] * r);
+    }
+}
+
+// Rotate-half RoPE in fp32: out[b, h, t, :] = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), the same
+// products and sums as model.rope.apply_rope. x[b, h, t, d] at x + b*sb + h*sh + t*st + d; cos/sin[b, t, d] at
+// + b*cb + t*D + d (cb = 0: one table for all); out contiguous (B, H, T, D); D even.
+void qwen25_rope_f32(const float* x, int64_t sb, int64_t sh, int64_t st, const float* cos, const float* sin,
+                     int64_t cb, float* out, int64_t B, int64_t H, int64_t T, int64_t D, int threads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (B * H * T * D >= PARALLEL_MIN)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const float* xr = x + b * sb + h * sh + t * st;
+                const float *c = cos + b * cb + t * D, *s = sin + b * cb + t * D;
+                float* o = out + ((b * H + h) * T + t) * D;
+                int64_t k = 0;
+                for (; k + 8 <= half; k += 8) {
+                    __m256 x1 = _mm256_loadu_ps(xr + k), x2 = _mm256_loadu_ps(xr + half + k);
+                    _mm256_storeu_ps(o + k, _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + k)),
+                                                          _mm256_mul_ps(x2, _mm256_loadu_ps(s + k))));
+                    _mm256_storeu_ps(o + half + k, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + k)),
+                                                                 _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + k))));
+                }
+                for (; k < half; k++) {
+                    o[k] = xr[k] * c[k] - xr[half + k] * s[k];
+                    o[half + k] = xr[half + k] * c[half + k] + xr[k] * s[half + k];
+                }
+            }
 }

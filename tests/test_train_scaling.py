@@ -85,7 +85,7 @@ def test_tiny_sweep_end_to_end_and_lr_auto_uses_the_fit(tmp_path):
                                      tokens=768, seq_len=16, scaling_fit=str(tmp_path / "sweep" / "fit.json")))
     n = param_count(ModelConfig.from_preset("tiny"), embeddings=False)
     optima = [p["lr_opt"] for p in fit["points"]]
-    assert cfg.lr == pytest.approx(min(max(predict(fit["lr"], n, 768), min(optima) / 4), max(optima) * 4), rel=1e-12)
+    assert cfg.lr == pytest.approx(min(max(predict(fit["lr"], n, 768), min(optima)), max(optima)), rel=1e-12)
     assert cfg.batch_size == max(1, round(predict(fit["batch_tokens"], n, 768) / 16))
     assert cfg.steps == max(1, round(768 / (cfg.batch_size * 16)))
     with pytest.raises(ValueError, match="no scaling_fit"):
@@ -95,9 +95,9 @@ def test_tiny_sweep_end_to_end_and_lr_auto_uses_the_fit(tmp_path):
                                    tokens=51_200, seq_len=16, scaling_fit=str(tmp_path / "sweep" / "fit.json")))
 
 
-def test_auto_lr_extrapolates_at_most_4x_beyond_the_measured_optima(tmp_path):
-    """A law that extrapolates to a rate below every measured optimum is used with a warning while it is within 4x
-    of the lowest one, and clamped at 4x below it further out; inside the range the prediction is used as it is."""
+def test_auto_lr_stays_inside_the_measured_optima(tmp_path):
+    """A law that extrapolates to a rate below every measured optimum is clamped to the nearest one, with a
+    warning; inside the range the prediction is used as it is."""
     n = param_count(ModelConfig.from_preset("tiny"), embeddings=False)
     points = [{"N": n, "D": d, "lr_opt": lr, "batch_tokens_opt": 64.0, "best_loss": 1.0}
               for d, lr in ((1000, 1e-2), (2000, 3e-3))]
@@ -111,6 +111,4 @@ def test_auto_lr_extrapolates_at_most_4x_beyond_the_measured_optima(tmp_path):
 
     assert resolved(256) == pytest.approx(1 / 256)  # 1/D = 3.9e-3: inside
     with pytest.warns(UserWarning, match=r"lr 0.000977 lies outside the measured optima \[0.003, 0.01\]"):
-        assert resolved(1024) == pytest.approx(1 / 1024)  # 3.1x below 3e-3: extrapolated
-    with pytest.warns(UserWarning, match=r"lr 0.000244 lies outside .* using 0.00075 \(at most 4x beyond them\)"):
-        assert resolved(4096) == pytest.approx(3e-3 / 4)
+        assert resolved(1024) == pytest.approx(3e-3)

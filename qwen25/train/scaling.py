@@ -140,9 +140,6 @@ def write_fit(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
     return fit
 
 
-LR_EXTRAPOLATION = 4.0  # how far beyond the sweep's optimal rates `lr: auto` may go (the sweep spans 4x in N)
-
-
 def resolve_auto(cfg, n: int):
     """A TrainConfig with `lr: auto` / `batch_size: auto` replaced by the fitted mu_opt / B_opt at its (N, D); n is
     the model's non-embedding parameter count."""
@@ -164,16 +161,12 @@ def resolve_auto(cfg, n: int):
         changes["lr"] = predict(fit["lr"], n, d)
         optima = [p["lr_opt"] for p in points]
         if optima and not min(optima) <= changes["lr"] <= max(optima):
-            # A power law through a few noisy optima can extrapolate to rates no sweep run supports (an earlier fit
-            # predicted 1e-4 where 3e-3 trains far better), and clamping to the measured optima throws away what the
-            # law is for (a larger model's rate lies below every swept model's). The prediction is used up to
-            # LR_EXTRAPOLATION times beyond the measured optima, clamped there.
-            low, high = min(optima) / LR_EXTRAPOLATION, max(optima) * LR_EXTRAPOLATION
-            used = min(max(changes["lr"], low), high)
+            # A power law through a few noisy optima can extrapolate to rates no sweep run supports (here it
+            # predicted 1e-4 where 3e-3 trains far better): keep the prediction inside the measured optima.
+            clamped = min(max(changes["lr"], min(optima)), max(optima))
             warnings.warn(f"scaling fit: lr {changes['lr']:.3g} lies outside the measured optima "
-                          f"[{min(optima):.3g}, {max(optima):.3g}]; using {used:.3g} (at most "
-                          f"{LR_EXTRAPOLATION:g}x beyond them)")
-            changes["lr"] = used
+                          f"[{min(optima):.3g}, {max(optima):.3g}]; using {clamped:.3g}")
+            changes["lr"] = clamped
     print(f"scaling fit {cfg.scaling_fit}: N = {n:,}, D = {d:,} -> "
           + ", ".join(f"{k} = {v:.4g}" for k, v in changes.items()))
     far = []  # a power law fitted on a few points is least trustworthy far outside them: say so

@@ -81,9 +81,10 @@ CONFIGS = {
         model=MODEL, phase1_len=256, phase2_len=1024,
         sweep=dict(models=[dict(hidden_size=32, intermediate_size=96, num_attention_heads=2,
                                 num_key_value_heads=1), dict(hidden_size=64, intermediate_size=192)],
-                   # 1e-3: the larger sweep model's best rate was the grid's lowest, 3e-3, so its optimum was not
-                   # bracketed and the fit for phase 1 was clamped to 3e-3 (docs/recipe.md); 0.1: never the best
-                   tokens=[150_000, 300_000], lr=[1e-3, 3e-3, 1e-2, 3e-2], batch_size=[8]),
+                   # 0.1: never the best. 3e-3 is the larger sweep model's best and the grid's lowest, so `lr: auto`
+                   # for phase 1 is clamped there; 1e-3 in the grid (and the law's 9e-4 for phase 1) made seed 0's
+                   # retrieval fail and seed 1's form: a lottery over seed and rate at this size (docs/recipe.md)
+                   tokens=[150_000, 300_000], lr=[3e-3, 1e-2, 3e-2], batch_size=[8]),
         # phase 2a: 1,200 small steps rather than 300 of 32 rows (the same tokens) retrieve and predict text better
         phase1=dict(steps=600, batch_size=16), phase2a=dict(steps=1200, batch_size=8, lr=2e-3),
         # phase 2: 600 steps of 4 x 1,024 tokens, passkey prompts of every length up to 4x plus replayed text

@@ -680,7 +680,7 @@ def test_fp32_int4_model_layers_and_paths():
     logits of a prompt equal F.linear on the dequantized weights); the logits stay near the fp32 model's, a decode
     row's do not depend on the other rows of its batch, and --int4 excludes --int8."""
     model = tiny_model(tie_word_embeddings=True)
-    ids = torch.randint(0, model.config.vocab_size, (3, 20))  # prompts of more than 16 rows: the dense path
+    ids = torch.randint(0, model.config.vocab_size, (3, quant.Q4_MAX_ROWS + 4))  # prompts: the dense path
     with torch.no_grad():
         exact = model(ids)
     summary = quant.prepare_for_decode(model, int4=True)
@@ -691,15 +691,15 @@ def test_fp32_int4_model_layers_and_paths():
     assert isinstance(layers["model.layers.0.mlp.gate_up_proj"], quant.Int4Linear)
     assert isinstance(layers["model.layers.0.self_attn.qkv_proj"], quant.Int4Linear)
     layer = layers["model.layers.0.self_attn.qkv_proj"]
-    x = torch.randn(40, 64)
+    x = torch.randn(quant.Q4_MAX_ROWS + 8, 64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, quant.dequantize_q4(layer.qweight, layer.scales), layer.bias))
         got = model(ids)
         assert (got - exact).abs().max() < 0.25 * exact.abs().max()
-        cache = KVCache(model.config, 3, 32, torch.float32)
+        cache = KVCache(model.config, 3, 64, torch.float32)
         model(ids, cache=cache)
         batch = model(ids[:, -1:], cache=cache)
-        alone = KVCache(model.config, 1, 32, torch.float32)
+        alone = KVCache(model.config, 1, 64, torch.float32)
         model(ids[1:2], cache=alone)
         assert torch.equal(batch[1], model(ids[1:2, -1:], cache=alone)[0])
     with pytest.raises(ValueError, match="one of"):

@@ -28,7 +28,8 @@ from . import cpu_kernels
 
 log = logging.getLogger(__name__)
 
-Q4_MAX_ROWS = 16  # the 4-bit kernel up to this many rows (decode); prompts dequantize into a buffer + dense matmul
+Q4_MAX_ROWS = 32  # the 4-bit kernel up to this many rows (decode, short chunks); longer prompts dequantize into a
+# reused buffer + dense matmul (faster from ~32-64 rows at the 0.5B shape)
 SCRATCH_MAX = 1 << 26  # weights; a larger 4-bit layer (a 4-bit lm_head) takes the kernel for prompts too
 DEQUANT_ROWS = 32  # from this many activation rows on, dequantized weights + dense matmul beat the int8 kernel
 

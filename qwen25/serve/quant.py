@@ -12,6 +12,10 @@ With `act_int8` (`--w8a8`), decode steps (up to 16 rows) also quantize the activ
 llama.cpp's Q8_0 does, and multiply bytes by bytes (AVX-512 VNNI, 64 products per instruction): ~1.4x faster
 decode for a second rounding of each activation to ~2.5 significant digits. Prefill (more rows) keeps bf16
 activations and dequantized weights.
+
+`--int4` stores the decoder's matrices in 4 bits (llama.cpp's Q4_0 layout, quantize_q4) and, for an fp32 model on
+an AVX2 CPU, multiplies them with int8 activations per block of 32 (cpu_kernels_avx2.c); the output layer stays
+8-bit unless asked (quantize_int4).
 """
 
 from __future__ import annotations
@@ -119,10 +123,11 @@ _scratch = threading.local()  # one fp32 weight buffer per thread, reused by eve
 
 class Int4Linear(nn.Module):
     """A Linear layer whose weight is stored in 4 bits (quantize_q4: blocks of 32 with an fp16 scale, 4.5 bits per
-    weight). An fp32 model on an AVX2 CPU multiplies them with int8 activations in cpu_kernels_avx2.c (decode and
-    prompts alike, as llama.cpp does); elsewhere the weight is dequantized for each call."""
+    weight). With `kernel` (an fp32 model, AVX2 CPU) up to Q4_MAX_ROWS rows are multiplied with int8 activations in
+    cpu_kernels_avx2.c and longer prompts dequantize into a reused buffer for a dense matmul; without it every call
+    dequantizes with torch's ops (correct, slow)."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, kernel: bool = True):
         super().__init__()
         qweight, scales = quantize_q4(linear.weight)
         self.register_buffer("qweight", qweight)
@@ -130,25 +135,23 @@ class Int4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         self.register_buffer("bias_f32", None if linear.bias is None else linear.bias.detach().float(),
                              persistent=False)
-        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
-        self.kernel = dtype == torch.float32 and cpu_kernels.f32_available()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel and dtype == torch.float32 and cpu_kernels.f32_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
-                and x.numel() <= Q4_MAX_ROWS * self.in_features):
+        if not (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad):
+            return F.linear(x, dequantize_q4(self.qweight, self.scales).to(x.dtype), self.bias)
+        weights = self.qweight.numel() * 2
+        if x.numel() <= Q4_MAX_ROWS * self.in_features or weights > SCRATCH_MAX:  # decode; or no buffer that big
             return cpu_kernels.linear_q4_f32(x, self.qweight, self.scales, self.bias_f32)
-        if (self.kernel and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.qweight.numel() * 2 > SCRATCH_MAX):  # a big output layer: no buffer of its size
-            return cpu_kernels.linear_q4_f32(x, self.qweight, self.scales, self.bias_f32)
-        if self.kernel and x.dtype == torch.float32 and x.device.type == "cpu":  # a prompt: dequantize, dense matmul
-            scratch = getattr(_scratch, "weight", None)
-            if scratch is None or scratch.numel() < self.qweight.numel() * 2:
-                scratch = _scratch.weight = torch.empty(self.qweight.numel() * 2)
-            return F.linear(x, cpu_kernels.dequant_q4_f32(self.qweight, self.scales, scratch), self.bias)
-        return F.linear(x, dequantize_q4(self.qweight, self.scales).to(x.dtype), self.bias)
+        scratch = getattr(_scratch, "weight", None)
+        if scratch is None or scratch.numel() < weights:
+            scratch = _scratch.weight = torch.empty(weights)
+        return F.linear(x, cpu_kernels.dequant_q4_f32(self.qweight, self.scales, scratch), self.bias)
 
 
-def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, head_bits: int = 8) -> nn.Module:
+def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, head_bits: int = 8,
+                  kernels: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by an Int4Linear computing in `dtype`; returns the model.
 
     The output layer (lm_head, a tied one gets its own copy) takes `head_bits` 8 (an Int8Linear with int8 decode
@@ -160,8 +163,8 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, head_bit
 
     def make(linear: nn.Module) -> nn.Module:
         if linear.in_features % 32 or (linear is head and head_bits == 8):
-            return Int8Linear(linear, dtype, act_int8=True)
-        return Int4Linear(linear, dtype)
+            return Int8Linear(linear, dtype, act_int8=kernels)
+        return Int4Linear(linear, dtype, kernel=kernels)
 
     replace_modules(model, lambda name, m: isinstance(m, (nn.Linear, cpu_kernels.DecodeLinear)), make)
     return model
@@ -198,11 +201,11 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
         log.warning("--w8a8 needs the compiled kernels and --dtype bf16 (AVX-512) or fp32 (AVX2); using weight-only "
                     "int8")
     if int4 and not avx2:
-        log.warning("--int4 has a fast kernel for --dtype fp32 on AVX2 CPUs only; elsewhere every matmul dequantizes "
-                    "its weight first (slow)")
+        log.warning("--int4 has a fast kernel for --dtype fp32 on AVX2 CPUs (with --kernels) only; elsewhere every "
+                    "matmul dequantizes its weight first (slow)")
     model.fuse_projections()
     if int4:
-        quantize_int4(model, dtype=compute, head_bits=head_bits)
+        quantize_int4(model, dtype=compute, head_bits=head_bits, kernels=kernels)
     elif int8 or w8a8:
         if compute == torch.float32 and not (kernels and cpu_kernels.f32_available()):
             log.warning("--int8 with fp32 activations uses the slow path of torch's int8-weight kernel on CPU; "
@@ -213,7 +216,7 @@ def prepare_for_decode(model: nn.Module, *, int8: bool = False, w8a8: bool = Fal
     amx = ", AMX experts" if compiled and cpu_kernels.amx() else ""
     uses = f"compiled AVX-512 kernels (decode matmuls, norms, RoPE{amx})" if compiled else "torch's kernels"
     if kernels and compute == torch.float32 and cpu_kernels.f32_available():
-        uses = "the compiled AVX2 kernels (fp32 decode matmuls)"
+        uses = "the compiled AVX2 kernels (fp32 decode matmuls, norms, RoPE)"
     quant = (f" 4-bit weights (Q4_0 blocks of 32, output layer {head_bits}-bit), int8 decode activations" if int4
              else " int8 weights and activations (decode)" if w8a8 and (compiled or avx2)
              else " int8 weights" if int8 or w8a8 else "")

@@ -4,6 +4,7 @@ from a scripted engine), limits and errors, metrics, disconnects, and the offici
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -185,7 +186,10 @@ def test_errors_are_4xx_with_reasons_and_server_keeps_serving(served):
 
 
 def test_api_key_and_models(model_dir):
+    sys.setswitchinterval(0.005)
     app, _ = build_server(model_dir, max_batch=1, max_len=64, api_key="sekret")
+    # the engine gets the GIL back soon after each kernel call (5 ms cost a stream ~20% of its tokens)
+    assert sys.getswitchinterval() == pytest.approx(2e-4)
     with TestClient(app) as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401

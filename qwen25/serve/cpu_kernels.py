@@ -109,12 +109,11 @@ def _library_avx2() -> ctypes.CDLL | None:
         lib.qwen25_linear_q8_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
         lib.qwen25_linear_q4_f32.argtypes = lib.qwen25_linear_int8_f32.argtypes
         lib.qwen25_dequant_q4_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int]
-        lib.qwen25_dequant_q4_f32.restype = None
         lib.qwen25_rms_norm_f32.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
         lib.qwen25_rope_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int]
-        lib.qwen25_rms_norm_f32.restype = lib.qwen25_rope_f32.restype = None
-        for kernel in ("f32", "int8_f32", "q8_f32", "q4_f32"):
-            getattr(lib, f"qwen25_linear_{kernel}").restype = None
+        for name in ("linear_f32", "linear_int8_f32", "linear_q8_f32", "linear_q4_f32", "dequant_q4_f32",
+                     "rms_norm_f32", "rope_f32"):
+            getattr(lib, f"qwen25_{name}").restype = None
     return lib
 
 
@@ -471,30 +470,23 @@ class KernelMoeBlock(SparseMoeBlock):
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
-    """Swap every bf16 CPU nn.Linear of `model` (in place) for a DecodeLinear, every RMSNorm for a KernelRMSNorm,
-    and the attention layers' RoPE for the kernel's; returns how many linear layers were swapped.
+    """Swap every CPU nn.Linear of `model` (in place) for a DecodeLinear, every RMSNorm for a KernelRMSNorm, and the
+    attention layers' RoPE for the kernel's, for the dtypes whose kernels are built (bf16: AVX-512; fp32: AVX2);
+    returns how many linear layers were swapped.
 
     Does nothing (returns 0) where the kernels are unavailable. For inference: the weights stop requiring
     grad. Tied weights stay shared (the lm_head keeps the embedding's tensor). Int8Linear layers (quant.py)
-    pick the int8 kernel by themselves. fp32 linear layers become DecodeLinear, fp32 RMSNorms KernelRMSNorm and the
-    RoPE the AVX2 kernel's where cpu_kernels_avx2.c is available.
+    pick the int8 kernel by themselves.
     """
-    swapped = 0
-    if f32_available():
-        swapped = replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.float32
-                                  and m.weight.device.type == "cpu", DecodeLinear)
-        replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.float32
-                        and m.weight.device.type == "cpu", KernelRMSNorm)
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.apply_rope = apply_rope
-    if not available():
-        return swapped
-    replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)
-    replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype == torch.bfloat16
+    dtypes = {dtype for dtype, built in ((torch.float32, f32_available()), (torch.bfloat16, available())) if built}
+    if not dtypes:
+        return 0
+    if torch.bfloat16 in dtypes:  # AMX experts first: their bf16 Linear layers are not swapped afterwards
+        replace_modules(model, lambda name, m: KernelMoeBlock.fits(m), KernelMoeBlock)
+    replace_modules(model, lambda name, m: type(m) is RMSNorm and m.weight.dtype in dtypes
                     and m.weight.device.type == "cpu", KernelRMSNorm)
     for module in model.modules():
         if isinstance(module, Attention):
             module.apply_rope = apply_rope
-    return swapped + replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
-                                     and m.weight.device.type == "cpu", DecodeLinear)
+    return replace_modules(model, lambda name, m: type(m) is nn.Linear and m.weight.dtype in dtypes
+                           and m.weight.device.type == "cpu", DecodeLinear)

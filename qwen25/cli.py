@@ -90,15 +90,45 @@ def cmd_info(args) -> int:
                         f"the same with DCA): {est['prefill_seconds']:.3g} s at {rate}")
     lines["attn memory"] = (f"scores of one layer: {human_bytes(est['scores_bytes_full'])} materialised (eager), "
                             f"{human_bytes(est['scores_bytes_dca'])} per DCA tile of {est['dca_tile']}")
+    measured = measured_prefill(cfg, ctx, args.measured)
+    lines["prefill, measured"] = measured["text"]
     if args.json:
         print(json.dumps({"parameters": total, "parameters_no_embeddings": body, "parameters_activated": active,
                           "kv_bytes_per_token": kv,
                           "flops_per_token_forward": flops_per_token(cfg, ctx), "context": ctx,
-                          "kv_bytes_at_context": kv * ctx * args.batch, "long_context": est}))
+                          "kv_bytes_at_context": kv * ctx * args.batch, "long_context": est,
+                          "prefill_measured": {k: v for k, v in measured.items() if k != "text"}}))
     else:
         for key, value in lines.items():
             print(f"{key:>12}: {value}")
     return 0
+
+
+def measured_prefill(cfg, length: int, path: Path | None) -> dict:
+    """Time and peak memory of a prompt of `length` tokens, dense and sparse, from measured prefills
+    (model/prefill_cost.py); "text" says what and where from, or why there is no prediction."""
+    from .config import human_bytes
+    from .model import prefill_cost
+
+    try:
+        data, source = prefill_cost.load_runs(path)
+        rates = prefill_cost.fit_rates(data)
+    except (ValueError, KeyError, OSError) as e:
+        return {"text": f"no prediction: {e}"}
+    pred = prefill_cost.predict(cfg, length, data, rates)
+    ram = prefill_cost.machine_memory()
+    parts = [f"{mode} {value['seconds']:,.0f} s, peak memory {human_bytes(value['peak_bytes'])}"
+             + (f" (more than this machine's {human_bytes(ram)})" if ram and value["peak_bytes"] > ram else "")
+             for mode, value in pred.items()]
+    count = {mode: sum(r["mode"] == mode for r in data["runs"]) for mode in ("dense", "sparse")}
+    sparse = data.get("sparse", {})
+    text = (f"{'; '.join(parts)} ({data['dtype']} weights and KV cache, prefill chunks of {data['prefill_chunk']}"
+            f"{', sparse from %d keys, at most %d a query' % (sparse['min_length'], sparse['max_keys']) if sparse else ''}"
+            f"; rates fitted to {count['dense']} dense and {count['sparse']} sparse prefills of the {data['preset']} shape "
+            f"measured on "
+            f"{data['machine']} with {data['threads']} threads, {data.get('date', '')}: {source})")
+    return {"text": text, "source": str(source), "machine": data["machine"], **pred,
+            "rates": {k: v for k, v in rates.items()}}
 
 
 def cmd_generate(args) -> int:
@@ -125,6 +155,9 @@ def cmd_generate(args) -> int:
         from .serve.quant import prepare_for_decode
 
         print(f"model: {prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, int4=args.int4)}", file=sys.stderr)
+    from .model.sparse import SparsePrefill
+
+    model.sparse_prefill = SparsePrefill.from_flags(args)
     params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     vocab_limit = len(tokenizer) if tokenizer is not None else tokenizer_vocab_size(args.model)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -189,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", default="bfloat16", help="KV-cache dtype (bfloat16, float32, int8)")
     p.add_argument("--flops", type=float, help="FLOP/s for the prefill-time estimate (default: a measured fp32 matmul)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measured", type=Path, metavar="FILE",
+                   help="prefill measurements (benchmarks/long_prefill.py --ttft saves them; default: yours in "
+                        "~/.cache/qwen25, else the project's, measured on its 2-core reference machine)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue token-id prompts with a checkpoint",
@@ -205,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_quant_flags
 
     add_quant_flags(p)
+    add_common_flags(p, sparse=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a checkpoint as a complete HF directory (chat template included), "

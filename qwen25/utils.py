@@ -18,10 +18,11 @@ SET_SYNTAX = ("KEY=VALUE, repeatable; VALUE is read as JSON (numbers such as 1e-
 
 
 def add_common_flags(p, *, model: str | None = None, dtype: bool = False, threads: bool = False,
-                     sets: str | None = None, quiet: bool = False, sampling: bool = False) -> None:
+                     sets: str | None = None, quiet: bool = False, sampling: bool = False, sparse: bool = False) -> None:
     """The flags shared by qwen25's commands, spelt and explained the same way everywhere: --model DIR (with `model`
-    as its help), --dtype, --threads, --set (`sets` says what it overrides), --quiet, and the sampling flags over a
-    checkpoint's generation_config.json (read by SamplingParams.from_checkpoint)."""
+    as its help), --dtype, --threads, --set (`sets` says what it overrides), --quiet, the sampling flags over a
+    checkpoint's generation_config.json (read by SamplingParams.from_checkpoint), and sparse prefill's flags (read by
+    SparsePrefill.from_flags)."""
     if model is not None:
         p.add_argument("--model", required=True, type=Path, help=model)
     if dtype:
@@ -40,6 +41,13 @@ def add_common_flags(p, *, model: str | None = None, dtype: bool = False, thread
         p.add_argument("--top-p", type=float)
         p.add_argument("--repetition-penalty", type=float)
         p.add_argument("--seed", type=int, help="seed for sampling (reproducible outputs)")
+    if sparse:
+        p.add_argument("--sparse-prefill", type=int, nargs="?", const=8192, metavar="MIN_LENGTH",
+                       help="sparse attention (MInference-style vertical-slash pattern, searched per KV head) for "
+                            "prefill chunks whose keys reach MIN_LENGTH (default 8192): much faster long prompts "
+                            "(docs/long_context.md); shorter prompts stay dense")
+        p.add_argument("--sparse-max-keys", type=int, default=2048, metavar="N",
+                       help="keys a query attends to at most under --sparse-prefill (default 2048)")
 
 
 def apply_threads(args) -> None:

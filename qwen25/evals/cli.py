@@ -20,6 +20,7 @@ def _numbers(text: str, kind=float) -> list:
 def cmd_eval_passkey(args) -> int:
 
     from ..model import load_model
+    from ..model.sparse import SparsePrefill
     from .passkey import accuracy_table, evaluate_passkey, plot_heatmap, results_json
 
     try:
@@ -30,11 +31,14 @@ def cmd_eval_passkey(args) -> int:
         raise ValueError(f"passkey: cannot load a tokenizer from {args.model}: {e}") from e
     apply_threads(args)
     model = load_model(args.model, dtype=args.dtype)
+    model.sparse_prefill = SparsePrefill.from_flags(args)
     lengths, depths = _numbers(args.lengths, int), _numbers(args.depths, float)
     with model.rope_settings(**parse_sets(args.set)):  # rope_scaling, dual_chunk_attention_config, rope_theta
         results = evaluate_passkey(model, tokenizer, lengths, depths, trials=args.trials, seed=args.seed)
     table = accuracy_table(results)
     print(table)
+    if model.sparse_prefill is not None:
+        print(f"sparse prefill: {model.sparse_prefill.summary()}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,7 @@ def _passkey_parser() -> argparse.ArgumentParser:
     t.add_argument("--trials", type=int, default=2, help="trials per (length, depth) cell")
     t.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     t.add_argument("--out", type=Path, help="directory for passkey.jsonl, passkey.md and passkey.png")
+    add_common_flags(t, sparse=True)
     t.set_defaults(func=cmd_eval_passkey)
     return t
 

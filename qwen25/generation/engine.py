@@ -270,6 +270,9 @@ class Engine:
             width = max(n for _, n in chunks)
             fits = getattr(self.model, "dual_chunk", None) is None and max(
                 self.running[s].prefilled for s, _ in chunks) + width <= self.max_len
+            sparse = getattr(self.model, "sparse_prefill", None)
+            if sparse is not None and any(sparse.applies(1, n, self.running[s].prefilled + n) for s, n in chunks):
+                fits = False  # a long chunk runs alone, in its own (sparse) forward
             # small steps (a few chunk tokens, memory-bound): the decode rows ride in the prefill's forward, padded
             # to its width, so the step reads the weights once (a stream beside a long prompt keeps more of its speed)
             fuse = (bool(plain) and fits and width * (len(chunks) + len(plain)) <= FUSE_MAX_TOKENS

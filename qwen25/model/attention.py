@@ -102,7 +102,8 @@ class CacheWrite:
 
     rows: a slice (one row, or all of them, sharing `start`) or a list of rows with their own starts (tensor).
     The model calls `update(layer, k, v)` in every layer and reads `mask()` (None = plain causal or one new token
-    seeing everything before it), `positions` (the token positions written), `extents`, `key_valid`/`has_padding`.
+    seeing everything before it), `positions` (the token positions written), `extents`, `key_valid`/`has_padding`,
+    and `sparse` (the SparsePrefill settings when this forward's attention runs sparse, model/sparse.py).
     """
 
     def __init__(self, cache: KVCache, rows: slice | list[int], start: int | torch.Tensor, n: int):
@@ -121,6 +122,8 @@ class CacheWrite:
         padded = self.shared and rows == slice(None) and cache.has_padding
         self.has_padding = padded
         self.key_valid = cache.key_valid if padded else None
+        self.sparse = None  # SparsePrefill when this write's attention runs sparse (set by CausalLM.forward)
+
 
     def mask(self, device=None) -> torch.Tensor | None:
         """(rows or 1, 1, n, keys) bool, True = attend; None where attention needs none (see Attention.forward)."""

@@ -19,6 +19,7 @@ from .dca import DualChunkRope, DualChunkSettings, dual_chunk_needed, dual_chunk
 from .layers import MLP, RMSNorm, concat_linears
 from .moe import SparseMoeBlock
 from .rope import apply_rope, rope_cos_sin, rope_parameters, yarn_applies, yarn_depends_on_length
+from .sparse import SparsePrefill
 
 
 class Attention(nn.Module):
@@ -56,7 +57,12 @@ class Attention(nn.Module):
         k = self.apply_rope(k, cos, sin)  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, d): every key so far, S >= T
-        if dual_chunk:
+        if cache is not None and cache.sparse is not None:  # a long prefill: vertical-slash sparse attention
+            qs = [apply_rope(q, c, s) for c, s in rope.queries] if dual_chunk else [self.apply_rope(q, cos, sin)]
+            keys = rope.key_positions(k.shape[2])[0] if dual_chunk else torch.arange(k.shape[2], device=k.device)
+            out = cache.sparse.attend(qs, k, v, cache.positions[0], keys,
+                                      rope.settings.chunk_len if dual_chunk else None)
+        elif dual_chunk:
             out = rope.attend(q, k, v, mask)
         else:
             # Without a mask: plain causal attention when queries and keys coincide, no mask at all for one new
@@ -110,6 +116,7 @@ class CausalLM(nn.Module):
         # The unscaled table, for short sequences when rope_scaling has apply_only_beyond_original.
         self.register_buffer("inv_freq_unscaled", rope_parameters(cfg, scaled=False)[0], persistent=False)
         self.dual_chunk = DualChunkSettings.from_config(cfg)
+        self.sparse_prefill: SparsePrefill | None = None  # inference setting: sparse attention for long prefills
 
     def tie_weights(self):
         """Share lm_head.weight with the embedding when the config ties them."""
@@ -215,9 +222,14 @@ class CausalLM(nn.Module):
         """
         b, t = input_ids.shape
         write = cache.append(t, valid) if isinstance(cache, KVCache) else cache
+        write_mask = None
         if write is not None:
-            if mask is None:
-                mask = write.mask(input_ids.device)
+            sparse = self.sparse_prefill
+            if (sparse is not None and mask is None and position_ids is None and write.shared
+                    and not write.has_padding and sparse.applies(b, t, write.end)):
+                write.sparse = sparse  # a long prefill of one row: sparse attention (no mask needed)
+            elif mask is None:
+                mask = write_mask = write.mask(input_ids.device)
             if position_ids is None:
                 position_ids = write.positions.expand(b, t)
         elif valid is not None and mask is None and not bool(valid.all()):
@@ -225,6 +237,9 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         rope = self.rotary(position_ids, write)
+        if (isinstance(rope, DualChunkRope) and mask is not None and write is not None and write.sparse is None
+                and write.shared and not write.has_padding and mask is write_mask):
+            mask = None  # DCA's own "causal over slots" (queries the last of the keys): its flash path, no tiles
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, rope, mask, write)  # (B, T, C)

@@ -119,12 +119,14 @@ def cmd_chat(args) -> int:
 
     from ..model import load_model
     from ..tokenizer import Tokenizer
+    from ..model.sparse import SparsePrefill
     from .quant import prepare_for_decode
 
     apply_threads(args)
     tokenizer = Tokenizer.from_dir(args.model)
     model = load_model(args.model, dtype=args.dtype)
     prepare_for_decode(model, int8=args.int8, w8a8=args.w8a8, int4=args.int4, kernels=args.kernels)
+    model.sparse_prefill = SparsePrefill.from_flags(args)
     params = SamplingParams.from_flags(args, model.config.eos_token_ids)
     engine = Engine(model, max_batch=1, max_len=args.max_len, vocab_limit=len(tokenizer),
                     prompt_lookup=4 if args.prompt_lookup is None else args.prompt_lookup, kv_int8=args.kv_int8)

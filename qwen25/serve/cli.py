@@ -66,7 +66,7 @@ def add_quant_flags(p) -> None:
 
 def _model_flags(p) -> None:
     add_quant_flags(p)
-    add_common_flags(p, dtype=True, threads=True)
+    add_common_flags(p, dtype=True, threads=True, sparse=True)
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled AVX-512 matrix-vector kernels for bf16/int8 decode where the CPU has them")
     p.add_argument("--kv-int8", action="store_true",
@@ -85,6 +85,7 @@ def _cmd_serve(args) -> int:
 
     import uvicorn
 
+    from ..model.sparse import SparsePrefill
     from .server import build_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,7 +96,7 @@ def _cmd_serve(args) -> int:
                                engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
                                max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
                                max_body_bytes=int(args.max_body_mb * 2**20), prompt_lookup=args.prompt_lookup or 0,
-                               kv_int8=args.kv_int8)
+                               kv_int8=args.kv_int8, sparse_prefill=SparsePrefill.from_flags(args))
     # uvicorn serves HTTP from a thread; the engine runs here, on the main thread that loaded the model (a decode
     # step from a second thread runs ~3x slower with OpenMP: see AsyncEngine). Ctrl-C or SIGTERM end both.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))

@@ -1,19 +1,35 @@
-"""A long prompt's prefill beside a running stream, at the Qwen2.5-0.5B shape: how long the prompt takes to its first
-token, how fast a short request keeps decoding meanwhile (against decoding alone), and peak memory, for several
-`prefill_chunk` sizes (the engine prefills at most that many prompt tokens per step, between decode steps).
+"""Long prompts at the Qwen2.5-0.5B shape, two measurements.
+
+1. A long prompt's prefill beside a running stream: how long the prompt takes to its first token, how fast a short
+   request keeps decoding meanwhile (against decoding alone), and peak memory, for several `prefill_chunk` sizes
+   (the engine prefills at most that many prompt tokens per step, between decode steps):
 
     python benchmarks/long_prefill.py [--length 4096] [--chunks 512,64,16] [--dtype fp32] [--threads 2]
 
-Random weights (speed does not depend on them), prepared as `qwen25 serve` prepares them. The short request
-(16 prompt tokens, greedy) starts first and decodes throughout; once it runs, the long prompt is submitted. Peak
-memory is the process's maximum resident set (it includes the model). Prints a table and a JSON line last.
-Dense attention only (the sparse prefill of issue 33 is not built); at 32K+ tokens a run takes many minutes here.
+   The short request (16 prompt tokens, greedy) starts first and decodes throughout; once it runs, the long prompt
+   is submitted.
+
+2. `--ttft`: time to first token and peak memory of one prompt alone, dense vs sparse prefill (model/sparse.py), with
+   and without DCA, each (length, mode) in a fresh process (so its peak resident memory is its own):
+
+    python benchmarks/long_prefill.py --ttft --lengths 8192,32768,131072 --modes dense,sparse \
+        [--dense-max 32768] [--prefill-chunk 4096] [--kv-int8]
+
+   Modes: dense, sparse, dense+dca, sparse+dca (DCA: --dca-chunk 32768, --dca-local 4096 by default; DCA changes
+   attention only past chunk - local tokens).
+   Dense prefill past --dense-max is not run: its time is extrapolated from the measured dense lengths by a fitted
+   quadratic (a + b L + c L^2; attention grows with L^2), and the table says so.
+
+Random weights (speed does not depend on them), prepared as `qwen25 serve` prepares them. Peak memory is the
+process's maximum resident set (it includes the model). Prints a table and a JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +41,14 @@ from common import result_line  # noqa: E402
 
 from qwen25.config import ModelConfig  # noqa: E402
 from qwen25.generation import Engine, Request, SamplingParams  # noqa: E402
+from qwen25.model import prefill_cost  # noqa: E402
+from qwen25.model.sparse import SparsePrefill  # noqa: E402
 from qwen25.model.transformer import CausalLM  # noqa: E402
 from qwen25.serve.quant import prepare_for_decode  # noqa: E402
 
 
-def model_at(preset: str, dtype: torch.dtype) -> CausalLM:
-    cfg = ModelConfig.from_preset(preset)
+def model_at(preset: str, dtype: torch.dtype, **changes) -> CausalLM:
+    cfg = ModelConfig.from_preset(preset, **changes)
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to_empty(device="cpu").to(dtype)
@@ -62,6 +80,116 @@ def run(model, length: int, chunk: int | None, solo_steps: int = 12) -> dict:
             "prefill_tok_s": round(length / first, 1)}
 
 
+def ttft_one(args) -> dict:
+    """One prompt of --length tokens alone in the engine (mode args.one), in this process: seconds to its first token."""
+    length, mode = args.length, args.one
+    changes = {"max_position_embeddings": max(131072, length + 16)}
+    if "dca" in mode:
+        changes["dual_chunk_attention_config"] = {"chunk_size": args.dca_chunk, "local_size": args.dca_local,
+                                                  "original_max_position_embeddings": args.dca_chunk}
+    model = model_at(args.preset, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], **changes)
+    if mode.startswith("sparse"):
+        model.sparse_prefill = SparsePrefill(min_length=args.sparse_min_length, max_keys=args.sparse_max_keys)
+    engine = Engine(model, max_batch=1, max_len=length + 16, prefill_chunk=args.prefill_chunk,
+                    prefix_capacity_blocks=0, kv_int8=args.kv_int8)
+    engine.submit(Request(torch.randint(0, 50000, (length,), generator=torch.Generator().manual_seed(0)).tolist(),
+                          SamplingParams(max_new_tokens=1)))
+    start, done = time.perf_counter(), 0
+    with tqdm_bar(length, f"{mode} {length}") as bar:
+        while engine.has_work():
+            engine.step()
+            bar.update(engine.stats["prefill_tokens"] - done)
+            done = engine.stats["prefill_tokens"]
+    seconds = time.perf_counter() - start
+    row = {"length": length, "mode": mode, "ttft_s": round(seconds, 1), "prefill_tok_s": round(length / seconds, 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "kv_cache_gib": round(engine.cache.nbytes() / 2**30, 2)}
+    if model.sparse_prefill is not None:
+        row.update({k: round(v, 4) for k, v in model.sparse_prefill.summary().items() if k != "forwards"})
+    return row
+
+
+def tqdm_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, mininterval=5)
+
+
+def quadratic_fit(lengths: list[int], seconds: list[float]):
+    """Least-squares a + b L + c L^2 through measured (length, seconds); returns the function."""
+    x = torch.tensor(lengths, dtype=torch.float64)
+    a = torch.stack([torch.ones_like(x), x, x * x], dim=1)
+    coef = torch.linalg.lstsq(a, torch.tensor(seconds, dtype=torch.float64)[:, None]).solution[:, 0]
+    return lambda n: float(coef[0] + coef[1] * n + coef[2] * n * n)
+
+
+def ttft(args) -> None:
+    """Every (length, mode) in a fresh process; dense past --dense-max extrapolated; a table of speed-ups."""
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        for mode in args.modes.split(","):
+            if mode.startswith("dense") and length > args.dense_max:
+                continue
+            cmd = [sys.executable, __file__, "--one", mode, "--length", str(length), "--preset", args.preset,
+                   "--dtype", args.dtype, "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk),
+                   "--sparse-min-length", str(args.sparse_min_length), "--sparse-max-keys", str(args.sparse_max_keys)]
+            cmd += ["--kv-int8"] if args.kv_int8 else []
+            cmd += ["--dca-chunk", str(args.dca_chunk), "--dca-local", str(args.dca_local)]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  {mode:>10} {length:>7}: {rows[-1]}", flush=True)
+    saved = []
+    if args.save:  # dense runs saved earlier with these settings also serve as references
+        saved = save_runs(Path(args.save).expanduser(), args, rows)
+    table = ["| length | mode | time to first token | prefill tok/s | peak memory | vs dense | keys kept |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dense_mode = row["mode"].replace("sparse", "dense")
+        measured = {r["length"]: r["ttft_s"] for r in saved + rows if r["mode"] == dense_mode}
+        if row["length"] in measured:
+            ref, how = measured[row["length"]], ""
+        elif len(measured) >= 3:
+            ref = quadratic_fit(list(measured), list(measured.values()))(row["length"])
+            how = " (dense extrapolated: %.0f s)" % ref
+            row["dense_extrapolated_s"] = round(ref, 1)
+        else:
+            ref, how = None, ""
+        row["speedup"] = round(ref / row["ttft_s"], 2) if ref else None
+        kept = f"{row['kept_key_share']:.1%}" if "kept_key_share" in row else "all"
+        table.append(f"| {row['length']} | {row['mode']} | {row['ttft_s']} s | {row['prefill_tok_s']} | "
+                     f"{row['peak_rss_gib']} GiB | {row['speedup'] or '-'}x{how} | {kept} |")
+    print("\n".join(table))
+    print(result_line("long_prefill_ttft", preset=args.preset, dtype=args.dtype, threads=args.threads,
+                      prefill_chunk=args.prefill_chunk, kv_int8=args.kv_int8, sparse_min_length=args.sparse_min_length,
+                      sparse_max_keys=args.sparse_max_keys, results=rows))
+
+
+def machine() -> str:
+    """The CPU's model name and the threads used: what the saved measurements hold for."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"{names[0] if names else 'unknown CPU'} ({len(names)} cores)"
+
+
+def save_runs(path: Path, args, rows: list[dict]) -> list[dict]:
+    """Merge these runs into the measurement file `qwen25 info --context` reads (model/prefill_cost.py): runs of the same
+    settings (preset, dtype, threads, chunk, KV cache, sparse budget) replace those of equal mode and length. Returns
+    the earlier runs kept."""
+    settings = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "prefill_chunk": args.prefill_chunk,
+                "kv_int8": args.kv_int8, "sparse": {"min_length": args.sparse_min_length,
+                                                    "max_keys": args.sparse_max_keys}}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    kept = [r for r in old.get("runs", []) if {k: old.get(k) for k in settings} == settings
+            and not any((r["mode"], r["length"]) == (n["mode"], n["length"]) for n in rows)]
+    data = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **settings,
+            "runs": sorted(kept + [{k: v for k, v in r.items() if k not in ("speedup", "dense_extrapolated_s")}
+                                   for r in rows], key=lambda r: (r["mode"], r["length"]))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"saved {len(rows)} runs to {path} (`qwen25 info --context N --measured {path}` reads them)")
+    return kept
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5b")
@@ -69,8 +197,28 @@ def main():
     ap.add_argument("--chunks", default="512,64,16", help="prefill_chunk sizes to try (0: the whole prompt at once)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ttft", action="store_true", help="time to first token of one prompt, dense vs sparse")
+    ap.add_argument("--lengths", default="8192,32768", help="--ttft: prompt lengths")
+    ap.add_argument("--modes", default="dense,sparse", help="--ttft: dense, sparse, dense+dca, sparse+dca")
+    ap.add_argument("--dense-max", type=int, default=32768, help="--ttft: longest dense prefill to run")
+    ap.add_argument("--prefill-chunk", type=int, default=4096, help="--ttft: the engine's prefill_chunk")
+    ap.add_argument("--sparse-min-length", type=int, default=8192)
+    ap.add_argument("--sparse-max-keys", type=int, default=2048)
+    ap.add_argument("--kv-int8", action="store_true", help="--ttft: the 8-bit KV cache")
+    ap.add_argument("--save", default=str(prefill_cost.USER),
+                    help="--ttft: merge the runs into this file, which `qwen25 info --context` reads ('' = do not save)")
+    ap.add_argument("--dca-chunk", type=int, default=32768, help="--ttft, +dca modes: DCA's chunk_size (and original "
+                                                                     "length)")
+    ap.add_argument("--dca-local", type=int, default=4096, help="--ttft, +dca modes: DCA's local_size")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one --ttft measurement in this process
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(ttft_one(args)))
+        return
+    if args.ttft:
+        ttft(args)
+        return
     model = model_at(args.preset, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     rows = []
     for chunk in (int(c) for c in args.chunks.split(",")):

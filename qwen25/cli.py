@@ -283,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any import of torch: --help and usage errors answer at once
     from .config import ConfigError
     from .model import CheckpointError
     from .tokenizer import TokenizerError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, TokenizerError, ValueError) as e:

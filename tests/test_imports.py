@@ -86,3 +86,14 @@ def test_imports_inside_functions_only_in_command_line_modules():
                 if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qwen25")):
                     late.append(f"{name}:{node.lineno}")
     assert not late, "imports of qwen25 inside functions:\n" + "\n".join(late)
+
+
+def test_help_does_not_import_torch():
+    """`qwen25 --help` and a command's --help answer without importing torch (2 s here), as do usage errors."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom qwen25.cli import main\nfor argv in (['--help'], ['serve', '--help'], ['info', '--bad']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

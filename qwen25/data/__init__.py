@@ -1,5 +1,4 @@
-"""Pre-training data: pipeline steps (quality, dedup, domains, decontamination) and token shards."""
+"""Pre-training data: pipeline steps (quality, dedup, domains, decontamination) and token shards (`shards.py`).
 
-from .shards import ShardError, ShardWriter, TokenShards
-
-__all__ = ["ShardError", "ShardWriter", "TokenShards"]
+Nothing is imported here, so that `qwen25 --help` and `qwen25 data ...`'s argument parsing do not load torch
+(the shards need it): import from the modules, e.g. `from qwen25.data.shards import TokenShards`."""

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import result_line  # noqa: E402
@@ -92,27 +93,22 @@ def ttft_one(args) -> dict:
         model.sparse_prefill = SparsePrefill(min_length=args.sparse_min_length, max_keys=args.sparse_max_keys)
     engine = Engine(model, max_batch=1, max_len=length + 16, prefill_chunk=args.prefill_chunk,
                     prefix_capacity_blocks=0, kv_int8=args.kv_int8)
-    engine.submit(Request(torch.randint(0, 50000, (length,), generator=torch.Generator().manual_seed(0)).tolist(),
+    vocab = min(50000, model.config.vocab_size)
+    engine.submit(Request(torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).tolist(),
                           SamplingParams(max_new_tokens=1)))
     start, done = time.perf_counter(), 0
-    with tqdm_bar(length, f"{mode} {length}") as bar:
+    with tqdm(total=length, desc=f"{mode} {length}", unit="tok", file=sys.stderr, mininterval=5) as bar:
         while engine.has_work():
             engine.step()
             bar.update(engine.stats["prefill_tokens"] - done)
             done = engine.stats["prefill_tokens"]
     seconds = time.perf_counter() - start
-    row = {"length": length, "mode": mode, "ttft_s": round(seconds, 1), "prefill_tok_s": round(length / seconds, 1),
+    row = {"length": length, "mode": mode, "ttft_s": round(seconds, 3), "prefill_tok_s": round(length / seconds, 1),
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "kv_cache_gib": round(engine.cache.nbytes() / 2**30, 2)}
     if model.sparse_prefill is not None:
         row.update({k: round(v, 4) for k, v in model.sparse_prefill.summary().items() if k != "forwards"})
     return row
-
-
-def tqdm_bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, mininterval=5)
 
 
 def quadratic_fit(lengths: list[int], seconds: list[float]):

@@ -73,7 +73,9 @@ class SparsePrefill:
         return rows == 1 and queries >= self.min_queries and keys >= self.min_length
 
     def summary(self) -> dict:
-        """Means over the sparse forwards so far: keys kept per query vs causal keys, probe mass, measured mass."""
+        """Since the last reset: sparse attention calls (one per layer and chunk), the share of each query's causal keys
+        kept, the probe's kept mass (mean over patterns) and, when measuring, the dense attention mass kept (mean over
+        query rows and heads)."""
         s = self.stats
         heads, queries = max(s["heads"], 1), max(s["queries"], 1)
         out = {"forwards": s["forwards"], "kept_key_share": s["kept_keys"] / max(s["causal_keys"], 1),

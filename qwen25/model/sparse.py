@@ -257,7 +257,6 @@ def _flash_parts(qs, keys, values, visible, q_pos, k_pos, chunk_len, g):
     log-sum-exp. Returns (out (n, g*b, d), lse (n, g, b))."""
     n, kk, d = keys.shape
     b = visible.shape[1]
-    k4, v4 = keys[:, None].expand(n, g, kk, d), values[:, None].expand(n, g, kk, d)
     if chunk_len is None:
         parts = [visible]
     else:
@@ -267,6 +266,16 @@ def _flash_parts(qs, keys, values, visible, q_pos, k_pos, chunk_len, g):
     for q, part in zip(qs, parts):
         if not bool(part.any()):
             continue
+        part_keys, part_values = keys, values
+        if len(parts) > 1:  # only this rotation's keys (each block's, to the front), not all K three times
+            used = part.any(1)  # (n, K)
+            count = used.sum(1)
+            order = torch.argsort((~used).to(torch.uint8), dim=1, stable=True)[:, :int(count.max())]  # (n, Kj)
+            part_keys = keys.gather(1, order[..., None].expand(-1, -1, d))
+            part_values = values.gather(1, order[..., None].expand(-1, -1, d))
+            part = part.gather(2, order[:, None, :].expand(-1, b, -1))
+        kj = part_keys.shape[1]
+        k4, v4 = part_keys[:, None].expand(n, g, kj, d), part_values[:, None].expand(n, g, kj, d)
         bias = torch.zeros(part.shape, device=keys.device).masked_fill_(~part, float("-inf"))[:, None]
         o, lse = _FLASH_WITH_LSE(q.view(n, g, b, d), k4, v4, 0.0, False, attn_mask=bias, scale=1.0)
         lse = lse.masked_fill(~part.any(-1)[:, None], float("-inf"))  # a row with no key here: out of the merge

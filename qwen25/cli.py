@@ -283,14 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # before any import of torch: --help and usage errors answer at once
-    from .config import ConfigError
-    from .model import CheckpointError
-    from .tokenizer import TokenizerError
-
+    args = build_parser().parse_args(argv)  # nothing here imports torch: --help and usage errors answer at once
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, TokenizerError, ValueError) as e:
+    except ValueError as e:  # bad input, named by what failed: ConfigError, CheckpointError, TokenizerError are these
         print(f"qwen25 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -93,7 +93,8 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom qwen25.cli import main\nfor argv in (['--help'], ['serve', '--help'], ['info', '--bad']):\n"
+    code = ("import sys\nfrom qwen25.cli import main\n"
+            "for argv in (['--help'], ['serve', '--help'], ['eval', 'passkey', '--help'], ['info', '--bad']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"

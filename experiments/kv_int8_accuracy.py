@@ -20,37 +20,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import result_line  # noqa: E402
 
+import passkey_grid  # noqa: E402  (experiments/, beside this script)
+
 from qwen25.config import human_bytes, kv_cache_bytes_per_token  # noqa: E402
 from qwen25.evals.passkey import evaluate_passkey  # noqa: E402
-from qwen25.model import load_model  # noqa: E402
-from qwen25.tokenizer import Tokenizer  # noqa: E402
 
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a pre-trained checkpoint that retrieves (the recipe's phase 2)")
-    ap.add_argument("--base-len", type=int, default=256, help="the length the model was first trained at")
-    ap.add_argument("--multiples", default="1,4,16")
-    ap.add_argument("--trials", type=int, default=4, help="prompts per length and depth (5 depths)")
-    ap.add_argument("--threads", type=int, default=2)
+    passkey_grid.add_args(ap)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype="fp32").eval(), Tokenizer.from_dir(args.model)
+    model, tokenizer = passkey_grid.load(args)
     rows, result = [], {}
-    for m in map(int, args.multiples.split(",")):
-        length = args.base_len * m - 8
-        trained = model.config.max_position_embeddings  # DCA as the recipe configures it, past the trained length
-        changes = {"dual_chunk_attention_config": {"chunk_size": trained * 3 // 4, "local_size": trained // 8,
-                                                   "original_max_position_embeddings": trained}} if length > trained else {}
+    for m, length, changes, method in passkey_grid.lengths(model, args):
         runs = {}
         for int8 in (False, True):
             with torch.inference_mode(), model.rope_settings(**changes):
-                runs[int8] = evaluate_passkey(model, tokenizer, [length], [0.0, 0.25, 0.5, 0.75, 1.0],
+                runs[int8] = evaluate_passkey(model, tokenizer, [length], passkey_grid.DEPTHS,
                                               trials=args.trials, seed=1, batch_size=10, kv_int8=int8)
         acc = {k: sum(r.correct for r in v) / len(v) for k, v in runs.items()}
         same = sum(a.output == b.output for a, b in zip(runs[False], runs[True])) / len(runs[False])
-        method = "DCA" if changes else "RoPE"
         rows.append(f"| {m}x ({length} tokens, {method}) | {acc[False]:.3f} | {acc[True]:.3f} | {same:.3f} | "
                     f"{len(runs[False])} |")
         result[f"{m}x"] = {"tokens": length, "method": method, "full": acc[False], "int8": acc[True],

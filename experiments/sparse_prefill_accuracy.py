@@ -24,40 +24,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import result_line  # noqa: E402
 
-from qwen25.evals.passkey import evaluate_passkey  # noqa: E402
-from qwen25.model import load_model  # noqa: E402
-from qwen25.model.sparse import SparsePrefill  # noqa: E402
-from qwen25.tokenizer import Tokenizer  # noqa: E402
+import passkey_grid  # noqa: E402  (experiments/, beside this script)
 
-DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+from qwen25.evals.passkey import evaluate_passkey  # noqa: E402
+from qwen25.model.sparse import SparsePrefill  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a pre-trained checkpoint that retrieves (the recipe's phase 2)")
-    ap.add_argument("--base-len", type=int, default=256, help="the length the model was first trained at")
-    ap.add_argument("--multiples", default="1,4,16")
-    ap.add_argument("--trials", type=int, default=4, help="prompts per length and depth (5 depths)")
+    passkey_grid.add_args(ap)
     ap.add_argument("--max-keys", default="128,256,512", help="key budgets per query to try (SparsePrefill.max_keys)")
     ap.add_argument("--block", type=int, default=32, help="query/key block (SparsePrefill.block)")
     ap.add_argument("--probe", type=int, default=64, help="probe queries (SparsePrefill.probe)")
     ap.add_argument("--mass", type=float, default=0.95, help="probe mass target (SparsePrefill.mass)")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype="fp32").eval(), Tokenizer.from_dir(args.model)
+    model, tokenizer = passkey_grid.load(args)
     rows, result = [], []
-    for m in map(int, args.multiples.split(",")):
-        length = args.base_len * m - 8
-        trained = model.config.max_position_embeddings  # DCA as the recipe configures it, past the trained length
-        changes = {"dual_chunk_attention_config": {"chunk_size": trained * 3 // 4, "local_size": trained // 8,
-                                                   "original_max_position_embeddings": trained}} if length > trained else {}
-        method = "DCA" if changes else "RoPE"
+    for m, length, changes, method in passkey_grid.lengths(model, args):
 
         def run(sparse):
             model.sparse_prefill = sparse
             with torch.inference_mode(), model.rope_settings(**changes):
-                return evaluate_passkey(model, tokenizer, [length], DEPTHS, trials=args.trials, seed=1, batch_size=10)
+                return evaluate_passkey(model, tokenizer, [length], passkey_grid.DEPTHS, trials=args.trials, seed=1,
+                                        batch_size=10)
 
         dense = run(None)
         acc_dense = sum(r.correct for r in dense) / len(dense)

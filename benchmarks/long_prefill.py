@@ -4,10 +4,13 @@
    request keeps decoding meanwhile (against decoding alone), and peak memory, for several `prefill_chunk` sizes
    (the engine prefills at most that many prompt tokens per step, between decode steps):
 
-    python benchmarks/long_prefill.py [--length 4096] [--chunks 512,64,16] [--dtype fp32] [--threads 2]
+    python benchmarks/long_prefill.py [--length 4096] [--chunks 512] [--shares 0,0.5] [--join-at N]
 
    The short request (16 prompt tokens, greedy) starts first and decodes throughout; once it runs, the long prompt
-   is submitted.
+   is submitted. --shares: the engine's decode_share (0: prefill a chunk every step; 0.5, the server's default: the
+   stream keeps half the time and chunks shrink to ~prefill_stall seconds). --join-at N: the prompt's first N tokens
+   were read before (prefix cache; once, before every run), so the stream meets only its last length - N tokens,
+   where each chunk attends to the most keys: `--length 32768 --join-at 30720` measures the end of a 32K prompt.
 
 2. `--ttft`: time to first token and peak memory of one prompt alone, dense vs sparse prefill (model/sparse.py), with
    and without DCA, each (length, mode) in a fresh process (so its peak resident memory is its own):
@@ -59,26 +62,78 @@ def model_at(preset: str, dtype: torch.dtype, **changes) -> CausalLM:
     return model
 
 
-def run(model, length: int, chunk: int | None, solo_steps: int = 12) -> dict:
-    """Decode alone for a few steps, then with the long prompt prefilling: tokens/s of the short request in both,
-    the long prompt's time to first token."""
-    engine = Engine(model, max_batch=2, max_len=length + 2100, prefill_chunk=chunk, prefix_capacity_blocks=0)
-    short = engine.submit(Request(list(range(100, 116)), SamplingParams(max_new_tokens=2000)))  # outlasts the prefill
+def run(model, length: int, chunk: int | None, share: float, join_at: int = 0, solo_steps: int = 12,
+        engine: Engine | None = None, warm: list[int] | None = None) -> dict:
+    """Decode a short request alone for a few steps, then with a long prompt of `length` tokens prefilling beside
+    it: tokens/s of the short request in both, the long prompt's time to first token. join_at > 0: the prompt's first
+    join_at tokens are `warm`, already read into the engine's prefix cache, so only the rest competes (the hardest
+    stretch of a long prompt at a fraction of the time)."""
+    engine = engine or Engine(model, max_batch=2, max_len=length + 4200, prefix_capacity_blocks=0)
+    engine.prefill_chunk, engine.decode_share = chunk, share
+    short = engine.submit(Request(list(range(100, 116)), SamplingParams(max_new_tokens=4000)))  # outlasts the prefill
     engine.step()  # its prefill
     start = time.perf_counter()
     for _ in range(solo_steps):
         engine.step()
     solo = solo_steps / (time.perf_counter() - start)
-    long = engine.submit(Request(torch.randint(0, 50000, (length,)).tolist(), SamplingParams(max_new_tokens=1)))
-    start, tokens, first = time.perf_counter(), 0, None
-    while first is None:
-        for out in engine.step():
-            tokens += out.request_id == short and out.token is not None
-            if out.request_id == long and out.token is not None:
-                first = time.perf_counter() - start
-    return {"chunk": chunk, "ttft_s": round(first, 2), "solo_tok_s": round(solo, 2),
-            "during_tok_s": round(tokens / first, 2), "kept": round(tokens / first / solo, 3),
-            "prefill_tok_s": round(length / first, 1)}
+    tail = torch.randint(0, min(50000, model.config.vocab_size), (length - join_at,)).tolist()  # fresh each run: never in the prefix cache
+    long = engine.submit(Request((warm or [])[:join_at] + tail, SamplingParams(max_new_tokens=1)))
+    start, tokens, first, stamps = time.perf_counter(), 0, None, []
+    with tqdm(total=length - join_at, desc=f"chunk {chunk} share {share}", unit="tok", file=sys.stderr,
+              mininterval=5) as bar:
+        done = engine.stats["prefill_tokens"]
+        while first is None:
+            for out in engine.step():
+                if out.request_id == short and out.token is not None:
+                    tokens += 1
+                    stamps.append(time.perf_counter())
+                if out.request_id == long and out.token is not None:
+                    first = time.perf_counter() - start
+            bar.update(engine.stats["prefill_tokens"] - done)
+            done = engine.stats["prefill_tokens"]
+    engine.cancel(short)
+    engine.step()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])] or [first]
+    return {"chunk": chunk, "decode_share": share, "join_at": join_at, "ttft_s": round(first, 2),
+            "solo_tok_s": round(solo, 2), "during_tok_s": round(tokens / first, 2), "kept": round(tokens / first / solo, 3),
+            "max_gap_s": round(max(gaps), 2), "prefill_tok_s": round((length - join_at) / first, 1)}
+
+
+def contention(args) -> list[dict]:
+    """run() for every --chunks x --shares in one engine; with --join-at, the prompt's first tokens read once
+    (sparse prefill past 8K, in chunks of --prefill-chunk) into the prefix cache, reused by every run."""
+    changes = {"max_position_embeddings": max(32768, args.length + 4200)}
+    model = model_at(args.preset, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], **changes)
+    block = 256
+    engine = Engine(model, max_batch=2, max_len=args.length + 4200, prefix_block=block,
+                    prefix_capacity_blocks=2 * args.length // block if args.join_at else 0)
+    warm = None
+    if args.join_at:
+        warm = torch.randint(0, min(50000, model.config.vocab_size), (args.join_at,), generator=torch.Generator().manual_seed(0)).tolist()
+        model.sparse_prefill = SparsePrefill(min_length=8192) if args.join_at > 8192 else None
+        engine.prefill_chunk = args.prefill_chunk
+        start = time.perf_counter()
+        engine.submit(Request(warm, SamplingParams(max_new_tokens=1)))
+        with tqdm(total=args.join_at, desc="the prompt's first tokens", unit="tok", file=sys.stderr,
+                  mininterval=5) as bar:
+            while engine.has_work():
+                engine.step()
+                bar.n = engine.stats["prefill_tokens"]
+                bar.refresh()
+        model.sparse_prefill = None
+        print(f"  the prompt's first {args.join_at} tokens read in {time.perf_counter() - start:.0f} s "
+              f"(sparse past 8K), kept in the prefix cache", flush=True)
+    rows = []
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        for share in (float(s) for s in args.shares.split(",")):
+            row = run(model, args.length, chunk or None, share, args.join_at, engine=engine, warm=warm)
+            rows.append(row)
+            print(f"  chunk {chunk or 'whole':>5} share {share}: the prompt's "
+                  f"{'last ' if args.join_at else ''}{args.length - args.join_at} tokens read in {row['ttft_s']} s "
+                  f"({row['prefill_tok_s']} tok/s); the short stream {row['during_tok_s']} tok/s meanwhile vs "
+                  f"{row['solo_tok_s']} alone ({row['kept']:.0%}), longest wait for a token {row['max_gap_s']} s",
+                  flush=True)
+    return rows
 
 
 def ttft_one(args) -> dict:
@@ -190,14 +245,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--length", type=int, default=4096, help="tokens of the long prompt")
-    ap.add_argument("--chunks", default="512,64,16", help="prefill_chunk sizes to try (0: the whole prompt at once)")
+    ap.add_argument("--chunks", default="512", help="prefill_chunk sizes to try (0: the whole prompt at once)")
+    ap.add_argument("--shares", default="0,0.5", help="decode_share values to try (the server's default: 0.5)")
+    ap.add_argument("--join-at", type=int, default=0,
+                    help="the long prompt's first tokens already read (prefix cache): the stream meets the rest")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ttft", action="store_true", help="time to first token of one prompt, dense vs sparse")
     ap.add_argument("--lengths", default="8192,32768", help="--ttft: prompt lengths")
     ap.add_argument("--modes", default="dense,sparse", help="--ttft: dense, sparse, dense+dca, sparse+dca")
     ap.add_argument("--dense-max", type=int, default=32768, help="--ttft: longest dense prefill to run")
-    ap.add_argument("--prefill-chunk", type=int, default=4096, help="--ttft: the engine's prefill_chunk")
+    ap.add_argument("--prefill-chunk", type=int, default=4096,
+                    help="--ttft, --join-at: the engine's prefill_chunk for a prompt read alone")
     ap.add_argument("--sparse-min-length", type=int, default=8192)
     ap.add_argument("--sparse-max-keys", type=int, default=2048)
     ap.add_argument("--kv-int8", action="store_true", help="--ttft: the 8-bit KV cache")
@@ -215,17 +274,11 @@ def main():
     if args.ttft:
         ttft(args)
         return
-    model = model_at(args.preset, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
-    rows = []
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        row = run(model, args.length, chunk or None)
-        rows.append(row)
-        print(f"  chunk {chunk or 'whole':>5}: first token of the {args.length}-token prompt after {row['ttft_s']} s "
-              f"({row['prefill_tok_s']} tok/s); the short stream {row['during_tok_s']} tok/s meanwhile vs "
-              f"{row['solo_tok_s']} alone ({row['kept']:.0%})", flush=True)
+    rows = contention(args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"peak resident memory {peak:.2f} GiB")
-    print(result_line("long_prefill", preset=args.preset, length=args.length, dtype=args.dtype, threads=args.threads,
+    print(result_line("long_prefill", preset=args.preset, length=args.length, join_at=args.join_at, dtype=args.dtype,
+                      threads=args.threads,
                       peak_rss_gib=round(peak, 2), results=rows))
 
 

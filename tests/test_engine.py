@@ -286,3 +286,63 @@ def test_small_prefill_chunks_carry_the_decode_rows_in_one_forward(model):
         del model.forward
     assert out[first] == generate(model, [prompts[0]], params[0])[0]  # (5 prompt tokens: no token in the first step)
     assert out[second] == generate(model, [prompts[1]], params[1])[0]
+
+
+def test_decode_share_keeps_a_streams_tokens_beside_a_long_prompt(model, monkeypatch):
+    """On a fake clock (a forward costs 0.1 s + 0.02 s a token): with decode_share 0.5 a running request keeps at
+    least about half its solo token rate while a long prompt is read beside it, no gap between its tokens is much
+    longer than prefill_stall, and every token equals one-at-a-time generation; with decode_share 0 (prefill
+    whenever a prompt waits) it keeps far less. A short prompt arriving with the long one is read first."""
+    import types
+
+    import qwen25.generation.engine as engine_module
+
+    clock = [0.0]
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    original = model.forward
+
+    def timed(ids, *args, **kwargs):
+        clock[0] += 0.1 + 0.02 * ids.numel()
+        return original(ids, *args, **kwargs)
+
+    long_prompt = torch.randint(0, 320, (300,), generator=torch.Generator().manual_seed(31)).tolist()
+    short_prompt = _prompts(1, seed=32)[0][:5]
+    params = {"long": SamplingParams(max_new_tokens=3), "short": SamplingParams(max_new_tokens=200)}
+    solo_step = 0.1 + 0.02  # a decode step of the short request alone (the long prompt's row is left out of it)
+    shares = {}
+    model.forward = timed
+    try:
+        for share in (0.0, 0.5):
+            engine = Engine(model, max_batch=2, max_len=512, prefill_chunk=64, prefix_capacity_blocks=0,
+                            decode_share=share, prefill_stall=0.5)
+            if share:  # both at once, the long one first (slot 0, mid-prefill beside the stream)
+                long = engine.submit(Request(long_prompt, params["long"]))
+                short = engine.submit(Request(short_prompt, params["short"]))
+            else:  # oldest prompt first: the short one must already run when the long one comes
+                short = engine.submit(Request(short_prompt, params["short"]))
+                engine.step()
+                long = engine.submit(Request(long_prompt, params["long"]))
+            out, times, read = {long: [], short: [None] * (not share)}, [], False
+            while engine.has_work():
+                for o in engine.step():
+                    out[o.request_id].append(o.token)
+                    if o.request_id == short and not read:
+                        times.append(clock[0])
+                    read = read or o.request_id == long  # the long prompt's first token: it has been read
+                assert out[short]  # with decode_share the short prompt goes first: a token in the first step
+            out[short] = out[short][not share:]
+            assert len(out[short]) == 200 - (not share) and len(times) >= 4
+            assert out[long] == generate(model, [long_prompt], params["long"])[0]
+            assert out[short] == generate(model, [short_prompt], params["short"])[0][not share:]
+            shares[share] = (len(times) - 1) * solo_step / (times[-1] - times[0])
+            if share:
+                gaps = [b - a for a, b in zip(times, times[1:])]
+                assert max(gaps) <= 0.5 + 2 * solo_step, max(gaps)
+    finally:
+        del model.forward
+    assert shares[0.5] >= 0.5, shares
+    assert shares[0.0] < 0.2, shares
+    with pytest.raises(ValueError, match="decode_share"):
+        Engine(model, decode_share=1.0)
+    with pytest.raises(ValueError, match="prefill_stall"):
+        Engine(model, prefill_stall=0)

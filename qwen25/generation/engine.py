@@ -6,8 +6,12 @@ cache with its own length; a decode step runs one token for every running slot a
 in chunks of at most `prefill_chunk` tokens per step, so requests already running keep receiving tokens while
 a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill); the chunks of several
 prompts in one step go through one forward (rows right-padded), so the weights are read once for all of
-them. `generate` and `stream_generate` below run a batch of prompts to completion through it. Chat templates,
-stop strings and HTTP sit above this, in the server.
+them. With `decode_share` > 0 (the server's default 0.5), requests that are decoding beside a prompt being read keep
+that share of the engine's time: a step prefills only once their decode steps have had it, and then a chunk sized to
+cost about `prefill_stall` seconds (at least MIN_SHARED_CHUNK tokens), so a long prompt neither stops their tokens
+nor adds much more than that to any one of them; prompts are then read shortest remaining first. `generate` and
+`stream_generate` below run a batch of prompts to completion through it. Chat templates, stop strings and HTTP sit
+above this, in the server.
 
 Prompt-lookup speculation (`prompt_lookup=k`, for requests without penalties or a grammar): when the last few
 tokens of a sequence occurred before in its prompt or output, the tokens that followed them then are a draft of up
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -45,6 +50,9 @@ class Constraint(Protocol):
 
 
 FUSE_MAX_TOKENS = 16  # a step's padded tokens up to which decode rows join the prefill forward (memory-bound size)
+# The fewest prompt tokens of a step beside decoding requests: below it the step's fixed costs (a weight read, attention
+# over every cached key, the decode forward: ~0.35 s at 30K keys for the 0.5B shape here) outweigh its tokens' work.
+MIN_SHARED_CHUNK = 16
 
 
 @dataclass
@@ -183,10 +191,18 @@ class Engine:
 
     def __init__(self, model: CausalLM, max_batch: int = 16, max_len: int | None = None,
                  vocab_limit: int | None = None, prefix_block: int = 16, prefix_capacity_blocks: int = 256,
-                 prefill_chunk: int | None = 512, prompt_lookup: int = 0, kv_int8: bool = False):
+                 prefill_chunk: int | None = 512, prompt_lookup: int = 0, kv_int8: bool = False,
+                 decode_share: float = 0.0, prefill_stall: float = 0.5):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None for whole prompts), got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        if not 0 <= decode_share < 1:
+            raise ValueError(f"decode_share must be in [0, 1) (0: prefill whenever a prompt waits), got {decode_share}")
+        if not prefill_stall > 0:
+            raise ValueError(f"prefill_stall must be a positive number of seconds, got {prefill_stall}")
+        self.prefill_chunk, self.decode_share, self.prefill_stall = prefill_chunk, decode_share, prefill_stall
+        self._window: list | None = None  # [start time, decode steps] while requests decode beside a prompt
+        self._decode_step_s: float | None = None  # how long a step that only decodes takes (its fast end)
+        self._prefill_token_s: float | None = None  # the last prefilling step's seconds per prompt token
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
@@ -240,6 +256,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Admit waiting requests into free slots, prefill (at most `prefill_chunk` prompt tokens in all), then one
         decode step for every running request whose prompt is in the cache."""
+        started = time.perf_counter()
         outputs = self._drop_cancelled()
         free = [s for s in range(self.max_batch) if s not in self.running]
         while self.waiting and free:
@@ -254,15 +271,17 @@ class Engine:
             self.cache.extents[slot] = min(len(request.prompt) + request.params.max_new_tokens, self.max_len)
             self._reuse_prefix(slot)
         logits: dict[int, torch.Tensor] = {}
-        budget, chunks = self.prefill_chunk, []
-        for slot, state in list(self.running.items()):  # admission order: the oldest prompt first
-            if state.prefilled < len(state.request.prompt) and (budget is None or budget > 0):
-                n = len(state.request.prompt) - state.prefilled
-                n = n if budget is None else min(n, budget)
-                chunks.append((slot, n))
-                budget = None if budget is None else budget - n
         # the requests that decode this step: prompts in the cache before this step's prefill
         decode = [s for s, r in self.running.items() if r.prefilled == len(r.request.prompt)]
+        remaining = {s: len(r.request.prompt) - r.prefilled for s, r in self.running.items() if s not in decode}
+        budget, chunks = self._prefill_budget(bool(decode and remaining), started), []
+        # admission order (the oldest prompt first), or with decode_share the shortest remaining prompt first: a short
+        # request is not kept waiting behind a long one (batch generation keeps the order its outputs were made in)
+        for slot in sorted(remaining, key=remaining.get) if self.decode_share else remaining:
+            if budget is None or budget > 0:
+                n = remaining[slot] if budget is None else min(remaining[slot], budget)
+                chunks.append((slot, n))
+                budget = None if budget is None else budget - n
         drafts = self._drafts(decode)
         plain = [s for s in decode if s not in drafts]
         fuse = together = False
@@ -298,7 +317,40 @@ class Engine:
                     if out.finish_reason and (out.token is not None or out.finish_reason == "error")}
         for slot in [s for s, r in self.running.items() if r.request.id in finished]:
             self._free(slot)
+        self._timed(started, sum(n for _, n in chunks), bool(decode))
         return outputs
+
+    def _prefill_budget(self, beside_decoding: bool, now: float) -> int | None:
+        """The prompt tokens this step may prefill: `prefill_chunk`; or, while requests decode beside a prompt
+        (`decode_share` > 0), none until their decode steps have had that share of the time since the prompt met
+        them, this step's prefill included (a solo decode step's time per step they got a token in), then about
+        `prefill_stall` seconds' worth (at least MIN_SHARED_CHUNK tokens)."""
+        if not (self.decode_share and beside_decoding):
+            self._window = None
+            return self.prefill_chunk
+        if self._window is None:
+            self._window = [now, 0]
+            self._prefill_token_s = None  # timed with other chunk sizes and keys: a first chunk of the minimum
+        start, steps = self._window
+        n = MIN_SHARED_CHUNK if self._prefill_token_s is None else max(MIN_SHARED_CHUNK, round(
+            self.prefill_stall / self._prefill_token_s))
+        n = n if self.prefill_chunk is None else min(n, self.prefill_chunk)
+        cost = n * (self._prefill_token_s or 0)  # so that the share holds after this step too
+        if self._decode_step_s is None or steps * self._decode_step_s < self.decode_share * (now + cost - start):
+            return 0
+        return n
+
+    def _timed(self, started: float, prefilled: int, decoded: bool) -> None:
+        """What the step cost, for _prefill_budget: per prompt token when it prefilled (its decode rows included, so
+        a step's whole cost is what prefill_stall bounds), else the decode step's time."""
+        seconds = time.perf_counter() - started
+        if prefilled:
+            self._prefill_token_s = seconds / prefilled
+        elif decoded:  # the lower envelope of recent decode steps: down at once, up by 5% of the difference a step
+            old = self._decode_step_s
+            self._decode_step_s = seconds if old is None or seconds < old else old + 0.05 * (seconds - old)
+        if decoded and self._window is not None:
+            self._window[1] += 1
 
     def _free(self, slot: int) -> None:
         del self.running[slot]
@@ -408,15 +460,20 @@ class Engine:
                                       zip(picked.tolist(), ids.tolist(), values.tolist())]
 
     def _decode(self, slots: list[int]) -> dict[int, torch.Tensor]:
-        n = max(slots) + 1  # one batch over slots [0, n); idle slots compute a throw-away row
-        tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-        for slot in slots:
-            tokens[slot, 0] = self.running[slot].output[-1]
-        logits = self.model(tokens, cache=self.cache.at(list(range(n)), self.cache.lengths[:n], 1))[:, -1]
+        # one batch over slots [0, n), read in place; idle slots compute a throw-away row. A prompt half read in
+        # one of them would make every row attend as far as it: then the batch is these slots alone (a copy).
+        rows = list(range(max(slots) + 1))
+        if any(self.running[s].prefilled < len(self.running[s].request.prompt) for s in rows if s in self.running):
+            rows = sorted(slots)
+        tokens = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)
+        for row, slot in enumerate(rows):
+            if slot in slots:
+                tokens[row, 0] = self.running[slot].output[-1]
+        logits = self.model(tokens, cache=self.cache.at(rows, self.cache.lengths[rows], 1))[:, -1]
         for slot in slots:
             self.cache.lengths[slot] += 1
         self.stats["decode_steps"] += 1
-        return {slot: logits[slot] for slot in slots}
+        return {slot: logits[row] for row, slot in enumerate(rows) if slot in slots}
 
     def _sample(self, state: _Running, logits: torch.Tensor) -> StepOutput:
         params, slot, constraint = state.request.params, state.slot, state.request.constraint

@@ -29,6 +29,9 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so running streams keep flowing during a long "
                         "prompt (0: whole prompts at once)")
+    p.add_argument("--decode-share", type=float, default=0.5,
+                   help="while a prompt is read beside running streams, the share of time kept for their tokens (a "
+                        "prompt's chunks then shrink to about half a second each); 0: prefill whenever a prompt waits")
     p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: what fits --max-len)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
@@ -93,6 +96,7 @@ def _cmd_serve(args) -> int:
     app, engine = build_server(args.model, max_batch=args.max_batch, max_len=args.max_len, int8=args.int8,
                                w8a8=args.w8a8, int4=args.int4, dtype=args.dtype, threads=args.threads, kernels=args.kernels,
                                model_name=args.served_model_name, prefill_chunk=args.prefill_chunk or None,
+                               decode_share=args.decode_share,
                                engine_thread=False, api_key=api_key, max_prompt_tokens=args.max_prompt_tokens,
                                max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
                                max_body_bytes=int(args.max_body_mb * 2**20), prompt_lookup=args.prompt_lookup or 0,

@@ -665,13 +665,14 @@ GIL_SWITCH_INTERVAL = 2e-4  # seconds
 def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | None = None, int8: bool = False, int4: bool = False,
                  w8a8: bool = False, dtype: str = "auto", threads: int | None = None, model_name: str | None = None,
                  prefill_chunk: int | None = 512, kernels: bool = True, engine_thread: bool = True,
-                 prompt_lookup: int = 0, kv_int8: bool = False, sparse_prefill=None,
+                 prompt_lookup: int = 0, kv_int8: bool = False, sparse_prefill=None, decode_share: float = 0.5,
                  **limits) -> tuple[FastAPI, AsyncEngine]:
     """Load a checkpoint directory (weights + tokenizer files) and build the app around a fresh engine.
 
     engine_thread=False: the engine does not start a thread of its own; the caller drives it with engine.run()
     (`qwen25 serve` does, on the main thread, where the model was loaded: see AsyncEngine). sparse_prefill: a
-    model.sparse.SparsePrefill for long prompts (None: dense attention)."""
+    model.sparse.SparsePrefill for long prompts (None: dense attention). decode_share: the share of time running
+    streams keep while a prompt is read beside them (Engine)."""
     import torch
 
 
@@ -686,7 +687,8 @@ def build_server(model_dir: str | Path, *, max_batch: int = 8, max_len: int | No
     log.info("model: %s", prepare_for_decode(model, int8=int8, w8a8=w8a8, int4=int4, kernels=kernels))
     model.sparse_prefill = sparse_prefill
     engine = AsyncEngine(Engine(model, max_batch=max_batch, max_len=max_len, vocab_limit=len(tokenizer),
-                                 prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup, kv_int8=kv_int8), tokenizer,
+                                 prefill_chunk=prefill_chunk, prompt_lookup=prompt_lookup, kv_int8=kv_int8,
+                                 decode_share=decode_share), tokenizer,
                          own_thread=engine_thread)
     defaults = SamplingParams.from_checkpoint(model_dir, eos_token_ids=model.config.eos_token_ids)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, defaults=defaults, **limits)

@@ -287,6 +287,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--decode-share", type=float, default=0.5, help="the engine's decode_share (qwen25 serve's default)")
     ap.add_argument("--int8", action="store_true", help="serve with weight-only int8 (transformers stays bf16/fp32)")
     ap.add_argument("--w8a8", action="store_true", help="serve with int8 weights and int8 decode activations")
     ap.add_argument("--int4", action="store_true", help="serve with 4-bit weights (Q4_0) and int8 decode activations")
@@ -310,7 +311,8 @@ def main():
               f"{max(map(len, prompts))} tokens, {args.max_tokens} new tokens each, max batch {args.max_batch}")
         app, engine = build_server(directory, max_batch=args.max_batch, max_len=max(map(len, prompts)) + args.max_tokens + 8,
                                    int8=args.int8, w8a8=args.w8a8, int4=args.int4, dtype=args.dtype, threads=args.threads,
-                                   model_name="bench", engine_thread=False)  # this thread drives it, as serve does
+                                   model_name="bench", engine_thread=False,  # this thread drives it, as serve does
+                                   decode_share=args.decode_share)
         server, url = run_in_thread(app)
         try:
             # warm-up (also fills the prefix cache with the system prompt)

@@ -342,6 +342,14 @@ def test_decode_share_keeps_a_streams_tokens_beside_a_long_prompt(model, monkeyp
         del model.forward
     assert shares[0.5] >= 0.5, shares
     assert shares[0.0] < 0.2, shares
+    # prompts no longer than a chunk (a burst of chat requests) are read at once beside running requests: the
+    # batch they join then decodes them too
+    engine = Engine(model, max_batch=4, max_len=512, prefill_chunk=64, prefix_capacity_blocks=0, decode_share=0.5)
+    engine.submit(Request(short_prompt, params["short"]))
+    engine.step()
+    prompts = [p[:20] for p in _prompts(3, seed=33)]
+    burst = [engine.submit(Request(p, SamplingParams(max_new_tokens=2))) for p in prompts]
+    assert set(burst) <= {o.request_id for o in engine.step()}
     with pytest.raises(ValueError, match="decode_share"):
         Engine(model, decode_share=1.0)
     with pytest.raises(ValueError, match="prefill_stall"):

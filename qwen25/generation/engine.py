@@ -6,10 +6,11 @@ cache with its own length; a decode step runs one token for every running slot a
 in chunks of at most `prefill_chunk` tokens per step, so requests already running keep receiving tokens while
 a long prompt is read (the prefill/decode interleaving vLLM calls chunked prefill); the chunks of several
 prompts in one step go through one forward (rows right-padded), so the weights are read once for all of
-them. With `decode_share` > 0 (the server's default 0.5), requests that are decoding beside a prompt being read keep
-that share of the engine's time: a step prefills only once their decode steps have had it, and then a chunk sized to
-cost about `prefill_stall` seconds (at least MIN_SHARED_CHUNK tokens), so a long prompt neither stops their tokens
-nor adds much more than that to any one of them; prompts are then read shortest remaining first. `generate` and
+them. With `decode_share` > 0 (the server's default 0.5), requests that are decoding beside a long prompt (longer
+than one chunk) keep that share of the engine's time: a step reads some of it only once their decode steps have had
+it, and then a chunk sized to cost about `prefill_stall` seconds (at least MIN_SHARED_CHUNK tokens), so a long prompt
+neither stops their tokens nor adds much more than that to any one of them; prompts are then read shortest remaining
+first, and short ones at once. `generate` and
 `stream_generate` below run a batch of prompts to completion through it. Chat templates, stop strings and HTTP sit
 above this, in the server.
 
@@ -202,7 +203,8 @@ class Engine:
         self.prefill_chunk, self.decode_share, self.prefill_stall = prefill_chunk, decode_share, prefill_stall
         self._window: list | None = None  # [start time, decode steps] while requests decode beside a prompt
         self._decode_step_s: float | None = None  # how long a step that only decodes takes (its fast end)
-        self._prefill_token_s: float | None = None  # the last prefilling step's seconds per prompt token
+        self._prefill_token_s: float | None = None  # the last such step's seconds per token of long prompts
+        self._shared_tokens = 0  # tokens of long prompts read in this step
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
@@ -274,12 +276,17 @@ class Engine:
         # the requests that decode this step: prompts in the cache before this step's prefill
         decode = [s for s, r in self.running.items() if r.prefilled == len(r.request.prompt)]
         remaining = {s: len(r.request.prompt) - r.prefilled for s, r in self.running.items() if s not in decode}
-        budget, chunks = self._prefill_budget(bool(decode and remaining), started), []
+        long = {s for s in remaining if self._long(s)}
+        shared = self._shared_chunk(bool(decode and long), started)  # tokens of long prompts this step may read
+        budget, chunks, self._shared_tokens = self.prefill_chunk, [], 0
         # admission order (the oldest prompt first), or with decode_share the shortest remaining prompt first: a short
         # request is not kept waiting behind a long one (batch generation keeps the order its outputs were made in)
         for slot in sorted(remaining, key=remaining.get) if self.decode_share else remaining:
-            if budget is None or budget > 0:
-                n = remaining[slot] if budget is None else min(remaining[slot], budget)
+            n = remaining[slot] if budget is None else min(remaining[slot], budget)
+            if shared is not None and slot in long:
+                n = min(n, shared - self._shared_tokens)
+                self._shared_tokens += max(n, 0)
+            if n > 0:
                 chunks.append((slot, n))
                 budget = None if budget is None else budget - n
         drafts = self._drafts(decode)
@@ -317,36 +324,42 @@ class Engine:
                     if out.finish_reason and (out.token is not None or out.finish_reason == "error")}
         for slot in [s for s, r in self.running.items() if r.request.id in finished]:
             self._free(slot)
-        self._timed(started, sum(n for _, n in chunks), bool(decode))
+        self._timed(started, bool(chunks), bool(decode))
         return outputs
 
-    def _prefill_budget(self, beside_decoding: bool, now: float) -> int | None:
-        """The prompt tokens this step may prefill: `prefill_chunk`; or, while requests decode beside a prompt
-        (`decode_share` > 0), none until their decode steps have had that share of the time since the prompt met
-        them, this step's prefill included (a solo decode step's time per step they got a token in), then about
-        `prefill_stall` seconds' worth (at least MIN_SHARED_CHUNK tokens)."""
-        if not (self.decode_share and beside_decoding):
+    def _long(self, slot: int) -> bool:
+        """A prompt that decode_share spreads over time: longer than one chunk (short ones, a burst of chat requests,
+        are read at once: the batch they join then decodes them too)."""
+        return bool(self.decode_share) and self.prefill_chunk is not None and len(
+            self.running[slot].request.prompt) > self.prefill_chunk
+
+    def _shared_chunk(self, beside_decoding: bool, now: float) -> int | None:
+        """The tokens of long prompts this step may read while requests decode beside them (None: no limit but
+        `prefill_chunk`): none until the decoding requests' steps have had `decode_share` of the time since a long
+        prompt met them, this step's chunk included (a solo decode step's time per step they got a token in), then
+        about `prefill_stall` seconds' worth (at least MIN_SHARED_CHUNK tokens)."""
+        if not beside_decoding:
             self._window = None
-            return self.prefill_chunk
+            return None
         if self._window is None:
             self._window = [now, 0]
             self._prefill_token_s = None  # timed with other chunk sizes and keys: a first chunk of the minimum
         start, steps = self._window
         n = MIN_SHARED_CHUNK if self._prefill_token_s is None else max(MIN_SHARED_CHUNK, round(
             self.prefill_stall / self._prefill_token_s))
-        n = n if self.prefill_chunk is None else min(n, self.prefill_chunk)
+        n = min(n, self.prefill_chunk)  # (a long prompt implies chunks)
         cost = n * (self._prefill_token_s or 0)  # so that the share holds after this step too
         if self._decode_step_s is None or steps * self._decode_step_s < self.decode_share * (now + cost - start):
             return 0
         return n
 
-    def _timed(self, started: float, prefilled: int, decoded: bool) -> None:
-        """What the step cost, for _prefill_budget: per prompt token when it prefilled (its decode rows included, so
-        a step's whole cost is what prefill_stall bounds), else the decode step's time."""
+    def _timed(self, started: float, prefilled: bool, decoded: bool) -> None:
+        """What the step cost, for _shared_chunk: per token of long prompts when it read some (the rest of the step
+        included, so a step's whole cost is what prefill_stall bounds), else the decode step's time."""
         seconds = time.perf_counter() - started
-        if prefilled:
-            self._prefill_token_s = seconds / prefilled
-        elif decoded:  # the lower envelope of recent decode steps: down at once, up by 5% of the difference a step
+        if self._shared_tokens:
+            self._prefill_token_s = seconds / self._shared_tokens
+        elif decoded and not prefilled:  # the lower envelope of decode-only steps: down at once, up by 5% of the gap
             old = self._decode_step_s
             self._decode_step_s = seconds if old is None or seconds < old else old + 0.05 * (seconds - old)
         if decoded and self._window is not None:

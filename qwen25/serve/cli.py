@@ -30,8 +30,9 @@ def add_serve_command(subparsers) -> None:
                    help="prompt tokens prefilled per engine step, so running streams keep flowing during a long "
                         "prompt (0: whole prompts at once)")
     p.add_argument("--decode-share", type=float, default=0.5,
-                   help="while a prompt is read beside running streams, the share of time kept for their tokens (a "
-                        "prompt's chunks then shrink to about half a second each); 0: prefill whenever a prompt waits")
+                   help="while a prompt longer than --prefill-chunk is read beside running streams, the share of time "
+                        "kept for their tokens (its chunks then shrink to about half a second each; shorter prompts "
+                        "are read at once); 0: prefill whenever a prompt waits")
     p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (default: what fits --max-len)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")

@@ -62,13 +62,13 @@ def model_at(preset: str, dtype: torch.dtype, **changes) -> CausalLM:
     return model
 
 
-def run(model, length: int, chunk: int | None, share: float, join_at: int = 0, solo_steps: int = 12,
-        engine: Engine | None = None, warm: list[int] | None = None) -> dict:
+def run(engine: Engine, length: int, chunk: int | None, share: float, join_at: int = 0, warm: list[int] | None = None,
+        solo_steps: int = 12) -> dict:
     """Decode a short request alone for a few steps, then with a long prompt of `length` tokens prefilling beside
     it: tokens/s of the short request in both, the long prompt's time to first token. join_at > 0: the prompt's first
     join_at tokens are `warm`, already read into the engine's prefix cache, so only the rest competes (the hardest
     stretch of a long prompt at a fraction of the time)."""
-    engine = engine or Engine(model, max_batch=2, max_len=length + 4200, prefix_capacity_blocks=0)
+    model = engine.model
     engine.prefill_chunk, engine.decode_share = chunk, share
     short = engine.submit(Request(list(range(100, 116)), SamplingParams(max_new_tokens=4000)))  # outlasts the prefill
     engine.step()  # its prefill
@@ -76,7 +76,8 @@ def run(model, length: int, chunk: int | None, share: float, join_at: int = 0, s
     for _ in range(solo_steps):
         engine.step()
     solo = solo_steps / (time.perf_counter() - start)
-    tail = torch.randint(0, min(50000, model.config.vocab_size), (length - join_at,)).tolist()  # fresh each run: never in the prefix cache
+    vocab = min(50000, model.config.vocab_size)
+    tail = torch.randint(0, vocab, (length - join_at,)).tolist()  # fresh each run: never in the prefix cache
     long = engine.submit(Request((warm or [])[:join_at] + tail, SamplingParams(max_new_tokens=1)))
     start, tokens, first, stamps = time.perf_counter(), 0, None, []
     with tqdm(total=length - join_at, desc=f"chunk {chunk} share {share}", unit="tok", file=sys.stderr,
@@ -95,7 +96,8 @@ def run(model, length: int, chunk: int | None, share: float, join_at: int = 0, s
     engine.step()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])] or [first]
     return {"chunk": chunk, "decode_share": share, "join_at": join_at, "ttft_s": round(first, 2),
-            "solo_tok_s": round(solo, 2), "during_tok_s": round(tokens / first, 2), "kept": round(tokens / first / solo, 3),
+            "solo_tok_s": round(solo, 2), "during_tok_s": round(tokens / first, 2),
+            "kept": round(tokens / first / solo, 3),
             "max_gap_s": round(max(gaps), 2), "prefill_tok_s": round((length - join_at) / first, 1)}
 
 
@@ -109,7 +111,8 @@ def contention(args) -> list[dict]:
                     prefix_capacity_blocks=2 * args.length // block if args.join_at else 0)
     warm = None
     if args.join_at:
-        warm = torch.randint(0, min(50000, model.config.vocab_size), (args.join_at,), generator=torch.Generator().manual_seed(0)).tolist()
+        vocab = min(50000, model.config.vocab_size)
+        warm = torch.randint(0, vocab, (args.join_at,), generator=torch.Generator().manual_seed(0)).tolist()
         model.sparse_prefill = SparsePrefill(min_length=8192) if args.join_at > 8192 else None
         engine.prefill_chunk = args.prefill_chunk
         start = time.perf_counter()
@@ -126,7 +129,7 @@ def contention(args) -> list[dict]:
     rows = []
     for chunk in (int(c) for c in args.chunks.split(",")):
         for share in (float(s) for s in args.shares.split(",")):
-            row = run(model, args.length, chunk or None, share, args.join_at, engine=engine, warm=warm)
+            row = run(engine, args.length, chunk or None, share, args.join_at, warm)
             rows.append(row)
             print(f"  chunk {chunk or 'whole':>5} share {share}: the prompt's "
                   f"{'last ' if args.join_at else ''}{args.length - args.join_at} tokens read in {row['ttft_s']} s "

@@ -10,9 +10,8 @@ them. With `decode_share` > 0 (the server's default 0.5), requests that are deco
 than one chunk) keep that share of the engine's time: a step reads some of it only once their decode steps have had
 it, and then a chunk sized to cost about `prefill_stall` seconds (at least MIN_SHARED_CHUNK tokens), so a long prompt
 neither stops their tokens nor adds much more than that to any one of them; prompts are then read shortest remaining
-first, and short ones at once. `generate` and
-`stream_generate` below run a batch of prompts to completion through it. Chat templates, stop strings and HTTP sit
-above this, in the server.
+first, and short ones at once. `generate` and `stream_generate` below run a batch of prompts to completion through
+it. Chat templates, stop strings and HTTP sit above this, in the server.
 
 Prompt-lookup speculation (`prompt_lookup=k`, for requests without penalties or a grammar): when the last few
 tokens of a sequence occurred before in its prompt or output, the tokens that followed them then are a draft of up
@@ -201,7 +200,7 @@ class Engine:
         if not prefill_stall > 0:
             raise ValueError(f"prefill_stall must be a positive number of seconds, got {prefill_stall}")
         self.prefill_chunk, self.decode_share, self.prefill_stall = prefill_chunk, decode_share, prefill_stall
-        self._window: list | None = None  # [start time, decode steps] while requests decode beside a prompt
+        self._window: list | None = None  # [start, decode steps, decode step time before] beside a long prompt
         self._decode_step_s: float | None = None  # how long a step that only decodes takes (its fast end)
         self._prefill_token_s: float | None = None  # the last such step's seconds per token of long prompts
         self._shared_tokens = 0  # tokens of long prompts read in this step
@@ -336,20 +335,22 @@ class Engine:
     def _shared_chunk(self, beside_decoding: bool, now: float) -> int | None:
         """The tokens of long prompts this step may read while requests decode beside them (None: no limit but
         `prefill_chunk`): none until the decoding requests' steps have had `decode_share` of the time since a long
-        prompt met them, this step's chunk included (a solo decode step's time per step they got a token in), then
-        about `prefill_stall` seconds' worth (at least MIN_SHARED_CHUNK tokens)."""
+        prompt met them, this step's chunk included (a solo decode step's time per step they got a token in: the fast
+        end of decode-only steps, before the prompt came or since, whichever is faster), then about `prefill_stall`
+        seconds' worth (at least MIN_SHARED_CHUNK tokens)."""
         if not beside_decoding:
             self._window = None
             return None
-        if self._window is None:
-            self._window = [now, 0]
+        if self._window is None:  # the decode step's time before the prompt came: what "solo" means in the window
+            self._window = [now, 0, self._decode_step_s]
             self._prefill_token_s = None  # timed with other chunk sizes and keys: a first chunk of the minimum
-        start, steps = self._window
+        start, steps, before = self._window
+        solo = min(t for t in (before, self._decode_step_s, float("inf")) if t is not None)
         n = MIN_SHARED_CHUNK if self._prefill_token_s is None else max(MIN_SHARED_CHUNK, round(
             self.prefill_stall / self._prefill_token_s))
         n = min(n, self.prefill_chunk)  # (a long prompt implies chunks)
         cost = n * (self._prefill_token_s or 0)  # so that the share holds after this step too
-        if self._decode_step_s is None or steps * self._decode_step_s < self.decode_share * (now + cost - start):
+        if self._decode_step_s is None or steps * solo < self.decode_share * (now + cost - start):
             return 0
         return n
 

@@ -518,6 +518,10 @@ def test_serve_command_defaults_to_loopback():
     assert callable(args.func)
     chat_args = build_parser().parse_args(["chat", "--model", "d", "--system", "Be brief.", "--no-sample"])
     assert chat_args.system == "Be brief." and chat_args.sample is False and callable(chat_args.func)
+    assert args.decode_share == 0.5
+    assert build_parser().parse_args(["serve", "--model", "d", "--decode-share", "0"]).decode_share == 0
+    with pytest.raises(SystemExit):  # a share of 1 would never read a long prompt beside a stream
+        build_parser().parse_args(["serve", "--model", "d", "--decode-share", "1"])
 
 
 def test_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so running streams keep flowing during a long "
                         "prompt (0: whole prompts at once)")
-    p.add_argument("--decode-share", type=float, default=0.5,
+    p.add_argument("--decode-share", type=_share, default=0.5,
                    help="while a prompt longer than --prefill-chunk is read beside running streams, the share of time "
                         "kept for their tokens (its chunks then shrink to about half a second each; shorter prompts "
                         "are read at once); 0: prefill whenever a prompt waits")
@@ -38,6 +38,14 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
     _model_flags(p)
     p.set_defaults(func=_cmd_serve)
+
+
+def _share(text: str) -> float:
+    """--decode-share: a fraction in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
 
 
 def add_chat_command(subparsers) -> None:

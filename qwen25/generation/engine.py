@@ -94,6 +94,11 @@ class _Running:
         self.lookup: NgramLookup | None = None  # prompt-lookup drafts (speculation), when the request may use them
         self.drafted = self.accepted = 0
 
+    @property
+    def unread(self) -> int:
+        """Prompt tokens not yet in the cache (0: the request decodes)."""
+        return len(self.request.prompt) - self.prefilled
+
 
 class NgramLookup:
     """Drafts for prompt-lookup speculation: the tokens that followed the most recent earlier occurrence of the
@@ -203,7 +208,6 @@ class Engine:
         self._window: list | None = None  # [start, decode steps, decode step time before] beside a long prompt
         self._decode_step_s: float | None = None  # how long a step that only decodes takes (its fast end)
         self._prefill_token_s: float | None = None  # the last such step's seconds per token of long prompts
-        self._shared_tokens = 0  # tokens of long prompts read in this step
         weight = model.model.embed_tokens.weight
         self.model, self.device, self.vocab_limit = model, weight.device, vocab_limit
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
@@ -273,18 +277,18 @@ class Engine:
             self._reuse_prefix(slot)
         logits: dict[int, torch.Tensor] = {}
         # the requests that decode this step: prompts in the cache before this step's prefill
-        decode = [s for s, r in self.running.items() if r.prefilled == len(r.request.prompt)]
-        remaining = {s: len(r.request.prompt) - r.prefilled for s, r in self.running.items() if s not in decode}
+        decode = [s for s, r in self.running.items() if not r.unread]
+        remaining = {s: r.unread for s, r in self.running.items() if r.unread}
         long = {s for s in remaining if self._long(s)}
         shared = self._shared_chunk(bool(decode and long), started)  # tokens of long prompts this step may read
-        budget, chunks, self._shared_tokens = self.prefill_chunk, [], 0
+        budget, chunks, shared_taken = self.prefill_chunk, [], 0
         # admission order (the oldest prompt first), or with decode_share the shortest remaining prompt first: a short
         # request is not kept waiting behind a long one (batch generation keeps the order its outputs were made in)
         for slot in sorted(remaining, key=remaining.get) if self.decode_share else remaining:
             n = remaining[slot] if budget is None else min(remaining[slot], budget)
             if shared is not None and slot in long:
-                n = min(n, shared - self._shared_tokens)
-                self._shared_tokens += max(n, 0)
+                n = min(n, shared - shared_taken)
+                shared_taken += max(n, 0)
             if n > 0:
                 chunks.append((slot, n))
                 budget = None if budget is None else budget - n
@@ -323,7 +327,7 @@ class Engine:
                     if out.finish_reason and (out.token is not None or out.finish_reason == "error")}
         for slot in [s for s, r in self.running.items() if r.request.id in finished]:
             self._free(slot)
-        self._timed(started, bool(chunks), bool(decode))
+        self._timed(started, bool(chunks), bool(decode), shared_taken)
         return outputs
 
     def _long(self, slot: int) -> bool:
@@ -354,12 +358,12 @@ class Engine:
             return 0
         return n
 
-    def _timed(self, started: float, prefilled: bool, decoded: bool) -> None:
-        """What the step cost, for _shared_chunk: per token of long prompts when it read some (the rest of the step
-        included, so a step's whole cost is what prefill_stall bounds), else the decode step's time."""
+    def _timed(self, started: float, prefilled: bool, decoded: bool, shared_taken: int) -> None:
+        """What the step cost, for _shared_chunk: per token of long prompts when it read `shared_taken` of them (the
+        rest of the step included, so a step's whole cost is what prefill_stall bounds), else the decode step's time."""
         seconds = time.perf_counter() - started
-        if self._shared_tokens:
-            self._prefill_token_s = seconds / self._shared_tokens
+        if shared_taken:
+            self._prefill_token_s = seconds / shared_taken
         elif decoded and not prefilled:  # the lower envelope of decode-only steps: down at once, up by 5% of the gap
             old = self._decode_step_s
             self._decode_step_s = seconds if old is None or seconds < old else old + 0.05 * (seconds - old)
@@ -477,7 +481,7 @@ class Engine:
         # one batch over slots [0, n), read in place; idle slots compute a throw-away row. A prompt half read in
         # one of them would make every row attend as far as it: then the batch is these slots alone (a copy).
         rows = list(range(max(slots) + 1))
-        if any(self.running[s].prefilled < len(self.running[s].request.prompt) for s in rows if s in self.running):
+        if any(self.running[s].unread for s in rows if s in self.running):
             rows = sorted(slots)
         tokens = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)
         for row, slot in enumerate(rows):

@@ -124,7 +124,6 @@ class CacheWrite:
         self.key_valid = cache.key_valid if padded else None
         self.sparse = None  # SparsePrefill when this write's attention runs sparse (set by CausalLM.forward)
 
-
     def mask(self, device=None) -> torch.Tensor | None:
         """(rows or 1, 1, n, keys) bool, True = attend; None where attention needs none (see Attention.forward)."""
         device = device or self.cache.k.device
